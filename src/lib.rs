@@ -1,0 +1,3 @@
+//! dreambridge: KerasCV Stable Diffusion checkpoints ⇄ diffusers, verified numerically.
+
+pub mod mapping;

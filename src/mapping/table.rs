@@ -1,0 +1,377 @@
+//! The mapping tables of `mappings/`, parsed and expanded into one flat list of tensors per model.
+
+use super::expr::{parse_params, parse_shape, Expr, Symbols};
+use super::op::Op;
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// Embedded copies of `mappings/*.toml` (the tables are data, compiled in so the binary stands alone).
+const TEMPLATES: &str = include_str!("../../mappings/templates.toml");
+const MODEL_TABLES: &[(&str, &str)] = &[
+    ("unet_sd1", include_str!("../../mappings/unet_sd1.toml")),
+    ("unet_sd2", include_str!("../../mappings/unet_sd2.toml")),
+    ("text_encoder_sd1", include_str!("../../mappings/text_encoder_sd1.toml")),
+    ("text_encoder_sd2", include_str!("../../mappings/text_encoder_sd2.toml")),
+    ("vae_encoder", include_str!("../../mappings/vae_encoder.toml")),
+    ("vae_decoder", include_str!("../../mappings/vae_decoder.toml")),
+];
+
+#[derive(Deserialize)]
+struct RawTemplate {
+    extends: Option<String>,
+    #[serde(default)]
+    tensors: Vec<[String; 4]>,
+    #[serde(default)]
+    replace: Vec<[String; 4]>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+struct RawHeads {
+    per_block: Option<usize>,
+    head_dim: Option<Vec<usize>>,
+}
+
+#[derive(Deserialize)]
+struct RawTable {
+    kind: String,
+    extends: Option<String>,
+    component: Option<String>,
+    keras_class: Option<String>,
+    key_prefix: Option<String>,
+    layers: Option<Vec<[String; 4]>>,
+    #[serde(default)]
+    template_substitutions: BTreeMap<String, String>,
+    heads: Option<RawHeads>,
+    #[serde(default)]
+    config: toml::Table,
+    #[serde(default)]
+    aliases: BTreeMap<String, String>,
+}
+
+/// How the attention head count is derived for the config (it is not visible in the weights).
+#[derive(Clone, Debug)]
+pub enum Heads {
+    /// Same head count in every block (SD1 UNet: 8).
+    PerBlock(usize),
+    /// Width / head_dim, trying each head_dim in turn until one divides the width.
+    HeadDim(Vec<usize>),
+}
+
+impl Heads {
+    pub fn for_width(&self, width: usize) -> usize {
+        match self {
+            Heads::PerBlock(n) => *n,
+            Heads::HeadDim(dims) => dims.iter().find(|d| width % **d == 0).map_or(1, |d| width / d),
+        }
+    }
+}
+
+/// One tensor of a template: Keras sub-path, diffusers key suffix, op, diffusers shape.
+#[derive(Clone, Debug)]
+struct TemplateTensor {
+    keras: String,
+    key: String,
+    op: Op,
+    shape: Vec<Expr>,
+}
+
+/// One row of a model table: a weighted Keras layer (or `n` of them).
+#[derive(Clone, Debug)]
+struct Row {
+    class: String,
+    repeat: Option<String>,
+    prefix: String,
+    template: String,
+    params: BTreeMap<String, Expr>,
+}
+
+/// A model table (one sub-model and SD version), with its templates resolved.
+#[derive(Clone, Debug)]
+pub struct Table {
+    pub kind: String,
+    pub component: String,
+    pub keras_class: String,
+    pub key_prefix: String,
+    pub heads: Heads,
+    pub config: serde_json::Map<String, serde_json::Value>,
+    /// (current spelling, older spelling) pairs accepted when reading diffusers keys.
+    pub aliases: Vec<(String, String)>,
+    rows: Vec<Row>,
+    templates: BTreeMap<String, Vec<TemplateTensor>>,
+}
+
+/// A weighted Keras layer after expansion.
+#[derive(Clone, Debug)]
+pub struct LayerSpec {
+    pub class: String,
+    /// Key under `layers/` in a Keras 3 `.weights.h5` (class name + per-class counter); also the
+    /// group name dreambridge writes in legacy `.h5` files.
+    pub keras3_key: String,
+    pub tensors: std::ops::Range<usize>,
+}
+
+/// One tensor after expansion: where it sits on both sides and its diffusers shape.
+#[derive(Clone, Debug)]
+pub struct TensorSpec {
+    pub layer: usize,
+    /// Sub-layer path and variable name inside the Keras layer, e.g. `entry_flow/group_normalization/gamma`.
+    pub keras_path: String,
+    /// Full diffusers / transformers key.
+    pub key: String,
+    pub op: Op,
+    /// Diffusers-side shape over the model symbols.
+    pub shape: Vec<Expr>,
+}
+
+/// A table expanded for a given repeat count: every layer and tensor in Keras order.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub layers: Vec<LayerSpec>,
+    pub tensors: Vec<TensorSpec>,
+}
+
+impl TensorSpec {
+    /// Keras 3 dataset path inside `layers/<key>/`: sub-path + `vars/<index>`.
+    pub fn keras3_suffix(&self) -> String {
+        let (dir, var) = match self.keras_path.rsplit_once('/') {
+            Some((d, v)) => (format!("{d}/"), v),
+            None => (String::new(), self.keras_path.as_str()),
+        };
+        let index = if matches!(var, "bias" | "beta") { 1 } else { 0 };
+        format!("{dir}vars/{index}")
+    }
+}
+
+/// Every model table, in detection order.
+pub fn all_tables() -> Result<Vec<Table>> {
+    let templates = parse_templates()?;
+    let raw: BTreeMap<&str, RawTable> = MODEL_TABLES
+        .iter()
+        .map(|(name, text)| Ok((*name, toml::from_str(text).with_context(|| format!("mappings/{name}.toml"))?)))
+        .collect::<Result<_>>()?;
+    MODEL_TABLES
+        .iter()
+        .map(|(name, _)| resolve_table(name, &raw, &templates).with_context(|| format!("mappings/{name}.toml")))
+        .collect()
+}
+
+/// The table of a model kind such as `unet-sd1`.
+pub fn table_for(kind: &str) -> Result<Table> {
+    all_tables()?
+        .into_iter()
+        .find(|t| t.kind == kind)
+        .with_context(|| format!("no mapping table for model kind `{kind}`"))
+}
+
+fn parse_templates() -> Result<BTreeMap<String, Vec<TemplateTensor>>> {
+    let raw: BTreeMap<String, RawTemplate> = toml::from_str(TEMPLATES).context("mappings/templates.toml")?;
+    let mut out = BTreeMap::new();
+    for name in raw.keys() {
+        out.insert(name.clone(), resolve_template(name, &raw, 0).with_context(|| format!("template `{name}`"))?);
+    }
+    Ok(out)
+}
+
+fn resolve_template(name: &str, raw: &BTreeMap<String, RawTemplate>, depth: usize) -> Result<Vec<TemplateTensor>> {
+    if depth > 8 {
+        bail!("template `{name}` extends itself");
+    }
+    let t = raw.get(name).with_context(|| format!("unknown template `{name}`"))?;
+    let mut tensors = match &t.extends {
+        Some(base) => resolve_template(base, raw, depth + 1)?,
+        None => Vec::new(),
+    };
+    tensors.extend(t.tensors.iter().map(parse_template_tensor).collect::<Result<Vec<_>>>()?);
+    for rep in &t.replace {
+        let new = parse_template_tensor(rep)?;
+        let slot = tensors
+            .iter_mut()
+            .find(|old| old.key == new.key)
+            .with_context(|| format!("`replace` names key `{}` that the base template lacks", new.key))?;
+        *slot = new;
+    }
+    Ok(tensors)
+}
+
+fn parse_template_tensor(row: &[String; 4]) -> Result<TemplateTensor> {
+    Ok(TemplateTensor { keras: row[0].clone(), key: row[1].clone(), op: row[2].parse()?, shape: parse_shape(&row[3])? })
+}
+
+fn resolve_table(name: &str, raw: &BTreeMap<&str, RawTable>, templates: &BTreeMap<String, Vec<TemplateTensor>>) -> Result<Table> {
+    let own = &raw[name];
+    let base = match &own.extends {
+        Some(b) => Some(resolve_table(b, raw, templates)?),
+        None => None,
+    };
+    let pick = |mine: &Option<String>, theirs: Option<&String>, what: &str| -> Result<String> {
+        mine.clone().or_else(|| theirs.cloned()).with_context(|| format!("`{what}` is missing"))
+    };
+    let rows = match (&own.layers, &base) {
+        (Some(layers), _) => layers.iter().map(parse_row).collect::<Result<Vec<_>>>()?,
+        (None, Some(b)) => b.rows.clone(),
+        (None, None) => bail!("`layers` is missing"),
+    };
+    let rows = rows
+        .into_iter()
+        .map(|mut r| {
+            if let Some(sub) = own.template_substitutions.get(&r.template) {
+                r.template = sub.clone();
+            }
+            r
+        })
+        .collect::<Vec<_>>();
+    let mut used = BTreeMap::new();
+    for r in &rows {
+        let t = templates.get(&r.template).with_context(|| format!("unknown template `{}`", r.template))?;
+        used.insert(r.template.clone(), t.clone());
+    }
+    let heads = match (&own.heads, &base) {
+        (Some(h), _) => match (h.per_block, &h.head_dim) {
+            (Some(n), None) => Heads::PerBlock(n),
+            (None, Some(d)) if !d.is_empty() => Heads::HeadDim(d.clone()),
+            _ => bail!("[heads] needs exactly one of per_block or head_dim"),
+        },
+        (None, Some(b)) => b.heads.clone(),
+        (None, None) => Heads::PerBlock(1), // single-head attention (the VAE)
+    };
+    let mut config = base.as_ref().map(|b| b.config.clone()).unwrap_or_default();
+    for (k, v) in &own.config {
+        config.insert(k.clone(), serde_json::to_value(v)?);
+    }
+    let mut aliases: Vec<(String, String)> = base.as_ref().map(|b| b.aliases.clone()).unwrap_or_default();
+    aliases.extend(own.aliases.iter().map(|(a, b)| (a.clone(), b.clone())));
+    Ok(Table {
+        kind: own.kind.clone(),
+        component: pick(&own.component, base.as_ref().map(|b| &b.component), "component")?,
+        keras_class: pick(&own.keras_class, base.as_ref().map(|b| &b.keras_class), "keras_class")?,
+        key_prefix: pick(&own.key_prefix, base.as_ref().map(|b| &b.key_prefix), "key_prefix")?,
+        heads,
+        config,
+        aliases,
+        rows,
+        templates: used,
+    })
+}
+
+fn parse_row(row: &[String; 4]) -> Result<Row> {
+    let (class, repeat) = match row[0].split_once('*') {
+        Some((c, n)) => (c.to_string(), Some(n.to_string())),
+        None => (row[0].clone(), None),
+    };
+    Ok(Row { class, repeat, prefix: row[1].clone(), template: row[2].clone(), params: parse_params(&row[3])? })
+}
+
+impl Table {
+    /// The symbol that counts repeated layers (`n` for the CLIP encoder layers), if any.
+    pub fn repeat_symbol(&self) -> Option<&str> {
+        self.rows.iter().find_map(|r| r.repeat.as_deref())
+    }
+
+    /// Weighted layers that do not repeat.
+    pub fn fixed_layer_count(&self) -> usize {
+        self.rows.iter().filter(|r| r.repeat.is_none()).count()
+    }
+
+    /// The diffusers key of the first tensor of repetition `i` (used to count repetitions in a
+    /// diffusers file).
+    pub fn repeat_probe_key(&self, i: usize) -> Option<String> {
+        let row = self.rows.iter().find(|r| r.repeat.is_some())?;
+        let first = self.templates[&row.template].first()?;
+        Some(format!("{}{}.{}", self.key_prefix, row.prefix.replace("{i}", &i.to_string()), first.key))
+    }
+
+    /// Every layer and tensor, with repeats expanded to `repeats` copies.
+    pub fn expand(&self, repeats: usize) -> Result<Layout> {
+        let mut layers = Vec::new();
+        let mut tensors = Vec::new();
+        let mut class_counts: BTreeMap<String, usize> = BTreeMap::new();
+        for row in &self.rows {
+            let copies = if row.repeat.is_some() { repeats } else { 1 };
+            for i in 0..copies {
+                let count = class_counts.entry(row.class.clone()).or_insert(0);
+                let keras3_key = if *count == 0 { row.class.clone() } else { format!("{}_{}", row.class, count) };
+                *count += 1;
+                let prefix = row.prefix.replace("{i}", &i.to_string());
+                let start = tensors.len();
+                for t in &self.templates[&row.template] {
+                    let shape = t
+                        .shape
+                        .iter()
+                        .map(|d| d.substitute(&row.params))
+                        .collect::<Result<Vec<_>>>()
+                        .with_context(|| format!("row `{}`", row.prefix))?;
+                    tensors.push(TensorSpec {
+                        layer: layers.len(),
+                        keras_path: t.keras.clone(),
+                        key: format!("{}{}.{}", self.key_prefix, prefix, t.key),
+                        op: t.op,
+                        shape,
+                    });
+                }
+                layers.push(LayerSpec { class: row.class.clone(), keras3_key, tensors: start..tensors.len() });
+            }
+        }
+        Ok(Layout { layers, tensors })
+    }
+
+    /// The repeat symbol bound to `repeats`, as the starting bindings for shape unification.
+    pub fn initial_symbols(&self, repeats: usize) -> Symbols {
+        let mut s = Symbols::new();
+        if let Some(r) = self.repeat_symbol() {
+            s.insert(r.to_string(), repeats);
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_table_expands_to_the_documented_tensor_counts() {
+        // Counts from shared/docs/kerascv-mapping.md §1.4 at real size.
+        let expected = [
+            ("unet-sd1", 0, 49, 686),
+            ("unet-sd2", 0, 49, 686),
+            ("text-encoder-sd1", 12, 14, 196),
+            ("text-encoder-sd2", 23, 25, 372),
+            ("vae-encoder", 0, 18, 108),
+            ("vae-decoder", 0, 22, 140),
+        ];
+        for (kind, repeats, layers, tensors) in expected {
+            let layout = table_for(kind).unwrap().expand(repeats).unwrap();
+            assert_eq!((layout.layers.len(), layout.tensors.len()), (layers, tensors), "{kind}");
+        }
+    }
+
+    #[test]
+    fn keras3_keys_count_per_class() {
+        let layout = table_for("unet-sd1").unwrap().expand(0).unwrap();
+        let keys: Vec<&str> = layout.layers.iter().map(|l| l.keras3_key.as_str()).collect();
+        assert_eq!(&keys[..3], ["dense", "padded_conv2d", "dense_1"]);
+        assert_eq!(keys[7], "padded_conv2d_1");
+        assert_eq!(keys[47], "group_normalization");
+        assert_eq!(keys[48], "padded_conv2d_4");
+        let t = &layout.tensors[layout.layers[8].tensors.end - 2];
+        assert_eq!(t.key, "down_blocks.1.resnets.0.conv_shortcut.weight");
+        assert_eq!(t.keras3_suffix(), "residual_projection/conv2d/vars/0");
+    }
+
+    #[test]
+    fn sd2_unet_differs_only_in_projections() {
+        let a = table_for("unet-sd1").unwrap().expand(0).unwrap();
+        let b = table_for("unet-sd2").unwrap().expand(0).unwrap();
+        let differing: Vec<&str> = a
+            .tensors
+            .iter()
+            .zip(&b.tensors)
+            .filter(|(x, y)| x.op != y.op || x.keras_path != y.keras_path)
+            .map(|(x, _)| x.key.as_str())
+            .collect();
+        // 16 SpatialTransformers x (proj_in, proj_out) x (weight, bias)
+        assert_eq!(differing.len(), 16 * 4, "{differing:?}");
+        assert!(differing.iter().all(|k| k.contains(".proj_in.") || k.contains(".proj_out.")));
+    }
+}
