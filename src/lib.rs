@@ -1,3 +1,7 @@
 //! dreambridge: KerasCV Stable Diffusion checkpoints ⇄ diffusers, verified numerically.
 
 pub mod mapping;
+pub mod keras;
+pub mod tensor;
+pub mod convert;
+pub mod diffusers;

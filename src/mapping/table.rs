@@ -47,6 +47,14 @@ struct RawTable {
     config: toml::Table,
     #[serde(default)]
     aliases: BTreeMap<String, String>,
+    #[serde(default)]
+    detect: RawDetect,
+}
+
+#[derive(Deserialize, Default)]
+struct RawDetect {
+    #[serde(default)]
+    prefer_when: Vec<String>,
 }
 
 /// How the attention head count is derived for the config (it is not visible in the weights).
@@ -97,6 +105,8 @@ pub struct Table {
     pub config: serde_json::Map<String, serde_json::Value>,
     /// (current spelling, older spelling) pairs accepted when reading diffusers keys.
     pub aliases: Vec<(String, String)>,
+    /// `symbol=value` conditions under which detection prefers this table over an equal match.
+    pub prefer_when: Vec<(String, usize)>,
     rows: Vec<Row>,
     templates: BTreeMap<String, Vec<TemplateTensor>>,
 }
@@ -241,7 +251,17 @@ fn resolve_table(name: &str, raw: &BTreeMap<&str, RawTable>, templates: &BTreeMa
     }
     let mut aliases: Vec<(String, String)> = base.as_ref().map(|b| b.aliases.clone()).unwrap_or_default();
     aliases.extend(own.aliases.iter().map(|(a, b)| (a.clone(), b.clone())));
+    let prefer_when = own
+        .detect
+        .prefer_when
+        .iter()
+        .map(|c| {
+            let (k, v) = c.split_once('=').with_context(|| format!("prefer_when `{c}` has no `=`"))?;
+            Ok((k.trim().to_string(), v.trim().parse().with_context(|| format!("prefer_when `{c}`"))?))
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(Table {
+        prefer_when,
         kind: own.kind.clone(),
         component: pick(&own.component, base.as_ref().map(|b| &b.component), "component")?,
         keras_class: pick(&own.keras_class, base.as_ref().map(|b| &b.keras_class), "keras_class")?,
@@ -263,6 +283,16 @@ fn parse_row(row: &[String; 4]) -> Result<Row> {
 }
 
 impl Table {
+    /// The SD version this table is for (`None` for the VAE, shared by both).
+    pub fn sd_version(&self) -> Option<u8> {
+        self.kind.strip_suffix("-sd1").map(|_| 1).or_else(|| self.kind.strip_suffix("-sd2").map(|_| 2))
+    }
+
+    /// True when `symbols` satisfy one of the table's `prefer_when` conditions.
+    pub fn preferred_for(&self, symbols: &Symbols) -> bool {
+        self.prefer_when.iter().any(|(k, v)| symbols.get(k) == Some(v))
+    }
+
     /// The symbol that counts repeated layers (`n` for the CLIP encoder layers), if any.
     pub fn repeat_symbol(&self) -> Option<&str> {
         self.rows.iter().find_map(|r| r.repeat.as_deref())

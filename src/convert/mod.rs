@@ -1,0 +1,3 @@
+//! Conversions between KerasCV weight files and diffusers pipeline folders.
+
+pub mod plan;

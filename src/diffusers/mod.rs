@@ -1,0 +1,5 @@
+//! The diffusers side: safetensors I/O, configs and the pipeline folder layout.
+
+pub mod st_read;
+pub mod tokenizer;
+pub mod st_write;

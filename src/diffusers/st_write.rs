@@ -1,0 +1,126 @@
+//! Streams a safetensors file: the header is written from the tensors' shapes first, then each
+//! tensor's bytes as it is produced, so only one tensor is in memory at a time.
+//! (The safetensors crate's writer takes infallible `View`s; conversion reads can fail, so the
+//! streaming writer is done here, and its output is checked by reading it back with the crate.)
+
+use crate::tensor::{DType, RawTensor};
+use anyhow::{ensure, Context, Result};
+use serde_json::{json, Map, Value};
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+/// A tensor to be written: its key, dtype and shape (its data comes later, in this order).
+#[derive(Clone, Debug)]
+pub struct PendingTensor {
+    pub key: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+impl PendingTensor {
+    fn byte_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size()
+    }
+}
+
+pub struct StWriter {
+    out: BufWriter<std::fs::File>,
+    pending: std::vec::IntoIter<PendingTensor>,
+}
+
+impl StWriter {
+    /// Writes the header for `tensors` (data order = this order) with metadata `{"format": "pt"}`.
+    pub fn create(path: &Path, tensors: Vec<PendingTensor>) -> Result<StWriter> {
+        let mut header = Map::new();
+        header.insert("__metadata__".into(), json!({"format": "pt"}));
+        let mut offset = 0usize;
+        for t in &tensors {
+            let len = t.byte_len();
+            header.insert(t.key.clone(), json!({"dtype": t.dtype.safetensors_name(), "shape": t.shape, "data_offsets": [offset, offset + len]}));
+            offset += len;
+        }
+        let mut text = serde_json::to_string(&Value::Object(header))?.into_bytes();
+        while text.len() % 8 != 0 {
+            text.push(b' '); // the format pads the header with spaces to 8-byte alignment
+        }
+        let file = std::fs::File::create(path).context("cannot create")?;
+        let mut out = BufWriter::with_capacity(8 << 20, file);
+        out.write_all(&(text.len() as u64).to_le_bytes())?;
+        out.write_all(&text)?;
+        Ok(StWriter { out, pending: tensors.into_iter() })
+    }
+
+    /// Writes the next tensor's data; it must match the next announced key, dtype and shape.
+    pub fn write_next(&mut self, key: &str, tensor: &RawTensor) -> Result<()> {
+        let expected = self.pending.next().with_context(|| format!("tensor `{key}` was not announced"))?;
+        ensure!(
+            expected.key == key && expected.dtype == tensor.dtype && expected.shape == tensor.shape && tensor.data.len() == expected.byte_len(),
+            "tensor `{key}` ({} {:?}) does not match the header entry `{}` ({} {:?})",
+            tensor.dtype,
+            tensor.shape,
+            expected.key,
+            expected.dtype,
+            expected.shape
+        );
+        self.out.write_all(&tensor.data)?;
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<()> {
+        ensure!(self.pending.next().is_none(), "not every announced tensor was written");
+        self.out.flush()?;
+        self.out.get_ref().sync_all()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diffusers::st_read::StFile;
+
+    #[test]
+    fn out_of_order_writes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        let a = RawTensor { dtype: DType::F32, shape: vec![2, 3], data: (0..24).collect() };
+        let b = RawTensor { dtype: DType::F16, shape: vec![3], data: (0..6).collect() };
+        let mut w = StWriter::create(
+            &path,
+            vec![
+                PendingTensor { key: "a.weight".into(), dtype: a.dtype, shape: a.shape.clone() },
+                PendingTensor { key: "b".into(), dtype: b.dtype, shape: b.shape.clone() },
+            ],
+        )
+        .unwrap();
+        let err = w.write_next("b", &b).unwrap_err().to_string();
+        assert!(err.contains("does not match the header entry `a.weight`"), "{err}");
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        let a = RawTensor { dtype: DType::F32, shape: vec![2, 3], data: (0..24).collect() };
+        let b = RawTensor { dtype: DType::F16, shape: vec![3], data: (0..6).collect() };
+        let mut w = StWriter::create(
+            &path,
+            vec![
+                PendingTensor { key: "a.weight".into(), dtype: a.dtype, shape: a.shape.clone() },
+                PendingTensor { key: "b".into(), dtype: b.dtype, shape: b.shape.clone() },
+            ],
+        )
+        .unwrap();
+        w.write_next("a.weight", &a).unwrap();
+        w.write_next("b", &b).unwrap();
+        w.finish().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("b").unwrap().data(), &b.data[..]);
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()["format"], "pt");
+        let f = StFile::open(&path).unwrap();
+        assert_eq!(f.read("a.weight").unwrap(), a);
+        assert_eq!(f.keys(), vec!["a.weight", "b"]);
+    }
+}

@@ -1,0 +1,90 @@
+//! Writes Keras-2 legacy weight files (`layer_names`, `backend`, `keras_version`, per-layer
+//! `weight_names`), which both Keras 2 and Keras 3 `load_weights` read by position.
+
+use crate::tensor::{DType, RawTensor};
+use anyhow::{bail, Context, Result};
+use hdf5::types::{FixedAscii, TypeDescriptor};
+use ndarray::Array1;
+use std::path::Path;
+
+/// Keras splits an attribute above this many bytes into `name0`, `name1`, … (HDF5 object header limit).
+const HDF5_OBJECT_HEADER_LIMIT: usize = 64512;
+const KERAS_VERSION: &str = "2.14.0";
+
+pub struct LegacyWriter {
+    file: hdf5::File,
+}
+
+impl LegacyWriter {
+    /// Creates the file with its root attributes; `layer_names` lists the weighted layers in order.
+    pub fn create(path: &Path, layer_names: &[String]) -> Result<LegacyWriter> {
+        let file = hdf5::File::create(path).context("cannot create HDF5 file")?;
+        write_scalar_string(&file, "backend", "tensorflow")?;
+        write_scalar_string(&file, "keras_version", KERAS_VERSION)?;
+        write_string_list(&file, "layer_names", layer_names)?;
+        Ok(LegacyWriter { file })
+    }
+
+    /// Creates a layer group with its `weight_names` (names relative to the group).
+    pub fn begin_layer(&self, group: &str, weight_names: &[String]) -> Result<()> {
+        let g = self.file.create_group(group).with_context(|| format!("layer `{group}`"))?;
+        write_string_list(&g, "weight_names", weight_names)
+    }
+
+    /// Writes one weight as `<group>/<weight_name>`, keeping its float type (bf16 becomes f32,
+    /// which HDF5 has no type for).
+    pub fn write(&self, group: &str, weight_name: &str, tensor: RawTensor) -> Result<()> {
+        let tensor = if tensor.dtype == DType::BF16 { tensor.cast(DType::F32) } else { tensor };
+        let path = format!("{group}/{weight_name}");
+        let g = self.file.group(group)?;
+        let result = match tensor.dtype {
+            DType::F32 => {
+                let v: Vec<f32> = tensor.data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                g.new_dataset_builder().with_data(&ndarray::ArrayView::from_shape(tensor.shape.clone(), &v)?).create(weight_name)
+            }
+            _ => {
+                let v: Vec<half::f16> = tensor.data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect();
+                g.new_dataset_builder().with_data(&ndarray::ArrayView::from_shape(tensor.shape.clone(), &v)?).create(weight_name)
+            }
+        };
+        result.with_context(|| format!("tensor `{path}`: cannot write"))?;
+        Ok(())
+    }
+
+    pub fn finish(self) -> Result<()> {
+        self.file.flush()?;
+        self.file.close()?;
+        Ok(())
+    }
+}
+
+fn fixed(s: &str) -> Result<FixedAscii<512>> {
+    FixedAscii::<512>::from_ascii(s.as_bytes()).with_context(|| format!("name `{s}` is not ASCII or longer than 512"))
+}
+
+fn write_scalar_string(loc: &hdf5::Location, name: &str, value: &str) -> Result<()> {
+    let data = ndarray::arr0(fixed(value)?);
+    loc.new_attr_builder().with_data_as(data.view(), &TypeDescriptor::FixedAscii(value.len().max(1))).create(name)?;
+    Ok(())
+}
+
+/// Writes a 1-D fixed-length string attribute, split like Keras when it would exceed the header limit.
+fn write_string_list(loc: &hdf5::Location, name: &str, values: &[String]) -> Result<()> {
+    let width = values.iter().map(String::len).max().unwrap_or(0).max(1);
+    let chunks = (values.len() * width).div_ceil(HDF5_OBJECT_HEADER_LIMIT).max(1);
+    if values.is_empty() {
+        // Keras writes weightless layers' weight_names as an empty float64 array; mirror that.
+        loc.new_attr::<f64>().shape(0).create(name)?;
+        return Ok(());
+    }
+    let per_chunk = values.len().div_ceil(chunks);
+    for (i, part) in values.chunks(per_chunk).enumerate() {
+        let attr_name = if chunks == 1 { name.to_string() } else { format!("{name}{i}") };
+        let data: Array1<FixedAscii<512>> = part.iter().map(|s| fixed(s)).collect::<Result<Vec<_>>>()?.into();
+        if part.iter().any(|s| s.len() > 512) {
+            bail!("name too long in `{attr_name}`");
+        }
+        loc.new_attr_builder().with_data_as(data.view(), &TypeDescriptor::FixedAscii(width)).create(attr_name.as_str())?;
+    }
+    Ok(())
+}

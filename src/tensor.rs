@@ -1,0 +1,95 @@
+//! A tensor as raw little-endian bytes with its element type and shape.
+
+use anyhow::{bail, Result};
+use half::{bf16, f16};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// The dtype's name in a safetensors header.
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+        }
+    }
+
+    pub fn from_safetensors(dtype: safetensors::Dtype) -> Result<DType> {
+        Ok(match dtype {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            other => bail!("unsupported dtype {other:?} (expected F32, F16 or BF16)"),
+        })
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawTensor {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl RawTensor {
+    /// The values as f32 (exact for every supported dtype).
+    pub fn to_f32_values(&self) -> Vec<f32> {
+        match self.dtype {
+            DType::F32 => self.data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+            DType::F16 => self.data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            DType::BF16 => self.data.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        }
+    }
+
+    /// The same tensor in `dtype` (round to nearest when narrowing; a no-op when equal).
+    pub fn cast(self, dtype: DType) -> RawTensor {
+        if dtype == self.dtype {
+            return self;
+        }
+        let values = self.to_f32_values();
+        let data = match dtype {
+            DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F16 => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+            DType::BF16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+        };
+        RawTensor { dtype, shape: self.shape, data }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn casts_round_trip_through_half() {
+        let t = RawTensor { dtype: DType::F32, shape: vec![3], data: [1.0f32, -2.5, 65504.0].iter().flat_map(|v| v.to_le_bytes()).collect() };
+        let h = t.clone().cast(DType::F16);
+        assert_eq!(h.data.len(), 6);
+        assert_eq!(h.cast(DType::F32), t);
+        let b = t.clone().cast(DType::BF16);
+        assert_eq!(b.to_f32_values()[1], -2.5);
+    }
+}
