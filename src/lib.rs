@@ -5,3 +5,7 @@ pub mod keras;
 pub mod tensor;
 pub mod convert;
 pub mod diffusers;
+pub mod output;
+pub mod progress;
+pub mod inspect;
+pub mod sample;

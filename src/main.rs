@@ -1,1 +1,127 @@
-fn main() {}
+//! The `dreambridge` command line.
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use dreambridge::convert::to_diffusers::{keras_to_diffusers, KerasInputs, ToDiffusersOptions};
+use dreambridge::convert::to_keras::diffusers_to_keras;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "dreambridge", version, about = "KerasCV Stable Diffusion checkpoints <-> diffusers, verified")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert between KerasCV .h5 files and a diffusers pipeline folder.
+    #[command(subcommand)]
+    Convert(Direction),
+    /// List a .h5 or .safetensors file's tensors and its detected model kind.
+    Inspect {
+        file: PathBuf,
+        /// Force the Stable Diffusion version (1 or 2) instead of detecting it.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+        sd_version: Option<u8>,
+    },
+}
+
+#[derive(Subcommand)]
+enum Direction {
+    /// KerasCV .h5 / .weights.h5 files -> diffusers folder (runs the embedded sample when no file is given).
+    KerasToDiffusers(KerasToDiffusers),
+    /// diffusers folder -> KerasCV legacy .h5 files (diffusion_model.h5, text_encoder.h5, image_encoder.h5, decoder.h5).
+    DiffusersToKeras {
+        /// The diffusers pipeline folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// Output folder for the .h5 files.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing output folder.
+        #[arg(long)]
+        force: bool,
+        /// Force the Stable Diffusion version (1 or 2) instead of detecting it.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+        sd_version: Option<u8>,
+    },
+}
+
+#[derive(Args)]
+struct KerasToDiffusers {
+    /// KerasCV DiffusionModel / DiffusionModelV2 weights.
+    #[arg(long)]
+    unet: Option<PathBuf>,
+    /// KerasCV TextEncoder / TextEncoderV2 weights.
+    #[arg(long)]
+    text_encoder: Option<PathBuf>,
+    /// KerasCV ImageEncoder (VAE encoder) weights.
+    #[arg(long)]
+    vae_encoder: Option<PathBuf>,
+    /// KerasCV Decoder (VAE decoder) weights.
+    #[arg(long)]
+    vae_decoder: Option<PathBuf>,
+    /// A diffusers pipeline folder supplying the parts not given (tokenizer, scheduler, ...).
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// Convert the embedded tiny SD1 sample (the default when no file is given).
+    #[arg(long)]
+    sample: bool,
+    /// Output pipeline folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Write fp16 weights with diffusers' `fp16` variant names (load with variant="fp16").
+    #[arg(long)]
+    half: bool,
+    /// Replace an existing output folder.
+    #[arg(long)]
+    force: bool,
+    /// Force the Stable Diffusion version (1 or 2) instead of detecting it.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+    sd_version: Option<u8>,
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Inspect { file, sd_version } => print!("{}", dreambridge::inspect::inspect(&file, sd_version)?),
+        Command::Convert(Direction::KerasToDiffusers(a)) => {
+            let given = KerasInputs { unet: a.unet, text_encoder: a.text_encoder, vae_encoder: a.vae_encoder, vae_decoder: a.vae_decoder };
+            let nothing_given = given.unet.is_none() && given.text_encoder.is_none() && given.vae_encoder.is_none() && given.vae_decoder.is_none();
+            let _sample_dir;
+            let inputs = if a.sample || (nothing_given && a.base.is_none()) {
+                anyhow::ensure!(nothing_given, "--sample cannot be combined with input files");
+                eprintln!("no input files given: converting the embedded tiny KerasCV SD1 sample");
+                let (dir, inputs) = dreambridge::sample::unpack()?;
+                _sample_dir = dir;
+                inputs
+            } else {
+                given
+            };
+            let opts = ToDiffusersOptions { base: a.base, out: a.out, half: a.half, force: a.force, sd_version: a.sd_version };
+            let done = keras_to_diffusers(&inputs, &opts)?;
+            println!("converted {} -> {}", done.kinds.join(", "), done.out.display());
+            if !done.complete_pipeline {
+                println!("note: not a complete pipeline (no model_index.json); give the missing parts or --base to get one");
+            }
+        }
+        Command::Convert(Direction::DiffusersToKeras { model, out, force, sd_version }) => {
+            let done = diffusers_to_keras(&model, &out, force, sd_version)?;
+            for (kind, name) in &done.files {
+                println!("{kind} -> {}", done.out.join(name).display());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,3 +1,5 @@
 //! Conversions between KerasCV weight files and diffusers pipeline folders.
 
 pub mod plan;
+pub mod to_diffusers;
+pub mod to_keras;

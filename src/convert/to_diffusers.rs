@@ -1,0 +1,263 @@
+//! KerasCV `.h5` files -> a diffusers `StableDiffusionPipeline` folder.
+
+use super::plan::{detect, Plan};
+use crate::diffusers::configs::{model_index, scheduler_config, text_encoder_config, unet_config, vae_config};
+use crate::diffusers::layout::{find_weights, Component};
+use crate::diffusers::st_read::StFile;
+use crate::diffusers::st_write::{PendingTensor, StWriter};
+use crate::diffusers::tokenizer;
+use crate::keras::KerasFile;
+use crate::output::Staging;
+use crate::progress::Progress;
+use crate::tensor::DType;
+use anyhow::{bail, ensure, Context, Result};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// The KerasCV files to convert (any subset).
+#[derive(Clone, Debug, Default)]
+pub struct KerasInputs {
+    pub unet: Option<PathBuf>,
+    pub text_encoder: Option<PathBuf>,
+    pub vae_encoder: Option<PathBuf>,
+    pub vae_decoder: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ToDiffusersOptions {
+    /// A diffusers folder supplying the parts not given.
+    pub base: Option<PathBuf>,
+    pub out: PathBuf,
+    /// Write fp16 weights under diffusers' `fp16` variant names.
+    pub half: bool,
+    pub force: bool,
+    /// Force the SD version instead of detecting it.
+    pub sd_version: Option<u8>,
+}
+
+/// A KerasCV file matched against its table.
+pub struct Matched {
+    pub file: KerasFile,
+    pub plan: Plan,
+}
+
+/// Opens `path` and detects its model kind; `role` is the kind prefix it must have.
+pub fn open_keras(path: &Path, role: &str, sd_version: Option<u8>) -> Result<Matched> {
+    let run = || -> Result<Matched> {
+        let file = KerasFile::open(path)?;
+        let plan = detect(|t| Plan::for_keras(&file, t), sd_version)?;
+        if !plan.table.kind.starts_with(role) {
+            bail!("this is a KerasCV {} ({}), not a {role}", plan.table.keras_class, plan.table.kind);
+        }
+        Ok(Matched { file, plan })
+    };
+    run().with_context(|| path.display().to_string())
+}
+
+/// What a conversion produced, for the closing message.
+#[derive(Debug)]
+pub struct Converted {
+    pub out: PathBuf,
+    pub kinds: Vec<String>,
+    pub complete_pipeline: bool,
+}
+
+pub fn keras_to_diffusers(inputs: &KerasInputs, opts: &ToDiffusersOptions) -> Result<Converted> {
+    let unet = inputs.unet.as_deref().map(|p| open_keras(p, "unet", opts.sd_version)).transpose()?;
+    // The text encoder follows the UNet's SD version: their tensors alone cannot always tell.
+    let version = opts.sd_version.or(unet.as_ref().and_then(|m| m.plan.table.sd_version()));
+    let text = inputs.text_encoder.as_deref().map(|p| open_keras(p, "text-encoder", version)).transpose()?;
+    let encoder = inputs.vae_encoder.as_deref().map(|p| open_keras(p, "vae-encoder", None)).transpose()?;
+    let decoder = inputs.vae_decoder.as_deref().map(|p| open_keras(p, "vae-decoder", None)).transpose()?;
+    if let (Some(u), Some(t)) = (&unet, &text) {
+        ensure!(
+            u.plan.symbols.get("ctx") == t.plan.symbols.get("d"),
+            "the UNet's cross-attention width ({}) differs from the text encoder's width ({})",
+            u.plan.symbols["ctx"],
+            t.plan.symbols["d"]
+        );
+    }
+    let base = opts.base.as_deref();
+    if let Some(b) = base {
+        ensure!(b.join("model_index.json").is_file(), "{}: not a diffusers pipeline folder (no model_index.json)", b.display());
+    }
+    let inputs_list: Vec<&Path> = [&inputs.unet, &inputs.text_encoder, &inputs.vae_encoder, &inputs.vae_decoder, &opts.base]
+        .into_iter()
+        .filter_map(|p| p.as_deref())
+        .collect();
+    let staging = Staging::new(&opts.out, opts.force, &inputs_list)?;
+    let dtype = opts.half.then_some(DType::F16);
+    let mut written: BTreeSet<&str> = BTreeSet::new();
+    let mut kinds = Vec::new();
+
+    if let Some(m) = &unet {
+        write_json(&staging, "unet/config.json", &unet_config(&m.plan)?)?;
+        write_weights(&staging, Component::Unet, opts.half, &[m], None, dtype)?;
+        written.insert("unet");
+        kinds.push(m.plan.table.kind.clone());
+    }
+    if let Some(m) = &text {
+        write_json(&staging, "text_encoder/config.json", &text_encoder_config(&m.plan)?)?;
+        write_weights(&staging, Component::TextEncoder, opts.half, &[m], None, dtype)?;
+        written.insert("text_encoder");
+        kinds.push(m.plan.table.kind.clone());
+    }
+    let vae_parts: Vec<&Matched> = [&encoder, &decoder].into_iter().flatten().collect();
+    if !vae_parts.is_empty() {
+        let overlay = if vae_parts.len() == 1 {
+            let missing = if encoder.is_none() { "encoder" } else { "decoder" };
+            let b = base.with_context(|| format!("only half of the VAE was given: the {missing} must come from --base"))?;
+            let path = find_weights(b, Component::Vae)?;
+            copy_file(&b.join("vae/config.json"), &staging.path("vae/config.json")?)?;
+            Some(StFile::open(&path).with_context(|| path.display().to_string())?)
+        } else {
+            let plans: Vec<&Plan> = vae_parts.iter().map(|m| &m.plan).collect();
+            write_json(&staging, "vae/config.json", &vae_config(&plans)?)?;
+            None
+        };
+        write_weights(&staging, Component::Vae, opts.half, &vae_parts, overlay.as_ref(), dtype)?;
+        written.insert("vae");
+        kinds.extend(vae_parts.iter().map(|m| m.plan.table.kind.clone()));
+    }
+    ensure!(!kinds.is_empty() || base.is_some(), "nothing to convert: give at least one .h5 file (or --sample)");
+
+    if let Some(b) = base {
+        copy_rest_of_base(b, &staging, &written, dtype)?;
+    } else {
+        if written.contains("text_encoder") {
+            for (name, contents) in tokenizer::files() {
+                staging.write(&format!("tokenizer/{name}"), contents.as_bytes())?;
+            }
+        }
+        write_json(&staging, "scheduler/scheduler_config.json", &scheduler_config())?;
+    }
+    let complete = ["unet", "text_encoder", "vae"].iter().all(|c| written.contains(c)) || base.is_some();
+    if complete && base.is_none() {
+        write_json(&staging, "model_index.json", &model_index("DDIMScheduler"))?;
+    }
+    let out = staging.commit()?;
+    Ok(Converted { out, kinds, complete_pipeline: complete })
+}
+
+fn write_json(staging: &Staging, relative: &str, value: &serde_json::Value) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    staging.write(relative, text.as_bytes())
+}
+
+fn copy_file(from: &Path, to: &Path) -> Result<()> {
+    std::fs::copy(from, to).with_context(|| format!("{}: cannot copy", from.display()))?;
+    Ok(())
+}
+
+/// Streams one component's safetensors file from the matched Keras files, optionally on top of a
+/// base file whose other tensors are kept (half a VAE).
+fn write_weights(
+    staging: &Staging,
+    component: Component,
+    half: bool,
+    parts: &[&Matched],
+    overlay: Option<&StFile>,
+    dtype: Option<DType>,
+) -> Result<()> {
+    let relative = format!("{}/{}", component.dir(), component.weights_name(half));
+    let mut pending = Vec::new();
+    let mut ours = BTreeSet::new();
+    for m in parts {
+        for t in &m.plan.tensors {
+            pending.push(PendingTensor { key: t.spec.key.clone(), dtype: dtype.unwrap_or(t.dtype), shape: t.diffusers_shape.clone() });
+            ours.insert(t.spec.key.clone());
+        }
+    }
+    if let Some(base) = overlay {
+        for t in &pending {
+            let info = base.info(&t.key).with_context(|| format!("{}: the base VAE lacks `{}`", base.path.display(), t.key))?;
+            ensure!(
+                info.shape == t.shape,
+                "{}: tensor `{}` has shape {:?} in the base but {:?} in the converted half",
+                base.path.display(),
+                t.key,
+                info.shape,
+                t.shape
+            );
+        }
+        for key in base.keys().into_iter().filter(|k| !ours.contains(k)) {
+            let info = base.info(&key)?;
+            pending.push(PendingTensor { key, dtype: dtype.unwrap_or(info.dtype), shape: info.shape });
+        }
+    }
+    let total: u64 = pending.iter().map(|t| (t.shape.iter().product::<usize>() * t.dtype.size()) as u64).sum();
+    let progress = Progress::new(component.dir(), total);
+    let mut writer = StWriter::create(&staging.path(&relative)?, pending.clone())?;
+    let mut index = 0;
+    for m in parts {
+        for t in &m.plan.tensors {
+            let ctx = || format!("{}: tensor `{}`", m.file.path.display(), t.source);
+            let raw = m.file.read(&t.source).with_context(ctx)?;
+            let data = t.spec.op.to_diffusers(&raw.data, &raw.shape, raw.dtype.size()).with_context(ctx)?;
+            let tensor = crate::tensor::RawTensor { dtype: raw.dtype, shape: t.diffusers_shape.clone(), data };
+            let tensor = tensor.cast(pending[index].dtype);
+            writer.write_next(&t.spec.key, &tensor).with_context(ctx)?;
+            progress.advance(&t.spec.key, tensor.data.len() as u64);
+            index += 1;
+        }
+    }
+    if let Some(base) = overlay {
+        for p in &pending[index..] {
+            let tensor = base.read(&p.key).with_context(|| format!("{}: tensor `{}`", base.path.display(), p.key))?.cast(p.dtype);
+            writer.write_next(&p.key, &tensor)?;
+            progress.advance(&p.key, tensor.data.len() as u64);
+        }
+    }
+    writer.finish()?;
+    progress.finish(&format!("{} tensors -> {relative}", pending.len()));
+    Ok(())
+}
+
+/// Copies what the base folder has and the conversion did not write; with `dtype` set, copied
+/// weights are re-encoded under the variant name so the whole folder shares one variant.
+fn copy_rest_of_base(base: &Path, staging: &Staging, written: &BTreeSet<&str>, dtype: Option<DType>) -> Result<()> {
+    for entry in std::fs::read_dir(base).with_context(|| format!("{}: cannot read", base.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if written.contains(name.as_str()) || name.starts_with('.') {
+            continue;
+        }
+        match (Component::from_name(&name), dtype) {
+            (Some(c), Some(dt)) => {
+                let from = find_weights(base, c)?;
+                copy_file(&base.join(&name).join("config.json"), &staging.path(&format!("{name}/config.json"))?)?;
+                recode_weights(&from, &staging.path(&format!("{name}/{}", c.weights_name(true)))?, dt)?;
+            }
+            _ => copy_tree(&entry.path(), &staging.path(&name)?)?,
+        }
+    }
+    Ok(())
+}
+
+fn recode_weights(from: &Path, to: &Path, dtype: DType) -> Result<()> {
+    let src = StFile::open(from).with_context(|| from.display().to_string())?;
+    let pending: Vec<PendingTensor> = src
+        .keys()
+        .into_iter()
+        .map(|k| Ok(PendingTensor { dtype, shape: src.info(&k)?.shape, key: k }))
+        .collect::<Result<_>>()?;
+    let mut w = StWriter::create(to, pending.clone())?;
+    for p in &pending {
+        w.write_next(&p.key, &src.read(&p.key)?.cast(dtype))?;
+    }
+    w.finish()
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    if from.is_dir() {
+        std::fs::create_dir_all(to)?;
+        for entry in std::fs::read_dir(from)? {
+            let entry = entry?;
+            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+        }
+        Ok(())
+    } else {
+        copy_file(from, to)
+    }
+}

@@ -1,0 +1,93 @@
+//! A diffusers pipeline folder -> KerasCV legacy `.h5` files (one per KerasCV sub-model).
+
+use super::plan::{detect, Plan};
+use crate::diffusers::layout::{find_weights, Component};
+use crate::diffusers::st_read::StFile;
+use crate::keras::LegacyWriter;
+use crate::output::Staging;
+use crate::progress::Progress;
+use crate::tensor::RawTensor;
+use anyhow::{bail, ensure, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// The file name dreambridge writes for each KerasCV model kind.
+pub fn keras_file_name(kind: &str) -> &'static str {
+    match kind {
+        k if k.starts_with("unet") => "diffusion_model.h5",
+        k if k.starts_with("text-encoder") => "text_encoder.h5",
+        "vae-encoder" => "image_encoder.h5",
+        _ => "decoder.h5",
+    }
+}
+
+#[derive(Debug)]
+pub struct ToKerasResult {
+    pub out: PathBuf,
+    /// (kind, file name) written.
+    pub files: Vec<(String, String)>,
+}
+
+pub fn diffusers_to_keras(model: &Path, out: &Path, force: bool, sd_version: Option<u8>) -> Result<ToKerasResult> {
+    ensure!(model.is_dir(), "{}: not a folder", model.display());
+    let mut jobs: Vec<(StFile, Plan)> = Vec::new();
+    let mut version = sd_version;
+    for component in Component::ALL {
+        if !model.join(component.dir()).is_dir() {
+            continue;
+        }
+        let path = find_weights(model, component)?;
+        let file = StFile::open(&path).with_context(|| path.display().to_string())?;
+        let prefixes: &[&str] = match component {
+            Component::Unet => &["unet"],
+            Component::TextEncoder => &["text-encoder"],
+            Component::Vae => &["vae-encoder", "vae-decoder"],
+        };
+        for prefix in prefixes {
+            let plan = detect(
+                |t| {
+                    if !t.kind.starts_with(prefix) {
+                        bail!("not a {prefix}");
+                    }
+                    Plan::for_diffusers(&file, t)
+                },
+                version,
+            )
+            .with_context(|| path.display().to_string())?;
+            version = version.or(plan.table.sd_version());
+            jobs.push((StFile::open(&path)?, plan));
+        }
+    }
+    ensure!(!jobs.is_empty(), "{}: no unet/, text_encoder/ or vae/ folder", model.display());
+    let staging = Staging::new(out, force, &[model])?;
+    let mut files = Vec::new();
+    for (file, plan) in &jobs {
+        let name = keras_file_name(&plan.table.kind);
+        write_h5(&staging.path(name)?, file, plan).with_context(|| format!("{}: writing {name}", file.path.display()))?;
+        files.push((plan.table.kind.clone(), name.to_string()));
+    }
+    let out = staging.commit()?;
+    Ok(ToKerasResult { out, files })
+}
+
+/// Writes one Keras-2 legacy file: group per layer named by its Keras-3 key, weights named
+/// `<group>/<sub-layer path>/<variable>:0` as Keras would.
+fn write_h5(path: &Path, file: &StFile, plan: &Plan) -> Result<()> {
+    let groups: Vec<String> = plan.layout.layers.iter().map(|l| l.keras3_key.clone()).collect();
+    let writer = LegacyWriter::create(path, &groups)?;
+    let total: u64 = plan.tensors.iter().map(|t| (t.diffusers_shape.iter().product::<usize>() * t.dtype.size()) as u64).sum();
+    let progress = Progress::new(&plan.table.kind, total);
+    for layer in &plan.layout.layers {
+        let tensors = &plan.tensors[layer.tensors.clone()];
+        let names: Vec<String> = tensors.iter().map(|t| format!("{}/{}:0", layer.keras3_key, t.spec.keras_path)).collect();
+        writer.begin_layer(&layer.keras3_key, &names)?;
+        for (t, name) in tensors.iter().zip(&names) {
+            let raw = file.read(&t.source)?;
+            let data = t.spec.op.to_keras(&raw.data, &t.diffusers_shape, raw.dtype.size()).with_context(|| format!("tensor `{}`", t.source))?;
+            writer.write(&layer.keras3_key, name, RawTensor { dtype: raw.dtype, shape: t.keras_shape.clone(), data })?;
+            progress.advance(&t.source, raw.data.len() as u64);
+        }
+    }
+    writer.finish()?;
+    progress.finish(&format!("{} tensors -> {}", plan.tensors.len(), path.file_name().unwrap_or_default().to_string_lossy()));
+    Ok(())
+}

@@ -1,0 +1,31 @@
+//! Shared helpers for the integration tests: fixture paths and tensor comparisons.
+#![allow(dead_code)]
+
+use dreambridge::diffusers::st_read::StFile;
+use dreambridge::keras::KerasFile;
+use dreambridge::tensor::RawTensor;
+use std::path::{Path, PathBuf};
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny").join(name)
+}
+
+/// Every tensor of a legacy Keras file, in layer_names / weight_names order.
+pub fn keras_tensors(path: &Path) -> Vec<RawTensor> {
+    let f = KerasFile::open(path).unwrap();
+    f.layers.iter().flat_map(|l| l.weights.iter()).map(|w| f.read(w).unwrap()).collect()
+}
+
+/// Every tensor of a safetensors file, by key.
+pub fn st_tensors(path: &Path) -> Vec<(String, RawTensor)> {
+    let f = StFile::open(path).unwrap();
+    f.keys().into_iter().map(|k| (k.clone(), f.read(&k).unwrap())).collect()
+}
+
+pub fn f32_at(t: &RawTensor, index: usize) -> f32 {
+    f32::from_le_bytes(t.data[index * 4..index * 4 + 4].try_into().unwrap())
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_dreambridge")
+}
