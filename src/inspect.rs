@@ -22,7 +22,7 @@ fn inspect_keras(path: &Path, sd_version: Option<u8>) -> Result<String> {
         KerasFormat::Legacy => writeln!(out, "format: Keras legacy .h5 (keras_version {version}), {} weighted layers", file.layers.len())?,
         KerasFormat::Keras3 => writeln!(out, "format: Keras 3 .weights.h5")?,
     }
-    let detected = detect(|t| Plan::for_keras(&file, t), sd_version);
+    let detected = detect(|t| Plan::for_keras(&file, t), sd_version, None);
     match &detected {
         Ok(plan) => writeln!(out, "{}", describe_plan(plan))?,
         Err(e) => writeln!(out, "detected: none ({e:#})")?,

@@ -66,8 +66,8 @@ fn sd2_round_trip_is_bit_exact() {
 #[test]
 fn f16_round_trip_keeps_f16() {
     round_trip(
-        KerasInputs { text_encoder: Some(fixture("text_encoder_sd1_f16.h5")), ..Default::default() },
-        &[("text_encoder_sd1_f16.h5", "text_encoder.h5")],
-        None,
+        KerasInputs { text_encoder: Some(fixture("text_encoder_sd2_f16.h5")), ..Default::default() },
+        &[("text_encoder_sd2_f16.h5", "text_encoder.h5")],
+        Some(2),
     );
 }

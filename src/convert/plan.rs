@@ -93,18 +93,20 @@ impl Plan {
         };
         let layout = table.expand(repeats)?;
         ensure!(layout.layers.len() == found, "expected {} weighted layers, found {found}", layout.layers.len());
-        let mut symbols = table.initial_symbols(repeats);
-        let mut tensors = Vec::new();
         for (index, (spec_layer, layer)) in layout.layers.iter().zip(&file.layers).enumerate() {
-            let specs = &layout.tensors[spec_layer.tensors.clone()];
             ensure!(
-                specs.len() == layer.weights.len(),
+                spec_layer.tensors.len() == layer.weights.len(),
                 "layer #{index} `{}`: expected {} weights for a {}, found {}",
                 layer.name,
-                specs.len(),
+                spec_layer.tensors.len(),
                 spec_layer.class,
                 layer.weights.len()
             );
+        }
+        let mut symbols = table.initial_symbols(repeats);
+        let mut tensors = Vec::new();
+        for (spec_layer, layer) in layout.layers.iter().zip(&file.layers) {
+            let specs = &layout.tensors[spec_layer.tensors.clone()];
             for (spec, path) in specs.iter().zip(&layer.weights) {
                 tensors.push(plan_keras_tensor(file, spec, path, &mut symbols)?);
             }
@@ -167,11 +169,6 @@ impl Plan {
         }
         Ok(Plan { table: table.clone(), layout, symbols, tensors })
     }
-
-    /// Attention heads per UNet block / text layer, as the config wants them.
-    pub fn heads_for(&self, width_symbol: &str) -> Option<usize> {
-        self.symbols.get(width_symbol).map(|w| self.table.heads.for_width(*w))
-    }
 }
 
 fn plan_keras_tensor(file: &KerasFile, spec: &TensorSpec, path: &str, symbols: &mut Symbols) -> Result<PlannedTensor> {
@@ -201,22 +198,47 @@ fn find_key(file: &StFile, table: &Table, key: &str) -> Option<String> {
     candidates.into_iter().find(|c| file.contains(c))
 }
 
-/// Detection: the table that matches, or why none did. `sd_version` restricts versioned tables.
-pub fn detect(try_one: impl Fn(&Table) -> Result<Plan>, sd_version: Option<u8>) -> Result<Plan> {
+/// Detection: the table that matches, or why none did. `sd_version` restricts versioned tables;
+/// `focus` (a kind prefix such as `unet`) limits the explanation to the tables the user meant.
+pub fn detect(try_one: impl Fn(&Table) -> Result<Plan>, sd_version: Option<u8>, focus: Option<&str>) -> Result<Plan> {
     let mut matches = Vec::new();
-    let mut misses = Vec::new();
+    let mut misses: Vec<(String, String)> = Vec::new();
     for table in all_tables()? {
         if sd_version.is_some() && table.sd_version().is_some_and(|v| Some(v) != sd_version) {
             continue;
         }
         match try_one(&table) {
             Ok(plan) => matches.push(plan),
-            Err(e) => misses.push(format!("{}: {e:#}", table.kind)),
+            Err(e) => misses.push((table.kind.clone(), format!("{e:#}"))),
         }
     }
     if matches.is_empty() {
-        bail!("not a KerasCV Stable Diffusion model this tool knows ({})", misses.join("; "));
+        if let Some(prefix) = focus {
+            misses.retain(|(kind, _)| kind.starts_with(prefix));
+        }
+        bail!("{}", explain_misses(misses));
     }
     let pick = matches.iter().position(|p| p.table.preferred_for(&p.symbols)).unwrap_or(0);
     Ok(matches.swap_remove(pick))
+}
+
+/// Why no table matched: the tables whose layer structure fit (their first bad tensor) if any,
+/// else the structural differences; identical reasons are merged.
+fn explain_misses(misses: Vec<(String, String)>) -> String {
+    let structural = |m: &str| m.contains("weighted layers") || m.contains("weights for a") || m.contains("tensors under") || m.contains("no `");
+    let close: Vec<&(String, String)> = misses.iter().filter(|(_, m)| !structural(m)).collect();
+    let chosen: Vec<&(String, String)> = if close.is_empty() { misses.iter().collect() } else { close.clone() };
+    let mut merged: Vec<(Vec<&str>, &str)> = Vec::new();
+    for (kind, reason) in chosen {
+        match merged.iter_mut().find(|(_, r)| *r == reason.as_str()) {
+            Some((kinds, _)) => kinds.push(kind),
+            None => merged.push((vec![kind], reason)),
+        }
+    }
+    let parts: Vec<String> = merged.iter().map(|(kinds, reason)| format!("as {}: {reason}", kinds.join("/"))).collect();
+    if close.is_empty() {
+        format!("not a KerasCV Stable Diffusion model this tool knows ({})", parts.join("; "))
+    } else {
+        format!("does not fit the mapping {}", parts.join("; "))
+    }
 }

@@ -45,7 +45,11 @@ pub struct Matched {
 pub fn open_keras(path: &Path, role: &str, sd_version: Option<u8>) -> Result<Matched> {
     let run = || -> Result<Matched> {
         let file = KerasFile::open(path)?;
-        let plan = detect(|t| Plan::for_keras(&file, t), sd_version)?;
+        let plan = match detect(|t| Plan::for_keras(&file, t), sd_version, None) {
+            Ok(plan) => plan,
+            // Not any known model: explain against the role the user named.
+            Err(_) => detect(|t| Plan::for_keras(&file, t), sd_version, Some(role))?,
+        };
         if !plan.table.kind.starts_with(role) {
             bail!("this is a KerasCV {} ({}), not a {role}", plan.table.keras_class, plan.table.kind);
         }

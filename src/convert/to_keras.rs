@@ -51,6 +51,7 @@ pub fn diffusers_to_keras(model: &Path, out: &Path, force: bool, sd_version: Opt
                     Plan::for_diffusers(&file, t)
                 },
                 version,
+                Some(prefix),
             )
             .with_context(|| path.display().to_string())?;
             version = version.or(plan.table.sd_version());

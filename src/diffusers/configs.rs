@@ -23,7 +23,7 @@ fn base(plan: &Plan) -> Map<String, Value> {
 pub fn unet_config(plan: &Plan) -> Result<Value> {
     let mut m = base(plan);
     let widths: Vec<usize> = ["c0", "c1", "c2", "c3"].iter().map(|s| sym(plan, s)).collect::<Result<_>>()?;
-    let heads: Vec<usize> = widths.iter().map(|w| plan.table.heads.for_width(*w)).collect();
+    let heads = plan.table.heads.for_widths(&widths);
     let lat = sym(plan, "lat")?;
     m.insert("in_channels".into(), json!(lat));
     m.insert("out_channels".into(), json!(lat));
@@ -46,7 +46,7 @@ pub fn text_encoder_config(plan: &Plan) -> Result<Value> {
     m.insert("hidden_size".into(), json!(d));
     m.insert("intermediate_size".into(), json!(sym(plan, "ff")?));
     m.insert("num_hidden_layers".into(), json!(sym(plan, "n")?));
-    m.insert("num_attention_heads".into(), json!(plan.table.heads.for_width(d)));
+    m.insert("num_attention_heads".into(), json!(plan.table.heads.for_widths(&[d])[0]));
     m.insert("max_position_embeddings".into(), json!(sym(plan, "positions")?));
     Ok(Value::Object(m))
 }

@@ -62,15 +62,19 @@ struct RawDetect {
 pub enum Heads {
     /// Same head count in every block (SD1 UNet: 8).
     PerBlock(usize),
-    /// Width / head_dim, trying each head_dim in turn until one divides the width.
+    /// Width / head_dim, with the first head_dim that divides every width of the model.
     HeadDim(Vec<usize>),
 }
 
 impl Heads {
-    pub fn for_width(&self, width: usize) -> usize {
+    /// Head counts for a model's attention widths.
+    pub fn for_widths(&self, widths: &[usize]) -> Vec<usize> {
         match self {
-            Heads::PerBlock(n) => *n,
-            Heads::HeadDim(dims) => dims.iter().find(|d| width % **d == 0).map_or(1, |d| width / d),
+            Heads::PerBlock(n) => vec![*n; widths.len()],
+            Heads::HeadDim(dims) => match dims.iter().find(|d| widths.iter().all(|w| *w % **d == 0)) {
+                Some(d) => widths.iter().map(|w| w / d).collect(),
+                None => vec![1; widths.len()],
+            },
         }
     }
 }

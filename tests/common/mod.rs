@@ -26,6 +26,11 @@ pub fn f32_at(t: &RawTensor, index: usize) -> f32 {
     f32::from_le_bytes(t.data[index * 4..index * 4 + 4].try_into().unwrap())
 }
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_dreambridge")
+/// The CLI, as a command. libhdf5 opens files without O_CLOEXEC, so a child spawned by one test
+/// can inherit (and keep locked) an HDF5 file another test thread is writing; HDF5's advisory
+/// locking is therefore off for these children.
+pub fn cli() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_dreambridge"));
+    c.env("HDF5_USE_FILE_LOCKING", "FALSE");
+    c
 }
