@@ -1,0 +1,53 @@
+"""Shared by both sides of the parity suite (plain numpy: imported by the Keras and torch venvs)."""
+import json
+import os
+
+import numpy as np
+
+WORK = os.environ.get("PARITY_WORK", os.path.join(os.path.dirname(os.path.abspath(__file__)), "work"))
+
+
+def perturbed(shape, name, rng):
+    """Kernels ~N(0, 1/fan_in), gammas 1+0.1N, betas/biases 0.05N, embeddings 0.5N: swapped
+    gamma/beta or bias/kernel would be caught by the forward comparison."""
+    n = rng.standard_normal(shape, dtype=np.float32)
+    if "gamma" in name:
+        return 1 + 0.1 * n
+    if "beta" in name or "bias" in name:
+        return 0.05 * n
+    if "embeddings" in name:
+        return 0.5 * n
+    fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    return n / np.float32(np.sqrt(fan_in))
+
+
+def timestep_embedding(t, dim=320):
+    """KerasCV's StableDiffusion._get_timestep_embedding: [cos, sin] with 10000^(-i/half)."""
+    half = dim // 2
+    freqs = np.exp(-np.log(10000.0) * np.arange(0, half, dtype=np.float32) / half)
+    args = np.array([t], dtype=np.float32) * freqs
+    return np.concatenate([np.cos(args), np.sin(args)])[None, :].astype(np.float32)
+
+
+def record(check, component, ref, got, tol, note=""):
+    """Appends one comparison to work/results.jsonl and returns whether it passed."""
+    ref = np.asarray(ref, dtype=np.float64)
+    got = np.asarray(got, dtype=np.float64)
+    assert ref.shape == got.shape, f"{check}/{component}: shapes {ref.shape} vs {got.shape}"
+    max_abs = float(np.max(np.abs(ref - got)))
+    max_ref = float(np.max(np.abs(ref)))
+    rel = max_abs / max_ref if max_ref else max_abs
+    ok = bool(np.all(np.isfinite(got))) and rel <= tol
+    row = dict(check=check, component=component, max_abs=max_abs, max_ref=max_ref, rel=rel, tol=tol, ok=ok, note=note)
+    with open(os.path.join(WORK, "results.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"  {check:28s} {component:22s} rel {rel:.2e} (tol {tol:.0e}) {'PASS' if ok else 'FAIL'} {note}", flush=True)
+    return ok
+
+
+def record_fact(check, component, ok, note):
+    """A yes/no check (strict loading, bit equality, a pipeline run)."""
+    row = dict(check=check, component=component, max_abs=None, max_ref=None, rel=None, tol=None, ok=bool(ok), note=note)
+    with open(os.path.join(WORK, "results.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"  {check:28s} {component:22s} {'PASS' if ok else 'FAIL'} {note}", flush=True)

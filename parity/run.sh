@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The parity suite: dreambridge's conversions proven against the peers, KerasCV (Keras 2 and 3)
+# and diffusers/transformers, on real full-size models with random weights. CPU only.
+#
+#   parity/run.sh           everything (creates the three venvs on first use, ~8 GB)
+#   parity/run.sh --setup   only create the venvs
+#
+# Prints a results table and exits non-zero if any check fails. Work files: parity/work/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+P=parity
+export PARITY_WORK="$PWD/$P/work"
+export TF_CPP_MIN_LOG_LEVEL=3 PYTHONWARNINGS=ignore
+
+make_venv() { # name, pip requirements...
+    local dir="$P/.venv-$1"; shift
+    if [ ! -x "$dir/bin/python" ]; then
+        echo "== creating $dir"
+        python3 -m venv "$dir"
+        "$dir/bin/pip" install -q "$@"
+        # keras-cv pulls tensorflow-datasets; its newest tensorflow-metadata needs a protobuf TF forbids.
+        case "$1" in tensorflow-cpu*) "$dir/bin/pip" install -q "tensorflow-metadata==1.14.0" ;; esac
+    fi
+}
+make_venv keras "tensorflow-cpu==2.14.1" "keras-cv==0.6.4" "h5py==3.16.0"
+make_venv keras3 "tensorflow-cpu==2.17.1" "keras-cv==0.9.0" "h5py==3.16.0"
+make_venv torch "torch==2.15.0" "diffusers==0.42.1" "transformers==5.23.0" "safetensors==0.8.0" "accelerate==1.15.0" "h5py==3.16.0"
+[ "${1:-}" = "--setup" ] && exit 0
+
+start=$(date +%s)
+cargo build --release -q
+DB="$PWD/target/release/dreambridge"
+KERAS="$P/.venv-keras/bin/python $P/keras_side.py"
+KERAS3="$P/.venv-keras3/bin/python $P/keras_side.py"
+TORCH="$P/.venv-torch/bin/python $P/torch_side.py"
+W="$PARITY_WORK"
+rm -rf "$W" && mkdir -p "$W"
+step() { echo; echo "== $*"; }
+
+step "KerasCV: real SD1 and SD2 models, random weights, saved with save_weights"
+$KERAS make sd1 2>&1 | grep -v "^WARNING\|absl\|Using TensorFlow"
+$KERAS make sd2 2>&1 | grep -v "^WARNING\|absl\|Using TensorFlow"
+
+step "dreambridge: keras -> diffusers"
+S="$W/sd1"
+$DB convert keras-to-diffusers --unet "$S/unet.h5" --text-encoder "$S/text_encoder.h5" \
+    --vae-encoder "$S/image_encoder.h5" --vae-decoder "$S/decoder.h5" --out "$S/pipe"
+$DB convert keras-to-diffusers --unet "$S/unet.h5" --text-encoder "$S/text_encoder.h5" \
+    --vae-encoder "$S/image_encoder.h5" --vae-decoder "$S/decoder.h5" --out "$S/pipe16" --half
+$DB convert keras-to-diffusers --unet "$W/sd2/unet.h5" --text-encoder "$W/sd2/text_encoder.h5" --out "$W/sd2/pipe"
+
+step "diffusers/transformers: strict loading and forward parity"
+$TORCH check sd1
+$TORCH check sd2
+$TORCH pipeline
+
+step "reverse: diffusers -> keras_cv"
+$TORCH make_torch
+$DB convert diffusers-to-keras --model "$W/torch_sd1" --out "$W/torch_sd1_keras"
+$DB convert diffusers-to-keras --model "$S/pipe" --out "$S/keras_back"
+$KERAS reverse 2>&1 | grep -v "^WARNING\|absl\|Using TensorFlow"
+
+step "Keras 3: .weights.h5 in, legacy .h5 out"
+$KERAS3 k3 2>&1 | grep -v "^WARNING\|absl\|Using TensorFlow\|warn"
+$DB convert keras-to-diffusers --unet "$W/k3/unet.weights.h5" --text-encoder "$W/k3/text_encoder.weights.h5" \
+    --vae-encoder "$W/k3/image_encoder.weights.h5" --vae-decoder "$W/k3/decoder.weights.h5" --out "$W/k3/pipe"
+$TORCH same "$S/pipe" "$W/k3/pipe"
+
+echo
+"$P/.venv-torch/bin/python" "$P/report.py" "$W/results.jsonl" "$(( $(date +%s) - start ))"
