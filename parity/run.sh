@@ -36,10 +36,11 @@ TORCH="$P/.venv-torch/bin/python $P/torch_side.py"
 W="$PARITY_WORK"
 rm -rf "$W" && mkdir -p "$W"
 step() { echo; echo "== $*"; }
+quiet() { grep -v "^WARNING\|absl\|Using TensorFlow\|warn" || true; } # TF start-up noise; keeps the exit status of what it filters
 
 step "KerasCV: real SD1 and SD2 models, random weights, saved with save_weights"
-$KERAS make sd1 2>&1 | grep -v "^WARNING\|absl\|Using TensorFlow"
-$KERAS make sd2 2>&1 | grep -v "^WARNING\|absl\|Using TensorFlow"
+$KERAS make sd1 2>&1 | quiet
+$KERAS make sd2 2>&1 | quiet
 
 step "dreambridge: keras -> diffusers"
 S="$W/sd1"
@@ -58,10 +59,10 @@ step "reverse: diffusers -> keras_cv"
 $TORCH make_torch
 $DB convert diffusers-to-keras --model "$W/torch_sd1" --out "$W/torch_sd1_keras"
 $DB convert diffusers-to-keras --model "$S/pipe" --out "$S/keras_back"
-$KERAS reverse 2>&1 | grep -v "^WARNING\|absl\|Using TensorFlow"
+$KERAS reverse 2>&1 | quiet
 
 step "Keras 3: .weights.h5 in, legacy .h5 out"
-$KERAS3 k3 2>&1 | grep -v "^WARNING\|absl\|Using TensorFlow\|warn"
+$KERAS3 k3 2>&1 | quiet
 $DB convert keras-to-diffusers --unet "$W/k3/unet.weights.h5" --text-encoder "$W/k3/text_encoder.weights.h5" \
     --vae-encoder "$W/k3/image_encoder.weights.h5" --vae-decoder "$W/k3/decoder.weights.h5" --out "$W/k3/pipe"
 $TORCH same "$S/pipe" "$W/k3/pipe"

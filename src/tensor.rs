@@ -58,9 +58,9 @@ impl RawTensor {
     /// The values as f32 (exact for every supported dtype).
     pub fn to_f32_values(&self) -> Vec<f32> {
         match self.dtype {
-            DType::F32 => self.data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-            DType::F16 => self.data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            DType::BF16 => self.data.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            DType::F32 => bytemuck::pod_collect_to_vec(&self.data),
+            DType::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(&self.data).iter().map(|v| v.to_f32()).collect(),
+            DType::BF16 => bytemuck::pod_collect_to_vec::<u8, bf16>(&self.data).iter().map(|v| v.to_f32()).collect(),
         }
     }
 
@@ -71,9 +71,9 @@ impl RawTensor {
         }
         let values = self.to_f32_values();
         let data = match dtype {
-            DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            DType::F16 => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
-            DType::BF16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+            DType::F32 => bytemuck::cast_slice(&values).to_vec(),
+            DType::F16 => bytemuck::cast_slice(&values.iter().map(|v| f16::from_f32(*v)).collect::<Vec<_>>()).to_vec(),
+            DType::BF16 => bytemuck::cast_slice(&values.iter().map(|v| bf16::from_f32(*v)).collect::<Vec<_>>()).to_vec(),
         };
         RawTensor { dtype, shape: self.shape, data }
     }

@@ -101,7 +101,11 @@ pub fn keras_to_diffusers(inputs: &KerasInputs, opts: &ToDiffusersOptions) -> Re
         kinds.push(m.plan.table.kind.clone());
     }
     if let Some(m) = &text {
-        write_json(&staging, "text_encoder/config.json", &text_encoder_config(&m.plan)?)?;
+        let mut config = text_encoder_config(&m.plan)?;
+        if opts.half {
+            config["torch_dtype"] = "float16".into();
+        }
+        write_json(&staging, "text_encoder/config.json", &config)?;
         write_weights(&staging, Component::TextEncoder, opts.half, &[m], None, dtype)?;
         written.insert("text_encoder");
         kinds.push(m.plan.table.kind.clone());
@@ -198,8 +202,9 @@ fn write_weights(
         for t in &m.plan.tensors {
             let ctx = || format!("{}: tensor `{}`", m.file.path.display(), t.source);
             let raw = m.file.read(&t.source).with_context(ctx)?;
-            let data = t.spec.op.to_diffusers(&raw.data, &raw.shape, raw.dtype.size()).with_context(ctx)?;
-            let tensor = crate::tensor::RawTensor { dtype: raw.dtype, shape: t.diffusers_shape.clone(), data };
+            let (dtype, elem) = (raw.dtype, raw.dtype.size());
+            let data = t.spec.op.to_diffusers(raw.data, &raw.shape, elem).with_context(ctx)?;
+            let tensor = crate::tensor::RawTensor { dtype, shape: t.diffusers_shape.clone(), data };
             let tensor = tensor.cast(pending[index].dtype);
             writer.write_next(&t.spec.key, &tensor).with_context(ctx)?;
             progress.advance(&t.spec.key, tensor.data.len() as u64);

@@ -83,9 +83,10 @@ fn write_h5(path: &Path, file: &StFile, plan: &Plan) -> Result<()> {
         writer.begin_layer(&layer.keras3_key, &names)?;
         for (t, name) in tensors.iter().zip(&names) {
             let raw = file.read(&t.source)?;
-            let data = t.spec.op.to_keras(&raw.data, &t.diffusers_shape, raw.dtype.size()).with_context(|| format!("tensor `{}`", t.source))?;
-            writer.write(&layer.keras3_key, name, RawTensor { dtype: raw.dtype, shape: t.keras_shape.clone(), data })?;
-            progress.advance(&t.source, raw.data.len() as u64);
+            let (dtype, bytes) = (raw.dtype, raw.data.len() as u64);
+            let data = t.spec.op.to_keras(raw.data, &t.diffusers_shape, dtype.size()).with_context(|| format!("tensor `{}`", t.source))?;
+            writer.write(&layer.keras3_key, name, RawTensor { dtype, shape: t.keras_shape.clone(), data })?;
+            progress.advance(&t.source, bytes);
         }
     }
     writer.finish()?;

@@ -79,20 +79,22 @@ mod tests {
     use super::*;
     use crate::diffusers::st_read::StFile;
 
+    /// Two tensors (f32 and f16) and a writer that announced them in that order.
+    fn announced(path: &Path) -> (RawTensor, RawTensor, StWriter) {
+        let a = RawTensor { dtype: DType::F32, shape: vec![2, 3], data: (0..24).collect() };
+        let b = RawTensor { dtype: DType::F16, shape: vec![3], data: (0..6).collect() };
+        let pending = [("a.weight", &a), ("b", &b)]
+            .iter()
+            .map(|(k, t)| PendingTensor { key: k.to_string(), dtype: t.dtype, shape: t.shape.clone() })
+            .collect();
+        let w = StWriter::create(path, pending).unwrap();
+        (a, b, w)
+    }
+
     #[test]
     fn out_of_order_writes_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("x.safetensors");
-        let a = RawTensor { dtype: DType::F32, shape: vec![2, 3], data: (0..24).collect() };
-        let b = RawTensor { dtype: DType::F16, shape: vec![3], data: (0..6).collect() };
-        let mut w = StWriter::create(
-            &path,
-            vec![
-                PendingTensor { key: "a.weight".into(), dtype: a.dtype, shape: a.shape.clone() },
-                PendingTensor { key: "b".into(), dtype: b.dtype, shape: b.shape.clone() },
-            ],
-        )
-        .unwrap();
+        let (_, b, mut w) = announced(&dir.path().join("x.safetensors"));
         let err = w.write_next("b", &b).unwrap_err().to_string();
         assert!(err.contains("does not match the header entry `a.weight`"), "{err}");
     }
@@ -101,16 +103,7 @@ mod tests {
     fn round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.safetensors");
-        let a = RawTensor { dtype: DType::F32, shape: vec![2, 3], data: (0..24).collect() };
-        let b = RawTensor { dtype: DType::F16, shape: vec![3], data: (0..6).collect() };
-        let mut w = StWriter::create(
-            &path,
-            vec![
-                PendingTensor { key: "a.weight".into(), dtype: a.dtype, shape: a.shape.clone() },
-                PendingTensor { key: "b".into(), dtype: b.dtype, shape: b.shape.clone() },
-            ],
-        )
-        .unwrap();
+        let (a, b, mut w) = announced(&path);
         w.write_next("a.weight", &a).unwrap();
         w.write_next("b", &b).unwrap();
         w.finish().unwrap();

@@ -97,9 +97,10 @@ impl KerasFile {
         let ds = self.file.dataset(path).with_context(|| format!("tensor `{path}`: not found"))?;
         let dtype = float_dtype(&ds, path)?;
         let fail = |e: hdf5::Error| anyhow::anyhow!("tensor `{path}`: cannot read data ({e}); is the file truncated?");
+        // Native (little-endian) element bytes; libhdf5 converts big-endian files on read.
         let data: Vec<u8> = match dtype {
-            DType::F32 => ds.read_raw::<f32>().map_err(fail)?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            _ => ds.read_raw::<half::f16>().map_err(fail)?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F32 => bytemuck::cast_slice(&ds.read_raw::<f32>().map_err(fail)?).to_vec(),
+            _ => bytemuck::cast_slice(&ds.read_raw::<half::f16>().map_err(fail)?).to_vec(),
         };
         Ok(RawTensor { dtype, shape: ds.shape(), data })
     }

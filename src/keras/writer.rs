@@ -39,11 +39,11 @@ impl LegacyWriter {
         let g = self.file.group(group)?;
         let result = match tensor.dtype {
             DType::F32 => {
-                let v: Vec<f32> = tensor.data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                let v: Vec<f32> = bytemuck::pod_collect_to_vec(&tensor.data);
                 g.new_dataset_builder().with_data(&ndarray::ArrayView::from_shape(tensor.shape.clone(), &v)?).create(weight_name)
             }
             _ => {
-                let v: Vec<half::f16> = tensor.data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect();
+                let v: Vec<half::f16> = bytemuck::pod_collect_to_vec(&tensor.data);
                 g.new_dataset_builder().with_data(&ndarray::ArrayView::from_shape(tensor.shape.clone(), &v)?).create(weight_name)
             }
         };

@@ -2,7 +2,6 @@
 //! Permutations move raw elements (2 or 4 bytes), so conversions are bit-exact in both directions.
 
 use anyhow::{bail, ensure, Result};
-use ndarray::{ArrayViewD, IxDyn};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -41,50 +40,67 @@ impl Op {
     }
 
     /// Keras-layout bytes (shape `keras_shape`) to diffusers-layout bytes.
-    pub fn to_diffusers(self, data: &[u8], keras_shape: &[usize], elem: usize) -> Result<Vec<u8>> {
+    pub fn to_diffusers(self, data: Vec<u8>, keras_shape: &[usize], elem: usize) -> Result<Vec<u8>> {
         match self {
-            Op::Copy => Ok(data.to_vec()),
-            Op::Dense => permute(data, keras_shape, &[1, 0], elem),
-            Op::Conv => permute(data, keras_shape, &[3, 2, 0, 1], elem),
+            Op::Copy => Ok(data),
+            Op::Dense => permute(&data, keras_shape, &[1, 0], elem),
+            Op::Conv => permute(&data, keras_shape, &[3, 2, 0, 1], elem),
             Op::Conv1x1Linear => {
                 ensure!(keras_shape.len() == 4 && keras_shape[..2] == [1, 1], "expected a 1x1 kernel, got {keras_shape:?}");
-                permute(data, &keras_shape[2..], &[1, 0], elem)
+                permute(&data, &keras_shape[2..], &[1, 0], elem)
             }
         }
     }
 
     /// Diffusers-layout bytes (shape `diffusers_shape`) to Keras-layout bytes.
-    pub fn to_keras(self, data: &[u8], diffusers_shape: &[usize], elem: usize) -> Result<Vec<u8>> {
+    pub fn to_keras(self, data: Vec<u8>, diffusers_shape: &[usize], elem: usize) -> Result<Vec<u8>> {
         match self {
-            Op::Copy => Ok(data.to_vec()),
-            Op::Dense | Op::Conv1x1Linear => permute(data, diffusers_shape, &[1, 0], elem),
-            Op::Conv => permute(data, diffusers_shape, &[2, 3, 1, 0], elem),
+            Op::Copy => Ok(data),
+            Op::Dense | Op::Conv1x1Linear => permute(&data, diffusers_shape, &[1, 0], elem),
+            Op::Conv => permute(&data, diffusers_shape, &[2, 3, 1, 0], elem),
         }
     }
 }
 
 /// Row-major permutation of an array of `elem`-byte elements: output axis k = input axis perm[k].
+/// Walks the output in order and reads the input by strides, moving whole elements.
 pub fn permute(data: &[u8], shape: &[usize], perm: &[usize], elem: usize) -> Result<Vec<u8>> {
     let count: usize = shape.iter().product();
     ensure!(data.len() == count * elem, "{} bytes do not hold shape {shape:?} of {elem}-byte elements", data.len());
-    ensure!(perm.len() == shape.len(), "permutation {perm:?} does not fit shape {shape:?}");
+    ensure!(perm.len() == shape.len() && !shape.is_empty(), "permutation {perm:?} does not fit shape {shape:?}");
     match elem {
-        2 => Ok(permute_typed(&from_bytes::<2, u16>(data, u16::from_le_bytes), shape, perm, |v| v.to_le_bytes().to_vec())),
-        4 => Ok(permute_typed(&from_bytes::<4, u32>(data, u32::from_le_bytes), shape, perm, |v| v.to_le_bytes().to_vec())),
+        2 => Ok(permute_elems::<2>(data, shape, perm)),
+        4 => Ok(permute_elems::<4>(data, shape, perm)),
         _ => bail!("unsupported element size {elem}"),
     }
 }
 
-fn from_bytes<const N: usize, T>(data: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
-    data.chunks_exact(N).map(|c| f(c.try_into().expect("exact chunk"))).collect()
-}
-
-fn permute_typed<T: Copy>(values: &[T], shape: &[usize], perm: &[usize], to_bytes: fn(T) -> Vec<u8>) -> Vec<u8> {
-    let view = ArrayViewD::from_shape(IxDyn(shape), values).expect("length checked by caller");
-    let permuted = view.permuted_axes(IxDyn(perm));
-    let mut out = Vec::with_capacity(values.len() * std::mem::size_of::<T>());
-    for v in permuted.iter() {
-        out.extend_from_slice(&to_bytes(*v));
+fn permute_elems<const E: usize>(data: &[u8], shape: &[usize], perm: &[usize]) -> Vec<u8> {
+    let mut in_strides = vec![1usize; shape.len()];
+    for d in (0..shape.len() - 1).rev() {
+        in_strides[d] = in_strides[d + 1] * shape[d + 1];
+    }
+    let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    let strides: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+    let (last, inner_stride) = (out_shape.len() - 1, strides[strides.len() - 1]);
+    let mut out = vec![0u8; data.len()];
+    let mut index = vec![0usize; out_shape.len()]; // odometer over the outer output axes
+    let mut base = 0usize; // input element offset of the current output row
+    for row in out.chunks_exact_mut(out_shape[last] * E) {
+        let mut src = base;
+        for dst in row.chunks_exact_mut(E) {
+            dst.copy_from_slice(&data[src * E..src * E + E]);
+            src += inner_stride;
+        }
+        for d in (0..last).rev() {
+            index[d] += 1;
+            base += strides[d];
+            if index[d] < out_shape[d] {
+                break;
+            }
+            base -= strides[d] * out_shape[d];
+            index[d] = 0;
+        }
     }
     out
 }
@@ -101,9 +117,9 @@ mod tests {
     fn dense_transposes() {
         // Keras (in=2, out=3): row i holds the weights from input i.
         let keras = f32_bytes(&[1., 2., 3., 4., 5., 6.]);
-        let torch = Op::Dense.to_diffusers(&keras, &[2, 3], 4).unwrap();
+        let torch = Op::Dense.to_diffusers(keras.clone(), &[2, 3], 4).unwrap();
         assert_eq!(torch, f32_bytes(&[1., 4., 2., 5., 3., 6.]));
-        assert_eq!(Op::Dense.to_keras(&torch, &[3, 2], 4).unwrap(), keras);
+        assert_eq!(Op::Dense.to_keras(torch, &[3, 2], 4).unwrap(), keras);
     }
 
     #[test]
@@ -111,7 +127,7 @@ mod tests {
         let shape = [3usize, 2, 4, 5]; // kh, kw, in, out
         let values: Vec<f32> = (0..120).map(|v| v as f32).collect();
         let keras = f32_bytes(&values);
-        let torch = Op::Conv.to_diffusers(&keras, &shape, 4).unwrap();
+        let torch = Op::Conv.to_diffusers(keras.clone(), &shape, 4).unwrap();
         // torch[o][i][y][x] == keras[y][x][i][o]
         let at = |o: usize, i: usize, y: usize, x: usize| {
             let idx = ((o * 4 + i) * 3 + y) * 2 + x;
@@ -120,17 +136,17 @@ mod tests {
         assert_eq!(at(4, 1, 2, 1), values[((2 * 2 + 1) * 4 + 1) * 5 + 4]);
         let d = Op::Conv.keras_shape(&[5, 4, 3, 2]);
         assert_eq!(d, shape);
-        assert_eq!(Op::Conv.to_keras(&torch, &[5, 4, 3, 2], 4).unwrap(), keras);
+        assert_eq!(Op::Conv.to_keras(torch.clone(), &[5, 4, 3, 2], 4).unwrap(), keras);
     }
 
     #[test]
     fn conv1x1_becomes_linear() {
         let keras = f32_bytes(&[1., 2., 3., 4., 5., 6.]); // (1,1,in=2,out=3)
-        let torch = Op::Conv1x1Linear.to_diffusers(&keras, &[1, 1, 2, 3], 4).unwrap();
+        let torch = Op::Conv1x1Linear.to_diffusers(keras.clone(), &[1, 1, 2, 3], 4).unwrap();
         assert_eq!(torch, f32_bytes(&[1., 4., 2., 5., 3., 6.]));
         assert_eq!(Op::Conv1x1Linear.keras_shape(&[3, 2]), vec![1, 1, 2, 3]);
-        assert_eq!(Op::Conv1x1Linear.to_keras(&torch, &[3, 2], 4).unwrap(), keras);
-        assert!(Op::Conv1x1Linear.to_diffusers(&keras, &[2, 3], 4).is_err());
+        assert_eq!(Op::Conv1x1Linear.to_keras(torch, &[3, 2], 4).unwrap(), keras);
+        assert!(Op::Conv1x1Linear.to_diffusers(keras.clone(), &[2, 3], 4).is_err());
     }
 
     #[test]
@@ -139,5 +155,25 @@ mod tests {
         let out = permute(&data, &[2, 3], &[1, 0], 2).unwrap();
         assert_eq!(out, vec![0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11]);
         assert!(permute(&data, &[2, 2], &[1, 0], 2).is_err());
+    }
+
+    #[test]
+    fn permutation_matches_index_arithmetic_on_odd_shapes() {
+        let shape = [2usize, 3, 5, 7];
+        let perm = [3usize, 1, 0, 2];
+        let data: Vec<u8> = (0..210u32).flat_map(|v| v.to_le_bytes()).collect();
+        let out = permute(&data, &shape, &perm, 4).unwrap();
+        let at = |i: usize| u32::from_le_bytes(out[i * 4..i * 4 + 4].try_into().unwrap());
+        let mut i = 0;
+        for d3 in 0..7 {
+            for d1 in 0..3 {
+                for d0 in 0..2 {
+                    for d2 in 0..5 {
+                        assert_eq!(at(i), (((d0 * 3 + d1) * 5 + d2) * 7 + d3) as u32);
+                        i += 1;
+                    }
+                }
+            }
+        }
     }
 }
