@@ -49,6 +49,7 @@ $DB convert keras-to-diffusers --unet "$S/unet.h5" --text-encoder "$S/text_encod
 $DB convert keras-to-diffusers --unet "$S/unet.h5" --text-encoder "$S/text_encoder.h5" \
     --vae-encoder "$S/image_encoder.h5" --vae-decoder "$S/decoder.h5" --out "$S/pipe16" --half
 $DB convert keras-to-diffusers --unet "$W/sd2/unet.h5" --text-encoder "$W/sd2/text_encoder.h5" --out "$W/sd2/pipe"
+$DB convert keras-to-diffusers --out "$W/sample" # the embedded tiny sample
 
 step "diffusers/transformers: strict loading and forward parity"
 $TORCH check sd1

@@ -90,16 +90,16 @@ def check(version):
 
 
 def pipeline():
-    for folder, kw in (("pipe", {}), ("pipe16", {"variant": "fp16"})):
-        path = os.path.join(WORK, "sd1", folder)
+    for folder, kw in (("sd1/pipe", {}), ("sd1/pipe16", {"variant": "fp16"}), ("sample", {})):
+        path = os.path.join(WORK, folder)
         try:
             pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32, **kw)
             img = pipe("a photo of sks dog", num_inference_steps=2, height=64, width=64, output_type="np",
                        generator=torch.Generator().manual_seed(0)).images
             ok = img.shape == (1, 64, 64, 3) and np.all(np.isfinite(img))
-            record_fact("sd1 from_pretrained + run", f"pipeline {kw.get('variant', 'f32')}", ok, f"2 steps at 64x64, image {img.shape}")
+            record_fact("from_pretrained + run", f"{folder} {kw.get('variant', 'f32')}", ok, f"2 steps at 64x64, image {img.shape}")
         except Exception as e:  # the failure is the result
-            record_fact("sd1 from_pretrained + run", f"pipeline {kw.get('variant', 'f32')}", False, repr(e)[:300])
+            record_fact("from_pretrained + run", f"{folder} {kw.get('variant', 'f32')}", False, repr(e)[:300])
 
 
 def perturb(model, seed):

@@ -108,6 +108,7 @@ fn writes_a_complete_pipeline_folder_with_matching_configs() {
     assert_eq!(unet["cross_attention_dim"], 8);
     assert_eq!(unet["attention_head_dim"], 8);
     assert_eq!(unet["use_linear_projection"], false);
+    assert_eq!(unet["norm_num_groups"], 8, "the fixtures were built with 8 groups; real KerasCV models get 32");
     let text = read("text_encoder/config.json");
     assert_eq!((text["hidden_size"].as_u64(), text["num_hidden_layers"].as_u64(), text["vocab_size"].as_u64()), (Some(8), Some(2), Some(49408)));
     assert_eq!(text["hidden_act"], "quick_gelu");

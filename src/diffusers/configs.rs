@@ -20,6 +20,13 @@ fn base(plan: &Plan) -> Map<String, Value> {
     m
 }
 
+/// KerasCV builds every GroupNormalization with 32 groups; the count is not in the weights, so a
+/// model whose widths are not all multiples of 32 (reduced test models) gets the largest count
+/// that divides them.
+fn norm_groups(widths: &[usize]) -> usize {
+    (1..=32).rev().find(|g| widths.iter().all(|w| w % g == 0)).unwrap_or(1)
+}
+
 pub fn unet_config(plan: &Plan) -> Result<Value> {
     let mut m = base(plan);
     let widths: Vec<usize> = ["c0", "c1", "c2", "c3"].iter().map(|s| sym(plan, s)).collect::<Result<_>>()?;
@@ -28,6 +35,7 @@ pub fn unet_config(plan: &Plan) -> Result<Value> {
     m.insert("in_channels".into(), json!(lat));
     m.insert("out_channels".into(), json!(lat));
     m.insert("block_out_channels".into(), json!(widths));
+    m.insert("norm_num_groups".into(), json!(norm_groups(&widths)));
     m.insert("cross_attention_dim".into(), json!(sym(plan, "ctx")?));
     // diffusers' `attention_head_dim` is (historically) the number of heads.
     let heads = if heads.iter().all(|h| *h == heads[0]) && matches!(plan.table.heads, crate::mapping::Heads::PerBlock(_)) {
@@ -69,8 +77,22 @@ pub fn vae_config(plans: &[&Plan]) -> Result<Value> {
     m.insert("in_channels".into(), json!(sym(first, "img")?));
     m.insert("out_channels".into(), json!(sym(first, "img")?));
     m.insert("latent_channels".into(), json!(sym(first, "z")?));
+    m.insert("norm_num_groups".into(), json!(norm_groups(&widths)));
     m.insert("block_out_channels".into(), json!(widths));
     Ok(Value::Object(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::norm_groups;
+
+    #[test]
+    fn group_count_is_kerascv_s_32_whenever_the_widths_allow() {
+        assert_eq!(norm_groups(&[320, 640, 1280, 1280]), 32);
+        assert_eq!(norm_groups(&[128, 256, 512, 512]), 32);
+        assert_eq!(norm_groups(&[8, 16, 24, 24]), 8);
+        assert_eq!(norm_groups(&[12, 18]), 6);
+    }
 }
 
 /// DDIM with SD's scaled-linear schedule: the sampler KerasCV's `generate_image` implements.
