@@ -9,3 +9,4 @@ pub mod output;
 pub mod progress;
 pub mod inspect;
 pub mod sample;
+pub mod hub;

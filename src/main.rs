@@ -19,6 +19,8 @@ enum Command {
     /// Convert between KerasCV .h5 files and a diffusers pipeline folder.
     #[command(subcommand)]
     Convert(Direction),
+    /// Publish a diffusers pipeline folder to the Hub in one commit (HF_ENDPOINT, HF_TOKEN honoured).
+    Push(PushArgs),
     /// List a .h5 or .safetensors file's tensors and its detected model kind.
     Inspect {
         file: PathBuf,
@@ -47,6 +49,39 @@ enum Direction {
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
         sd_version: Option<u8>,
     },
+}
+
+#[derive(Args)]
+struct PushArgs {
+    /// The pipeline folder to publish.
+    dir: PathBuf,
+    /// Target repository, `namespace/name`.
+    #[arg(long)]
+    repo: String,
+    /// Access token (else HF_TOKEN, else the token file `huggingface-cli login` writes).
+    #[arg(long)]
+    token: Option<String>,
+    /// Create the repository as private.
+    #[arg(long)]
+    private: bool,
+    /// Branch to commit to (created from main when missing).
+    #[arg(long)]
+    revision: Option<String>,
+    /// Folder inside the repository to upload into.
+    #[arg(long)]
+    path_in_repo: Option<String>,
+    /// Commit message.
+    #[arg(long)]
+    commit_message: Option<String>,
+    /// For the model card: the model this one was trained from.
+    #[arg(long)]
+    base_model: Option<String>,
+    /// For the model card: the DreamBooth instance prompt.
+    #[arg(long)]
+    instance_prompt: Option<String>,
+    /// For the model card: license (default creativeml-openrail-m).
+    #[arg(long)]
+    license: Option<String>,
 }
 
 #[derive(Args)]
@@ -85,6 +120,24 @@ struct KerasToDiffusers {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Push(a) => {
+            let card = dreambridge::hub::model_card::CardInfo { repo_id: a.repo.clone(), base_model: a.base_model, instance_prompt: a.instance_prompt, license: a.license };
+            let opts = dreambridge::hub::push::PushOptions {
+                repo: a.repo.clone(),
+                endpoint: None,
+                token: a.token,
+                private: a.private,
+                revision: a.revision,
+                path_in_repo: a.path_in_repo,
+                commit_message: a.commit_message,
+                card,
+            };
+            let done = dreambridge::hub::push::push(&a.dir, &opts)?;
+            println!(
+                "pushed {} as commit {} ({} LFS files sent, {} already stored, {} regular files, {} unchanged)",
+                a.repo, done.commit, done.uploaded_lfs, done.skipped_lfs, done.regular, done.unchanged
+            );
+        }
         Command::Inspect { file, sd_version } => print!("{}", dreambridge::inspect::inspect(&file, sd_version)?),
         Command::Convert(Direction::KerasToDiffusers(a)) => {
             let given = KerasInputs { unet: a.unet, text_encoder: a.text_encoder, vae_encoder: a.vae_encoder, vae_decoder: a.vae_decoder };

@@ -1,0 +1,241 @@
+//! The Hub's HTTP API for publishing: repo creation, preupload, the Git LFS batch API (single and
+//! multipart PUTs, verify) and the NDJSON commit. Transient failures (5xx, 429, connection
+//! errors) are retried with exponential backoff; a multipart upload retries only the failed part.
+
+use super::auth::Token;
+use super::local_files::LocalFile;
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use std::io::{Read, Seek, SeekFrom};
+use std::time::Duration;
+
+pub struct HubClient {
+    pub endpoint: String,
+    token: Token,
+    agent: ureq::Agent,
+    pub max_attempts: u32,
+    pub backoff: Duration,
+}
+
+/// What the server said to do with one file.
+#[derive(Clone, Debug)]
+pub struct UploadMode {
+    pub lfs: bool,
+    /// The id of the file already in the repo at that path, if any.
+    pub remote_oid: Option<String>,
+}
+
+/// One LFS object's instructions from the batch API (`None` actions: already stored).
+#[derive(Clone, Debug)]
+pub struct LfsActions {
+    pub upload: Option<Value>,
+    pub verify: Option<Value>,
+}
+
+enum Failure {
+    Transient(String),
+    Final(anyhow::Error),
+}
+
+impl HubClient {
+    pub fn new(endpoint: &str, token: Token) -> HubClient {
+        let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(30)).timeout_read(Duration::from_secs(300)).build();
+        HubClient { endpoint: endpoint.trim_end_matches('/').to_string(), token, agent, max_attempts: 5, backoff: Duration::from_millis(500) }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.endpoint)
+    }
+
+    /// Runs `call` until it succeeds, fails for good, or runs out of attempts.
+    fn retry<T>(&self, what: &str, mut call: impl FnMut() -> Result<T, ureq::Error>) -> Result<T> {
+        let mut last = String::new();
+        for attempt in 0..self.max_attempts {
+            if attempt > 0 {
+                std::thread::sleep(self.backoff * 2u32.pow(attempt - 1));
+            }
+            match self.classify(call()) {
+                Ok(v) => return Ok(v),
+                Err(Failure::Final(e)) => return Err(e.context(what.to_string())),
+                Err(Failure::Transient(msg)) => last = msg,
+            }
+        }
+        bail!("{what}: failed after {} attempts (last: {last})", self.max_attempts)
+    }
+
+    fn classify<T>(&self, r: Result<T, ureq::Error>) -> Result<T, Failure> {
+        match r {
+            Ok(v) => Ok(v),
+            Err(ureq::Error::Status(code, resp)) => {
+                let message = resp.header("X-Error-Message").map(str::to_string).unwrap_or_else(|| resp.into_string().unwrap_or_default());
+                let message = self.token.redact(&message);
+                match code {
+                    500..=599 | 429 => Err(Failure::Transient(format!("HTTP {code} {message}"))),
+                    401 | 403 => Err(Failure::Final(anyhow!("HTTP {code}: the Hub refused the token ({message})"))),
+                    _ => Err(Failure::Final(anyhow!("HTTP {code}: {message}"))),
+                }
+            }
+            Err(ureq::Error::Transport(t)) => Err(Failure::Transient(self.token.redact(&t.to_string()))),
+        }
+    }
+
+    fn post_json(&self, path_or_url: &str, body: &Value, auth: bool) -> Result<ureq::Response, ureq::Error> {
+        let url = if path_or_url.starts_with("http") { path_or_url.to_string() } else { self.url(path_or_url) };
+        let mut req = self.agent.post(&url);
+        if auth {
+            req = req.set("Authorization", &self.token.bearer());
+        }
+        req.send_json(body.clone())
+    }
+
+    /// Creates the model repo; an existing one is fine.
+    pub fn create_repo(&self, repo_id: &str, private: bool) -> Result<()> {
+        let (org, name) = repo_id.split_once('/').with_context(|| format!("repo id `{repo_id}` must be `namespace/name`"))?;
+        let body = json!({"name": name, "organization": org, "type": "model", "private": private});
+        let r = self.retry("create repo", || match self.post_json("/api/repos/create", &body, true) {
+            Err(ureq::Error::Status(409, _)) => Ok(None),
+            other => other.map(Some),
+        });
+        r.map(|_| ())
+    }
+
+    /// Creates a branch from main; an existing one is fine.
+    pub fn create_branch(&self, repo_id: &str, branch: &str) -> Result<()> {
+        let path = format!("/api/models/{repo_id}/branch/{}", quote(branch));
+        self.retry("create branch", || match self.post_json(&path, &json!({}), true) {
+            Err(ureq::Error::Status(409, _)) => Ok(None),
+            other => other.map(Some),
+        })
+        .map(|_| ())
+    }
+
+    /// Asks which files go through LFS (batches of 256, as the Hub wants).
+    pub fn preupload(&self, repo_id: &str, revision: &str, files: &[LocalFile]) -> Result<Vec<UploadMode>> {
+        use base64::Engine;
+        let mut modes = Vec::new();
+        for chunk in files.chunks(256) {
+            let list: Vec<Value> = chunk
+                .iter()
+                .map(|f| json!({"path": f.path_in_repo, "size": f.size, "sample": base64::engine::general_purpose::STANDARD.encode(&f.sample)}))
+                .collect();
+            let path = format!("/api/models/{repo_id}/preupload/{}", quote(revision));
+            let resp: Value = self.retry("preupload", || self.post_json(&path, &json!({"files": list}), true))?.into_json()?;
+            for f in chunk {
+                let entry = resp["files"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|e| e["path"] == f.path_in_repo.as_str()))
+                    .with_context(|| format!("preupload: no answer for {}", f.path_in_repo))?;
+                let lfs = entry["uploadMode"] == "lfs" && f.size > 0;
+                modes.push(UploadMode { lfs, remote_oid: entry["oid"].as_str().map(str::to_string) });
+            }
+        }
+        Ok(modes)
+    }
+
+    /// The LFS batch API: upload instructions for each object.
+    pub fn lfs_batch(&self, repo_id: &str, revision: &str, files: &[&LocalFile]) -> Result<Vec<LfsActions>> {
+        let mut out = Vec::new();
+        for chunk in files.chunks(100) {
+            let objects: Vec<Value> = chunk.iter().map(|f| json!({"oid": f.sha256, "size": f.size})).collect();
+            let body = json!({"operation": "upload", "transfers": ["basic", "multipart"], "objects": objects, "hash_algo": "sha256", "ref": {"name": revision}});
+            let url = self.url(&format!("/{repo_id}.git/info/lfs/objects/batch"));
+            let resp: Value = self
+                .retry("LFS batch", || {
+                    self.agent
+                        .post(&url)
+                        .set("Authorization", &self.token.bearer())
+                        .set("Accept", "application/vnd.git-lfs+json")
+                        .set("Content-Type", "application/vnd.git-lfs+json")
+                        .send_string(&body.to_string())
+                })?
+                .into_json()?;
+            for f in chunk {
+                let obj = resp["objects"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|o| o["oid"] == f.sha256.as_str()))
+                    .with_context(|| format!("LFS batch: no answer for {}", f.path_in_repo))?;
+                if let Some(err) = obj.get("error") {
+                    bail!("LFS batch refused {}: {err}", f.path_in_repo);
+                }
+                out.push(LfsActions { upload: obj["actions"].get("upload").cloned(), verify: obj["actions"].get("verify").cloned() });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sends one LFS object (single PUT, or multipart when the server gave `chunk_size`), then verifies.
+    pub fn upload_lfs(&self, file: &LocalFile, actions: &LfsActions, on_bytes: &dyn Fn(u64)) -> Result<()> {
+        let Some(upload) = &actions.upload else { return Ok(()) };
+        let href = upload["href"].as_str().context("LFS upload action without href")?;
+        let header = upload.get("header").and_then(Value::as_object).cloned().unwrap_or_default();
+        if let Some(chunk) = header.get("chunk_size").and_then(|c| c.as_str().map(str::to_string).or_else(|| c.as_u64().map(|v| v.to_string()))) {
+            let chunk: u64 = chunk.parse().context("bad chunk_size")?;
+            let parts = file.size.div_ceil(chunk);
+            let mut etags = Vec::new();
+            for n in 1..=parts {
+                let url = header.get(&n.to_string()).and_then(Value::as_str).with_context(|| format!("no URL for part {n}"))?;
+                let (start, len) = ((n - 1) * chunk, chunk.min(file.size - (n - 1) * chunk));
+                let resp = self.retry(&format!("{}: part {n}/{parts}", file.path_in_repo), || self.put_range(url, file, start, len, &[]))?;
+                let etag = resp.header("ETag").context("part upload returned no ETag")?.to_string();
+                etags.push(json!({"partNumber": n, "etag": etag}));
+                on_bytes(len);
+            }
+            let body = json!({"oid": file.sha256, "parts": etags});
+            self.retry(&format!("{}: completing the multipart upload", file.path_in_repo), || {
+                self.agent.post(href).set("Accept", "application/vnd.git-lfs+json").set("Content-Type", "application/vnd.git-lfs+json").send_string(&body.to_string())
+            })?;
+        } else {
+            let extra: Vec<(String, String)> = header.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string()))).collect();
+            self.retry(&file.path_in_repo, || self.put_range(href, file, 0, file.size, &extra))?;
+            on_bytes(file.size);
+        }
+        if let Some(verify) = &actions.verify {
+            let href = verify["href"].as_str().context("verify action without href")?;
+            self.retry(&format!("{}: verify", file.path_in_repo), || self.post_json(href, &json!({"oid": file.sha256, "size": file.size}), true))?;
+        }
+        Ok(())
+    }
+
+    /// PUTs bytes [start, start+len) of the file, streamed from disk. Pre-signed URLs take no token.
+    fn put_range(&self, url: &str, file: &LocalFile, start: u64, len: u64, headers: &[(String, String)]) -> Result<ureq::Response, ureq::Error> {
+        let mut f = std::fs::File::open(&file.abs).map_err(ureq::Error::from)?;
+        f.seek(SeekFrom::Start(start)).map_err(ureq::Error::from)?;
+        let mut req = self.agent.put(url).set("Content-Length", &len.to_string());
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        req.send(f.take(len))
+    }
+
+    /// The commit: NDJSON header line, then `file` (base64, regular) and `lfsFile` lines.
+    pub fn commit(&self, repo_id: &str, revision: &str, message: &str, regular: &[&LocalFile], lfs: &[&LocalFile]) -> Result<String> {
+        use base64::Engine;
+        let mut body = json!({"key": "header", "value": {"summary": message, "description": ""}}).to_string();
+        for f in regular {
+            let content = std::fs::read(&f.abs).with_context(|| f.abs.display().to_string())?;
+            let line = json!({"key": "file", "value": {"path": f.path_in_repo, "encoding": "base64", "content": base64::engine::general_purpose::STANDARD.encode(content)}});
+            body.push('\n');
+            body.push_str(&line.to_string());
+        }
+        for f in lfs {
+            let line = json!({"key": "lfsFile", "value": {"path": f.path_in_repo, "algo": "sha256", "oid": f.sha256, "size": f.size}});
+            body.push('\n');
+            body.push_str(&line.to_string());
+        }
+        let url = self.url(&format!("/api/models/{repo_id}/commit/{}", quote(revision)));
+        let resp: Value = self
+            .retry("commit", || self.agent.post(&url).set("Authorization", &self.token.bearer()).set("Content-Type", "application/x-ndjson").send_string(&body))?
+            .into_json()?;
+        Ok(resp["commitOid"].as_str().unwrap_or_default().to_string())
+    }
+}
+
+/// URL-quotes a revision (branch names may hold `/`).
+fn quote(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

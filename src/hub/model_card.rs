@@ -1,0 +1,81 @@
+//! The model card (README.md) that diffusers' `train_dreambooth.py` writes: YAML front matter with
+//! base_model, library_name, license, instance_prompt, tags and (when images exist) a widget.
+
+/// What the card says about the model.
+#[derive(Clone, Debug, Default)]
+pub struct CardInfo {
+    pub repo_id: String,
+    pub base_model: Option<String>,
+    pub instance_prompt: Option<String>,
+    pub license: Option<String>,
+}
+
+/// JSON string quoting is valid YAML and escapes whatever the user typed.
+fn q(s: &str) -> String {
+    serde_json::to_string(s).expect("string serializes")
+}
+
+/// The card text; `images` are sample image file names in the folder (shown in the widget).
+pub fn model_card(info: &CardInfo, images: &[String]) -> String {
+    let mut y = String::from("---\n");
+    if let Some(b) = &info.base_model {
+        y += &format!("base_model: {}\n", q(b));
+    }
+    y += "library_name: diffusers\n";
+    y += &format!("license: {}\n", q(info.license.as_deref().unwrap_or("creativeml-openrail-m")));
+    y += "inference: true\n";
+    if let Some(p) = &info.instance_prompt {
+        y += &format!("instance_prompt: {}\n", q(p));
+    }
+    y += "tags:\n";
+    for t in ["text-to-image", "dreambooth", "diffusers-training", "stable-diffusion", "stable-diffusion-diffusers", "dreambridge"] {
+        y += &format!("- {t}\n");
+    }
+    if !images.is_empty() {
+        y += "widget:\n";
+        for img in images {
+            y += &format!("- text: {}\n  output:\n    url: {}\n", q(info.instance_prompt.as_deref().unwrap_or("")), q(img));
+        }
+    }
+    y += "---\n\n";
+    y += &format!("# DreamBooth - {}\n\n", info.repo_id);
+    match (&info.base_model, &info.instance_prompt) {
+        (Some(b), Some(p)) => y += &format!("These are DreamBooth weights for {b}, trained on {}.\n", q(p)),
+        (Some(b), None) => y += &format!("Weights derived from {b}.\n"),
+        _ => y += "A Stable Diffusion pipeline in the diffusers layout.\n",
+    }
+    for img in images {
+        y += &format!("\n![]({img})\n");
+    }
+    y += "\n## Usage\n\n```python\nfrom diffusers import StableDiffusionPipeline\n\n";
+    y += &format!("pipe = StableDiffusionPipeline.from_pretrained({})\n```\n", q(&info.repo_id));
+    y += "\nPublished with dreambridge.\n";
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn card_has_the_dreambooth_front_matter() {
+        let info = CardInfo {
+            repo_id: "me/dog".into(),
+            base_model: Some("runwayml/stable-diffusion-v1-5".into()),
+            instance_prompt: Some("a photo of sks \"dog\"".into()),
+            license: None,
+        };
+        let card = model_card(&info, &["image_0.png".into()]);
+        let front = card.split("---\n").nth(1).unwrap();
+        for line in [
+            "base_model: \"runwayml/stable-diffusion-v1-5\"",
+            "library_name: diffusers",
+            "license: \"creativeml-openrail-m\"",
+            "instance_prompt: \"a photo of sks \\\"dog\\\"\"",
+            "- dreambooth",
+            "    url: \"image_0.png\"",
+        ] {
+            assert!(front.contains(line), "missing `{line}` in\n{front}");
+        }
+    }
+}

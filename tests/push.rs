@@ -1,0 +1,213 @@
+//! `dreambridge push` against the loopback Hub emulator (tests/support/hub_emulator.py): the LFS
+//! upload path, skipping what the server has, retries that resume, and failures that leave the
+//! repo untouched. Loopback only.
+
+mod common;
+use common::*;
+use dreambridge::convert::to_diffusers::{keras_to_diffusers, KerasInputs, ToDiffusersOptions};
+use dreambridge::hub::push::{push, PushOptions};
+use serde_json::{json, Value};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+
+const TOKEN: &str = "hf_test_token_123";
+
+/// The emulator on 127.0.0.1 with 256 KiB multipart parts; killed when dropped.
+struct Hub {
+    child: Child,
+    url: String,
+}
+
+impl Hub {
+    fn start() -> Hub {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/hub_emulator.py");
+        let mut child = std::process::Command::new("python3")
+            .arg(script)
+            .args(["--token", TOKEN, "--part-size", "262144"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs the emulator");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        Hub { child, url: format!("http://127.0.0.1:{}", line.trim()) }
+    }
+
+    fn get(&self, path: &str) -> ureq::Response {
+        ureq::get(&format!("{}{path}", self.url)).call().unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    fn json(&self, path: &str) -> Value {
+        self.get(path).into_json().unwrap()
+    }
+
+    fn faults(&self, cfg: Value) {
+        ureq::post(&format!("{}/_test/faults", self.url)).send_json(cfg).unwrap();
+    }
+
+    /// (method, path) of every request so far.
+    fn log(&self) -> Vec<(String, String)> {
+        self.json("/_test/log").as_array().unwrap().iter().map(|e| (e["method"].as_str().unwrap().into(), e["path"].as_str().unwrap().into())).collect()
+    }
+
+    fn count(&self, method: &str, contains: &str) -> usize {
+        self.log().iter().filter(|(m, p)| m == method && p.contains(contains)).count()
+    }
+
+    fn opts(&self, repo: &str) -> PushOptions {
+        PushOptions { repo: repo.into(), endpoint: Some(self.url.clone()), token: Some(TOKEN.into()), ..Default::default() }
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The embedded sample converted to a pipeline folder (its UNet is 1.4 MB: six 256 KiB parts).
+fn pipeline(dir: &Path) -> PathBuf {
+    let out = dir.join("pipe");
+    let inputs = KerasInputs {
+        unet: Some(fixture("unet_sd1.h5")),
+        text_encoder: Some(fixture("text_encoder_sd1.h5")),
+        vae_encoder: Some(fixture("image_encoder.h5")),
+        vae_decoder: Some(fixture("decoder.h5")),
+    };
+    keras_to_diffusers(&inputs, &ToDiffusersOptions { out: out.clone(), ..Default::default() }).unwrap();
+    out
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in walk(dir) {
+        out.push(e.strip_prefix(dir).unwrap().to_string_lossy().to_string());
+    }
+    out.sort();
+    out
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir).unwrap().flatten().flat_map(|e| if e.path().is_dir() { walk(&e.path()) } else { vec![e.path()] }).collect()
+}
+
+#[test]
+fn push_uploads_every_file_byte_for_byte_through_lfs() {
+    let hub = Hub::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = pipeline(dir.path());
+    let mut opts = hub.opts("me/sks-dog");
+    opts.card.instance_prompt = Some("a photo of sks dog".into());
+    let done = push(&pipe, &opts).unwrap();
+    assert_eq!((done.uploaded_lfs, done.skipped_lfs), (3, 0), "three safetensors files go by LFS");
+    assert!(pipe.join("README.md").exists(), "a model card is written when the folder has none");
+    let info = hub.json("/api/models/me/sks-dog/revision/main");
+    assert_eq!(info["sha"], done.commit.as_str());
+    let remote: Vec<String> = info["siblings"].as_array().unwrap().iter().map(|s| s["rfilename"].as_str().unwrap().to_string()).collect();
+    assert_eq!(remote, files_in(&pipe));
+    for f in &remote {
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut hub.get(&format!("/me/sks-dog/resolve/main/{f}")).into_reader(), &mut body).unwrap();
+        assert_eq!(body, std::fs::read(pipe.join(f)).unwrap(), "{f}");
+    }
+    let parts: u64 = ["unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"]
+        .iter()
+        .map(|f| std::fs::metadata(pipe.join(f)).unwrap().len().div_ceil(262144))
+        .sum();
+    assert_eq!(hub.count("PUT", "/part/") as u64, parts, "every weight file is above 256 KiB: multipart, each part once");
+    assert_eq!(hub.count("POST", "/verify"), 3);
+    let tree = hub.json("/api/models/me/sks-dog/tree/main");
+    let unet = tree.as_array().unwrap().iter().find(|e| e["path"] == "unet/diffusion_pytorch_model.safetensors").unwrap();
+    assert!(unet["lfs"]["oid"].is_string(), "weights are LFS files: {unet}");
+    let card = std::fs::read_to_string(pipe.join("README.md")).unwrap();
+    assert!(card.contains("instance_prompt: \"a photo of sks dog\"") && card.contains("- dreambooth"));
+
+    // Pushing again: the objects are on the server already and no byte is re-sent.
+    let puts = hub.count("PUT", "/_lfs/");
+    let again = push(&pipe, &hub.opts("me/sks-dog")).unwrap();
+    assert_eq!(hub.count("PUT", "/_lfs/"), puts);
+    assert_eq!(again.unchanged, remote.len());
+}
+
+#[test]
+fn transient_failures_are_retried_without_resending_finished_parts() {
+    let hub = Hub::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = pipeline(dir.path());
+    hub.faults(json!({"rules": [
+        {"method": "PUT", "path_contains": "/part/2", "action": "status", "status": 500, "count": 1},
+        {"method": "PUT", "path_contains": "/part/4", "action": "drop", "count": 1},
+        {"method": "POST", "path_contains": "/preupload/", "action": "status", "status": 503, "count": 1}
+    ]}));
+    push(&pipe, &hub.opts("me/flaky")).unwrap();
+    let unet_parts: Vec<String> = hub
+        .log()
+        .into_iter()
+        .filter(|(m, p)| m == "PUT" && p.contains("/part/"))
+        .map(|(_, p)| p)
+        .collect();
+    // The first object's parts: 1 once, 2 twice (500), 3 once, 4 twice (dropped), ...
+    let first_oid = unet_parts[0].split('/').nth(2).unwrap().to_string();
+    let of_first: Vec<&String> = unet_parts.iter().filter(|p| p.contains(&first_oid)).collect();
+    let count = |n: &str| of_first.iter().filter(|p| p.ends_with(n)).count();
+    assert_eq!((count("/part/1"), count("/part/2"), count("/part/3"), count("/part/4")), (1, 2, 1, 2), "{of_first:?}");
+    let info = hub.json("/api/models/me/flaky/revision/main");
+    assert_eq!(info["siblings"].as_array().unwrap().len(), files_in(&pipe).len());
+}
+
+#[test]
+fn failed_pushes_leave_the_repo_as_it_was() {
+    let hub = Hub::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = pipeline(dir.path());
+    // The commit keeps failing: every upload happened, but no commit exists.
+    hub.faults(json!({"rules": [{"method": "POST", "path_contains": "/commit/", "action": "status", "status": 500, "count": 99}]}));
+    let err = format!("{:#}", push(&pipe, &hub.opts("me/nocommit")).unwrap_err());
+    assert!(err.contains("commit") && err.contains("attempts"), "{err}");
+    let info = hub.json("/api/models/me/nocommit/revision/main");
+    assert_eq!(info["siblings"].as_array().unwrap().len(), 0, "no partial commit");
+
+    // A refused token fails at once, names the cause, and never shows the token.
+    hub.faults(json!({"refuse_auth": true}));
+    let out = cli()
+        .args(["push", pipe.to_str().unwrap(), "--repo", "me/other", "--token", TOKEN])
+        .env("HF_ENDPOINT", &hub.url)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("refused the token"), "{stderr}");
+    assert!(!stderr.contains(TOKEN) && !String::from_utf8_lossy(&out.stdout).contains(TOKEN));
+}
+
+#[test]
+fn folders_that_from_pretrained_cannot_load_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = pipeline(dir.path());
+    std::fs::remove_file(pipe.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::remove_file(pipe.join("scheduler/scheduler_config.json")).unwrap();
+    let opts = PushOptions { repo: "me/x".into(), endpoint: Some("http://127.0.0.1:9".into()), token: Some(TOKEN.into()), ..Default::default() };
+    let err = format!("{:#}", push(&pipe, &opts).unwrap_err());
+    assert!(err.contains("vae/ weights") && err.contains("scheduler/scheduler_config.json"), "{err}");
+    assert!(!pipe.join("README.md").exists(), "nothing is written before the check passes");
+}
+
+#[test]
+fn the_emulator_refuses_large_binary_files_outside_lfs() {
+    use base64::Engine;
+    let hub = Hub::start();
+    let auth = format!("Bearer {TOKEN}");
+    ureq::post(&format!("{}/api/repos/create", hub.url)).set("Authorization", &auth).send_json(json!({"name": "big", "organization": "me"})).unwrap();
+    let blob = vec![0u8; 1_500_000];
+    let body = format!(
+        "{}\n{}",
+        json!({"key": "header", "value": {"summary": "x"}}),
+        json!({"key": "file", "value": {"path": "w.safetensors", "encoding": "base64", "content": base64::engine::general_purpose::STANDARD.encode(&blob)}})
+    );
+    let r = ureq::post(&format!("{}/api/models/me/big/commit/main", hub.url)).set("Authorization", &auth).set("Content-Type", "application/x-ndjson").send_string(&body);
+    match r {
+        Err(ureq::Error::Status(400, resp)) => assert!(resp.into_string().unwrap().contains("git-lfs")),
+        other => panic!("expected a 400, got {:?}", other.map(|r| r.status())),
+    }
+}
