@@ -21,6 +21,14 @@ enum Command {
     Convert(Direction),
     /// Publish a diffusers pipeline folder to the Hub in one commit (HF_ENDPOINT, HF_TOKEN honoured).
     Push(PushArgs),
+    /// Download a Hub model repo into the Hub cache (Python-compatible) and print its folder.
+    Download {
+        /// Repository id, `namespace/name`.
+        repo: String,
+        /// Branch, tag or commit.
+        #[arg(long)]
+        revision: Option<String>,
+    },
     /// List a .h5 or .safetensors file's tensors and its detected model kind.
     Inspect {
         file: PathBuf,
@@ -98,9 +106,12 @@ struct KerasToDiffusers {
     /// KerasCV Decoder (VAE decoder) weights.
     #[arg(long)]
     vae_decoder: Option<PathBuf>,
-    /// A diffusers pipeline folder supplying the parts not given (tokenizer, scheduler, ...).
+    /// A diffusers pipeline folder, or a Hub repo id, supplying the parts not given (tokenizer, scheduler, ...).
     #[arg(long)]
     base: Option<PathBuf>,
+    /// Publish the result to this Hub repo (`namespace/name`) after converting.
+    #[arg(long, value_name = "REPO")]
+    push_to_hub: Option<String>,
     /// Convert the embedded tiny SD1 sample (the default when no file is given).
     #[arg(long)]
     sample: bool,
@@ -138,6 +149,9 @@ fn run(cli: Cli) -> Result<()> {
                 a.repo, done.commit, done.uploaded_lfs, done.skipped_lfs, done.regular, done.unchanged
             );
         }
+        Command::Download { repo, revision } => {
+            println!("{}", dreambridge::hub::download::snapshot(&repo, revision.as_deref())?.display());
+        }
         Command::Inspect { file, sd_version } => print!("{}", dreambridge::inspect::inspect(&file, sd_version)?),
         Command::Convert(Direction::KerasToDiffusers(a)) => {
             let given = KerasInputs { unet: a.unet, text_encoder: a.text_encoder, vae_encoder: a.vae_encoder, vae_decoder: a.vae_decoder };
@@ -152,11 +166,18 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 given
             };
-            let opts = ToDiffusersOptions { base: a.base, out: a.out, half: a.half, force: a.force, sd_version: a.sd_version };
+            let base = a.base.as_deref().map(dreambridge::hub::download::local_or_hub).transpose()?;
+            let opts = ToDiffusersOptions { base, out: a.out, half: a.half, force: a.force, sd_version: a.sd_version };
             let done = keras_to_diffusers(&inputs, &opts)?;
             println!("converted {} -> {}", done.kinds.join(", "), done.out.display());
             if !done.complete_pipeline {
                 println!("note: not a complete pipeline (no model_index.json); give the missing parts or --base to get one");
+            }
+            if let Some(repo) = a.push_to_hub {
+                let card = dreambridge::hub::model_card::CardInfo { repo_id: repo.clone(), ..Default::default() };
+                let opts = dreambridge::hub::push::PushOptions { repo: repo.clone(), card, ..Default::default() };
+                let pushed = dreambridge::hub::push::push(&done.out, &opts)?;
+                println!("pushed {repo} as commit {}", pushed.commit);
             }
         }
         Command::Convert(Direction::DiffusersToKeras { model, out, force, sd_version }) => {

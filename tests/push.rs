@@ -211,3 +211,28 @@ fn the_emulator_refuses_large_binary_files_outside_lfs() {
         other => panic!("expected a 400, got {:?}", other.map(|r| r.status())),
     }
 }
+
+#[test]
+fn downloads_land_in_the_python_compatible_cache_and_serve_as_base() {
+    let hub = Hub::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = pipeline(dir.path());
+    let pushed = push(&pipe, &hub.opts("me/base")).unwrap();
+    let home = dir.path().join("hf_home");
+    let run = |args: &[&str]| {
+        let out = cli().args(args).env("HF_ENDPOINT", &hub.url).env("HF_HOME", &home).env("HF_TOKEN", TOKEN).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let snapshot = PathBuf::from(run(&["download", "me/base"]).trim());
+    assert_eq!(snapshot, home.join("hub/models--me--base/snapshots").join(&pushed.commit));
+    assert_eq!(std::fs::read_to_string(home.join("hub/models--me--base/refs/main")).unwrap().trim(), pushed.commit);
+    for f in files_in(&pipe) {
+        assert_eq!(std::fs::read(snapshot.join(&f)).unwrap(), std::fs::read(pipe.join(&f)).unwrap(), "{f}");
+    }
+    // A repo id as --base: only the UNet is converted, the rest comes from the Hub.
+    let out = dir.path().join("out");
+    run(&["convert", "keras-to-diffusers", "--unet", fixture("unet_sd1_shifted.h5").to_str().unwrap(), "--base", "me/base", "--out", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(out.join("vae/diffusion_pytorch_model.safetensors")).unwrap(), std::fs::read(pipe.join("vae/diffusion_pytorch_model.safetensors")).unwrap());
+    assert!(out.join("model_index.json").exists());
+}

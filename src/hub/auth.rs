@@ -18,6 +18,11 @@ impl Token {
         format!("Bearer {}", self.0)
     }
 
+    /// The raw value, for clients that take it as a string (never log it).
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+
     /// Replaces the token wherever it appears in `text` (for error messages from servers).
     pub fn redact(&self, text: &str) -> String {
         if self.0.is_empty() {

@@ -109,6 +109,12 @@ impl HubClient {
         .map(|_| ())
     }
 
+    /// Lets the Hub check a model card's YAML before anything is uploaded.
+    pub fn validate_yaml(&self, content: &str) -> Result<()> {
+        let body = json!({"content": content, "repoType": "model"});
+        self.retry("model card (README.md) YAML check", || self.post_json("/api/validate-yaml", &body, true)).map(|_| ())
+    }
+
     /// Asks which files go through LFS (batches of 256, as the Hub wants).
     pub fn preupload(&self, repo_id: &str, revision: &str, files: &[LocalFile]) -> Result<Vec<UploadMode>> {
         use base64::Engine;

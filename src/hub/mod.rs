@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod download;
 pub mod folder_check;
 pub mod local_files;
 pub mod model_card;

@@ -47,6 +47,9 @@ pub fn push(dir: &Path, opts: &PushOptions) -> Result<Pushed> {
     if revision != "main" {
         client.create_branch(&opts.repo, &revision)?;
     }
+    if let Some(card) = files.iter().find(|f| f.path_in_repo.ends_with("README.md")) {
+        client.validate_yaml(&std::fs::read_to_string(&card.abs)?)?;
+    }
     let modes = client.preupload(&opts.repo, &revision, &files)?;
     let mut lfs: Vec<&LocalFile> = Vec::new();
     let mut regular: Vec<&LocalFile> = Vec::new();

@@ -324,10 +324,19 @@ def make_handler(hub):
             sha, files = self.files_at(repo, rev)
             f = files[path]
             data = f["data"] if f["data"] is not None else hub.objects[f["lfs"]]
-            headers = {"ETag": f'"{f["oid"]}"', "X-Repo-Commit": sha}
+            headers = {"ETag": f'"{f["oid"]}"', "X-Repo-Commit": sha, "Accept-Ranges": "bytes"}
             if f["lfs"]:
                 headers.update({"X-Linked-Etag": f'"{f["lfs"]}"', "X-Linked-Size": str(f["size"])})
-            self.send(200, data, headers, content_type="application/octet-stream")
+            status, total = 200, len(data)
+            wanted = self.headers.get("Range", "")
+            if wanted.startswith("bytes=") and total:
+                start, _, end = wanted[6:].partition("-")
+                start = int(start or 0)
+                end = min(int(end) if end else total - 1, total - 1)
+                data = data[start:end + 1]
+                status = 206
+                headers["Content-Range"] = f"bytes {start}-{end}/{total}"
+            self.send(status, data, headers, content_type="application/octet-stream")
 
     return Handler
 
