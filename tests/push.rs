@@ -236,3 +236,29 @@ fn downloads_land_in_the_python_compatible_cache_and_serve_as_base() {
     assert_eq!(std::fs::read(out.join("vae/diffusion_pytorch_model.safetensors")).unwrap(), std::fs::read(pipe.join("vae/diffusion_pytorch_model.safetensors")).unwrap());
     assert!(out.join("model_index.json").exists());
 }
+
+#[test]
+fn branch_subfolder_privacy_existing_card_and_push_after_convert() {
+    let hub = Hub::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = pipeline(dir.path());
+    std::fs::write(pipe.join("README.md"), "---\nlicense: mit\n---\n# mine\n").unwrap();
+    let run = |args: &[&str]| {
+        let out = cli().args(args).env("HF_ENDPOINT", &hub.url).env("HF_TOKEN", TOKEN).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let p = pipe.to_str().unwrap();
+    run(&["push", p, "--repo", "me/priv", "--private", "--revision", "dev", "--path-in-repo", "sd/v1", "--commit-message", "first"]);
+    assert_eq!(std::fs::read_to_string(pipe.join("README.md")).unwrap(), "---\nlicense: mit\n---\n# mine\n", "an existing card is kept");
+    let dev = hub.json("/api/models/me/priv/revision/dev");
+    assert_eq!(dev["private"], true);
+    let names: Vec<&str> = dev["siblings"].as_array().unwrap().iter().map(|s| s["rfilename"].as_str().unwrap()).collect();
+    assert!(names.contains(&"sd/v1/unet/diffusion_pytorch_model.safetensors") && names.contains(&"sd/v1/README.md"), "{names:?}");
+    let main = hub.json("/api/models/me/priv/revision/main");
+    assert_eq!(main["siblings"].as_array().unwrap().len(), 0, "main is untouched by a push to dev");
+
+    let out = dir.path().join("converted");
+    run(&["convert", "keras-to-diffusers", "--out", out.to_str().unwrap(), "--push-to-hub", "me/converted"]);
+    let info = hub.json("/api/models/me/converted/revision/main");
+    assert!(info["siblings"].as_array().unwrap().iter().any(|s| s["rfilename"] == "model_index.json"));
+}
