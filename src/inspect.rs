@@ -47,12 +47,18 @@ fn inspect_safetensors(path: &Path) -> Result<String> {
     let file = StFile::open(path)?;
     let mut out = String::new();
     writeln!(out, "format: safetensors, {} tensors", file.keys().len())?;
-    let matches: Vec<String> = all_tables()?
-        .iter()
-        .filter_map(|t| Plan::for_diffusers(&file, t).ok())
-        .filter(|p| !(p.table.kind == "text-encoder-sd1" && p.table.preferred_for(&p.symbols)) && !(p.table.kind == "text-encoder-sd2" && !p.table.preferred_for(&p.symbols)))
-        .map(|p| describe_plan(&p))
-        .collect();
+    // A VAE file holds two parts (encoder, decoder): every table whose tensors it holds is listed,
+    // but tables over the same tensors (SD1/SD2 text towers) count once, the preferred one.
+    let mut plans: Vec<Plan> = Vec::new();
+    for plan in all_tables()?.iter().filter_map(|t| Plan::for_diffusers(&file, t).ok()) {
+        let keys = |p: &Plan| p.tensors.iter().map(|t| t.source.clone()).collect::<Vec<_>>();
+        match plans.iter_mut().find(|p| keys(p) == keys(&plan)) {
+            Some(existing) if plan.table.preferred_for(&plan.symbols) => *existing = plan,
+            Some(_) => {}
+            None => plans.push(plan),
+        }
+    }
+    let matches: Vec<String> = plans.iter().map(describe_plan).collect();
     if matches.is_empty() {
         writeln!(out, "detected: none (not a KerasCV-convertible diffusers component)")?;
     }

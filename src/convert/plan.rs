@@ -116,10 +116,7 @@ impl Plan {
 
     fn for_keras3(file: &KerasFile, table: &Table) -> Result<Plan> {
         let mut repeats = 0;
-        if table.repeat_symbol().is_some() {
-            let probe = table.expand(1)?;
-            let class = &probe.layers.iter().find(|l| l.keras3_key.starts_with("clip_encoder_layer")).map(|l| l.class.clone());
-            let class = class.as_deref().unwrap_or("clip_encoder_layer");
+        if let Some(class) = table.repeat_class() {
             while file.has_dataset(&format!("layers/{}", if repeats == 0 { class.to_string() } else { format!("{class}_{repeats}") })) {
                 repeats += 1;
             }

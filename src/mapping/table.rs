@@ -302,6 +302,11 @@ impl Table {
         self.rows.iter().find_map(|r| r.repeat.as_deref())
     }
 
+    /// The Keras class of the repeated row (its Keras 3 keys are `class`, `class_1`, ...).
+    pub fn repeat_class(&self) -> Option<&str> {
+        self.rows.iter().find(|r| r.repeat.is_some()).map(|r| r.class.as_str())
+    }
+
     /// Weighted layers that do not repeat.
     pub fn fixed_layer_count(&self) -> usize {
         self.rows.iter().filter(|r| r.repeat.is_none()).count()
