@@ -10,3 +10,4 @@ pub mod progress;
 pub mod inspect;
 pub mod sample;
 pub mod hub;
+pub mod models;

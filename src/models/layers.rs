@@ -1,0 +1,82 @@
+//! Differentiable building blocks. Candle's fused `layer_norm` and `softmax_last_dim` record no
+//! backward and silently cut gradients (shared/docs/candle.md §2.3); these use primitives only.
+//! Weights stay in their Var's dtype (f32 master weights) and are cast to the input's dtype at use,
+//! so the cast itself backpropagates to the master weight.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+/// `y = x W^T + b`, with W `(out, in)` as in torch.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", Init::Uniform { lo: -bound, up: bound })?;
+        let bias = if bias { Some(vb.get_with_hints(out_dim, "bias", Init::Uniform { lo: -bound, up: bound })?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.weight.to_dtype(x.dtype())?;
+        let y = x.broadcast_matmul(&w.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// LayerNorm over the last dimension, computed in f32 from primitives.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm { weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?, bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))?, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32.max_precision(dtype))?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let y = normed.broadcast_mul(&self.weight.to_dtype(normed.dtype())?)?.broadcast_add(&self.bias.to_dtype(normed.dtype())?)?;
+        y.to_dtype(dtype)
+    }
+}
+
+/// Softmax over the last dimension through the generic (differentiable) path, in f32.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    candle_nn::ops::softmax(&x.to_dtype(DType::F32.max_precision(dtype))?, D::Minus1)?.to_dtype(dtype)
+}
+
+/// The wider of two float types (so f64 test models stay f64).
+trait MaxPrecision {
+    fn max_precision(self, other: DType) -> DType;
+}
+
+impl MaxPrecision for DType {
+    fn max_precision(self, other: DType) -> DType {
+        if other == DType::F64 {
+            DType::F64
+        } else {
+            self
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! Differentiable Stable Diffusion models for training (Candle), loading diffusers weights.
+
+pub mod clip;
+pub mod layers;
+pub mod weights;
+
+#[cfg(test)]
+pub mod testing;

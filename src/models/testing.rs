@@ -1,0 +1,43 @@
+//! Gradient checks shared by the model tests.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor};
+use candle_nn::VarMap;
+
+/// Every Var of `varmap` has a finite gradient that is not all zeros; returns how many Vars.
+pub fn assert_every_var_has_a_gradient(varmap: &VarMap, grads: &GradStore) -> usize {
+    let vars = varmap.data().lock().unwrap();
+    for (name, var) in vars.iter() {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("`{name}` got no gradient (the graph is cut)"));
+        let values: Vec<f64> = g.to_dtype(candle_core::DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(values.iter().all(|v| v.is_finite()), "`{name}`: non-finite gradient");
+        assert!(values.iter().any(|v| *v != 0.0), "`{name}`: gradient is all zeros");
+    }
+    vars.len()
+}
+
+/// Central finite differences (f64 model) against backprop on three elements of each named Var.
+pub fn finite_difference_check(varmap: &VarMap, names: &[&str], loss: impl Fn() -> Result<Tensor>) {
+    let grads = loss().unwrap().backward().unwrap();
+    let h = 1e-6;
+    for name in names {
+        let var = varmap.data().lock().unwrap().get(*name).unwrap_or_else(|| panic!("no Var `{name}`")).clone();
+        let analytic: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let original: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let n = original.len();
+        // The largest-gradient element plus two spread ones.
+        let biggest = (0..n).max_by(|a, b| analytic[*a].abs().total_cmp(&analytic[*b].abs())).unwrap();
+        for index in [biggest, n / 3, (2 * n) / 3] {
+            let at = |delta: f64| {
+                let mut v = original.clone();
+                v[index] += delta;
+                var.set(&Tensor::from_vec(v, var.shape(), var.device()).unwrap()).unwrap();
+                loss().unwrap().to_scalar::<f64>().unwrap()
+            };
+            let numeric = (at(h) - at(-h)) / (2.0 * h);
+            var.set(&Tensor::from_vec(original.clone(), var.shape(), var.device()).unwrap()).unwrap();
+            let a = analytic[index];
+            assert!((a - numeric).abs() <= 1e-6 + 1e-4 * a.abs().max(numeric.abs()), "`{name}`[{index}]: backprop {a}, finite difference {numeric}");
+        }
+    }
+}
