@@ -68,6 +68,9 @@ $DB convert keras-to-diffusers --unet "$W/k3/unet.weights.h5" --text-encoder "$W
     --vae-encoder "$W/k3/image_encoder.weights.h5" --vae-decoder "$W/k3/decoder.weights.h5" --out "$W/k3/pipe"
 $TORCH same "$S/pipe" "$W/k3/pipe"
 
+step "Training models (Candle) against diffusers/transformers"
+"$P/.venv-torch/bin/python" "$P/models_parity.py" "$DB"
+
 step "Hub: the loopback emulator against the official huggingface_hub client"
 "$P/.venv-torch/bin/python" "$P/hub_fidelity.py" "$DB"
 

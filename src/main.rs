@@ -29,6 +29,17 @@ enum Command {
         #[arg(long)]
         revision: Option<String>,
     },
+    /// Run a training model (unet, text-encoder) on saved inputs (parity checks).
+    #[command(hide = true)]
+    Forward {
+        component: String,
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// List a .h5 or .safetensors file's tensors and its detected model kind.
     Inspect {
         file: PathBuf,
@@ -149,6 +160,7 @@ fn run(cli: Cli) -> Result<()> {
                 a.repo, done.commit, done.uploaded_lfs, done.skipped_lfs, done.regular, done.unchanged
             );
         }
+        Command::Forward { component, model, inputs, out } => dreambridge::models::forward::run(&component, &model, &inputs, &out)?,
         Command::Download { repo, revision } => {
             println!("{}", dreambridge::hub::download::snapshot(&repo, revision.as_deref())?.display());
         }

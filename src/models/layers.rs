@@ -80,3 +80,75 @@ impl MaxPrecision for DType {
         }
     }
 }
+
+/// GroupNorm over `(B, C, ...)`, computed in f32 from primitives.
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
+        if channels % groups != 0 {
+            candle_core::bail!("GroupNorm: {channels} channels do not split into {groups} groups");
+        }
+        Ok(GroupNorm {
+            weight: vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
+            groups,
+            eps,
+        })
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let x32 = x.to_dtype(DType::F32.max_precision(dtype))?.reshape((b, self.groups, ()))?;
+        let mean = x32.mean_keepdim(D::Minus1)?;
+        let centered = x32.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.reshape(dims.as_slice())?;
+        let mut shape = vec![1, c];
+        shape.resize(dims.len(), 1);
+        let w = self.weight.to_dtype(normed.dtype())?.reshape(shape.as_slice())?;
+        let bias = self.bias.to_dtype(normed.dtype())?.reshape(shape.as_slice())?;
+        normed.broadcast_mul(&w)?.broadcast_add(&bias)?.to_dtype(dtype)
+    }
+}
+
+/// 2-D convolution with torch's `(out, in, k, k)` weight.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    pub fn new(vb: VarBuilder, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Conv2d> {
+        let bound = 1.0 / ((cin * k * k) as f64).sqrt();
+        let init = Init::Uniform { lo: -bound, up: bound };
+        Ok(Conv2d { weight: vb.get_with_hints((cout, cin, k, k), "weight", init)?, bias: vb.get_with_hints(cout, "bias", init)?, stride, padding })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight.to_dtype(x.dtype())?, self.padding, self.stride, 1, 1)?;
+        y.broadcast_add(&self.bias.to_dtype(x.dtype())?.reshape((1, (), 1, 1))?)
+    }
+}
+
+/// Nearest-neighbour 2x upsampling as reshape + broadcast: its backward is a sum, not the
+/// per-channel grouped convolution candle's `upsample_nearest2d` backward runs.
+pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    x.reshape((b, c, h, 1, w, 1))?.broadcast_as((b, c, h, 2, w, 2))?.reshape((b, c, 2 * h, 2 * w))
+}

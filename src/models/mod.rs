@@ -1,7 +1,9 @@
 //! Differentiable Stable Diffusion models for training (Candle), loading diffusers weights.
 
 pub mod clip;
+pub mod forward;
 pub mod layers;
+pub mod unet;
 pub mod weights;
 
 #[cfg(test)]

@@ -1,0 +1,67 @@
+"""Forward parity of dreambridge's training models (Candle) with diffusers/transformers on the same
+random weights: tiny UNets (conv and linear projections, SD1- and SD2-style heads) and CLIP text
+towers (quick_gelu and gelu), saved by the peers' own save_pretrained.
+
+    parity/.venv-torch/bin/python parity/models_parity.py target/release/dreambridge
+"""
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import WORK, record  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+torch.set_grad_enabled(False)
+
+
+def perturb(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def run(db, component, folder, inputs):
+    src, out = os.path.join(folder, "in.safetensors"), os.path.join(folder, "out.safetensors")
+    save_file({k: v.contiguous() for k, v in inputs.items()}, src)
+    subprocess.run([db, "forward", component, "--model", folder, "--inputs", src, "--out", out], check=True)
+    return load_file(out)["out"].numpy()
+
+
+def unet_case(db, name, linear, heads, seed):
+    folder = tempfile.mkdtemp(dir=WORK)
+    unet = perturb(UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[32, 64, 64],
+                                        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                                        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=24,
+                                        attention_head_dim=heads, norm_num_groups=8, use_linear_projection=linear), seed)
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    g = torch.Generator().manual_seed(seed)
+    x = {"sample": torch.randn(2, 4, 16, 16, generator=g), "timesteps": torch.tensor([17.0, 803.0]), "context": torch.randn(2, 7, 24, generator=g)}
+    ref = unet(x["sample"], x["timesteps"], encoder_hidden_states=x["context"]).sample.numpy()
+    record("candle model vs diffusers", name, ref, run(db, "unet", folder, x), 1e-4, "per-sample timesteps 17, 803")
+
+
+def clip_case(db, act, seed):
+    folder = tempfile.mkdtemp(dir=WORK)
+    cfg = CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         max_position_embeddings=77, hidden_act=act, projection_dim=32, bos_token_id=0, eos_token_id=2)
+    text = perturb(CLIPTextModel(cfg), seed)
+    text.save_pretrained(os.path.join(folder, "text_encoder"))
+    ids = torch.tensor([[49406 % 1000, 320, 999, 12, 5] + [7] * 72])
+    ref = text(ids).last_hidden_state.numpy()
+    record("candle model vs transformers", f"text encoder {act}", ref, run(db, "text-encoder", folder, {"input_ids": ids}), 1e-4, "77 tokens")
+
+
+if __name__ == "__main__":
+    db = os.path.abspath(sys.argv[1])
+    unet_case(db, "unet (SD1-style)", False, 8, 1)
+    unet_case(db, "unet (SD2-style)", True, [1, 2, 2], 2)
+    clip_case(db, "quick_gelu", 3)
+    clip_case(db, "gelu", 4)

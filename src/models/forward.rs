@@ -1,0 +1,41 @@
+//! Runs one of our training models on inputs from a safetensors file (parity checks against
+//! diffusers/transformers): `dreambridge forward unet|text-encoder --model DIR --inputs F --out F`.
+
+use super::clip::{ClipTextConfig, ClipTextModel};
+use super::unet::{UNet, UNetConfig};
+use super::weights::load_into;
+use crate::diffusers::layout::{find_weights, Component};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use std::collections::HashMap;
+use std::path::Path;
+
+fn config<T: serde::de::DeserializeOwned>(dir: &Path, component: Component) -> Result<T> {
+    let path = dir.join(component.dir()).join("config.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| path.display().to_string())?).with_context(|| path.display().to_string())
+}
+
+/// Inputs: unet `sample`, `timesteps`, `context`; text-encoder `input_ids`. Output: `out` (f32).
+pub fn run(component: &str, model: &Path, inputs: &Path, out: &Path) -> Result<()> {
+    let dev = Device::Cpu;
+    let x = candle_core::safetensors::load(inputs, &dev).with_context(|| inputs.display().to_string())?;
+    let get = |k: &str| x.get(k).with_context(|| format!("{}: no `{k}`", inputs.display()));
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let result = match component {
+        "unet" => {
+            let net = UNet::new(vb, &config::<UNetConfig>(model, Component::Unet)?)?;
+            load_into(&varmap, &find_weights(model, Component::Unet)?, "")?;
+            net.forward(&get("sample")?.to_dtype(DType::F32)?, &get("timesteps")?.to_dtype(DType::F32)?, get("context")?)?
+        }
+        "text-encoder" => {
+            let net = ClipTextModel::new(vb, &config::<ClipTextConfig>(model, Component::TextEncoder)?)?;
+            load_into(&varmap, &find_weights(model, Component::TextEncoder)?, "text_model.")?;
+            net.forward(&get("input_ids")?.to_dtype(DType::U32)?, DType::F32)?
+        }
+        other => bail!("unknown component `{other}` (unet, text-encoder)"),
+    };
+    candle_core::safetensors::save(&HashMap::from([("out".to_string(), result.to_dtype(DType::F32)?)]), out)?;
+    Ok(())
+}

@@ -1,0 +1,421 @@
+//! diffusers' `UNet2DConditionModel` (SD 1.x / 2.x), differentiable, with per-sample timesteps,
+//! built from `unet/config.json` and loading diffusers keys.
+
+use super::layers::{softmax_last, upsample_nearest_2x, Conv2d, GroupNorm, LayerNorm, Linear};
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+/// The fields of `unet/config.json` the model needs.
+#[derive(Clone, Debug, Deserialize)]
+pub struct UNetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    pub cross_attention_dim: usize,
+    /// Heads per block (diffusers' historical name), one number or one per block.
+    pub attention_head_dim: HeadCount,
+    pub norm_num_groups: usize,
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default = "default_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum HeadCount {
+    Same(usize),
+    PerBlock(Vec<usize>),
+}
+
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl UNetConfig {
+    fn heads(&self, block: usize) -> usize {
+        match &self.attention_head_dim {
+            HeadCount::Same(n) => *n,
+            HeadCount::PerBlock(v) => v[block],
+        }
+    }
+}
+
+/// Sinusoidal embedding of per-sample timesteps `(B,)` -> `(B, dim)`, as diffusers' `Timesteps`.
+pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, shift: f64) -> Result<Tensor> {
+    let half = dim / 2;
+    let exponent: Vec<f32> = (0..half).map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - shift)).exp() as f32).collect();
+    let freqs = Tensor::from_vec(exponent, (1, half), t.device())?;
+    let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], 1)
+    } else {
+        Tensor::cat(&[sin, cos], 1)
+    }
+}
+
+struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+}
+
+impl ResnetBlock {
+    fn new(vb: VarBuilder, c: &UNetConfig, cin: usize, cout: usize) -> Result<ResnetBlock> {
+        let temb = c.block_out_channels[0] * 4;
+        Ok(ResnetBlock {
+            norm1: GroupNorm::new(vb.pp("norm1"), c.norm_num_groups, cin, c.norm_eps)?,
+            conv1: Conv2d::new(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
+            time_emb_proj: Linear::new(vb.pp("time_emb_proj"), temb, cout, true)?,
+            norm2: GroupNorm::new(vb.pp("norm2"), c.norm_num_groups, cout, c.norm_eps)?,
+            conv2: Conv2d::new(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
+            conv_shortcut: if cin != cout { Some(Conv2d::new(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?) } else { None },
+        })
+    }
+
+    fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let t = self.time_emb_proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let skip = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x)?,
+            None => x.clone(),
+        };
+        skip + h
+    }
+}
+
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn new(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> Result<Attention> {
+        Ok(Attention {
+            to_q: Linear::new(vb.pp("to_q"), dim, dim, false)?,
+            to_k: Linear::new(vb.pp("to_k"), context_dim, dim, false)?,
+            to_v: Linear::new(vb.pp("to_v"), context_dim, dim, false)?,
+            to_out: Linear::new(vb.pp("to_out").pp(0), dim, dim, true)?,
+            heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let hd = d / self.heads;
+        let split = |t: Tensor| -> Result<Tensor> {
+            let len = t.dim(1)?;
+            t.reshape((b, len, self.heads, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = split(self.to_q.forward(x)?)?;
+        let k = split(self.to_k.forward(context)?)?;
+        let v = split(self.to_v.forward(context)?)?;
+        let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
+        let out = softmax_last(&scores)?.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        self.to_out.forward(&out)
+    }
+}
+
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff_proj: Linear,
+    ff_out: Linear,
+}
+
+impl TransformerBlock {
+    fn new(vb: VarBuilder, dim: usize, ctx: usize, heads: usize) -> Result<TransformerBlock> {
+        Ok(TransformerBlock {
+            norm1: LayerNorm::new(vb.pp("norm1"), dim, 1e-5)?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads)?,
+            norm2: LayerNorm::new(vb.pp("norm2"), dim, 1e-5)?,
+            attn2: Attention::new(vb.pp("attn2"), dim, ctx, heads)?,
+            norm3: LayerNorm::new(vb.pp("norm3"), dim, 1e-5)?,
+            ff_proj: Linear::new(vb.pp("ff").pp("net").pp(0).pp("proj"), dim, dim * 8, true)?,
+            ff_out: Linear::new(vb.pp("ff").pp("net").pp(2), dim * 4, dim, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let h = self.norm1.forward(x)?;
+        let x = (x + self.attn1.forward(&h, &h)?)?;
+        let x = (&x + self.attn2.forward(&self.norm2.forward(&x)?, context)?)?;
+        let proj = self.ff_proj.forward(&self.norm3.forward(&x)?)?;
+        let half = proj.dim(D::Minus1)? / 2;
+        // GEGLU as diffusers: value * gelu(gate), exact (erf) GELU.
+        let gated = (proj.narrow(D::Minus1, 0, half)? * proj.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+        x + self.ff_out.forward(&gated)?
+    }
+}
+
+/// `Transformer2DModel`: GroupNorm, projection in, one transformer block, projection out, residual.
+struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Projection,
+    block: TransformerBlock,
+    proj_out: Projection,
+}
+
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+impl SpatialTransformer {
+    fn new(vb: VarBuilder, c: &UNetConfig, dim: usize, heads: usize) -> Result<SpatialTransformer> {
+        let proj = |name: &str| -> Result<Projection> {
+            Ok(if c.use_linear_projection {
+                Projection::Linear(Linear::new(vb.pp(name), dim, dim, true)?)
+            } else {
+                Projection::Conv(Conv2d::new(vb.pp(name), dim, dim, 1, 1, 0)?)
+            })
+        };
+        Ok(SpatialTransformer {
+            norm: GroupNorm::new(vb.pp("norm"), c.norm_num_groups, dim, 1e-6)?,
+            proj_in: proj("proj_in")?,
+            block: TransformerBlock::new(vb.pp("transformer_blocks").pp(0), dim, c.cross_attention_dim, heads)?,
+            proj_out: proj("proj_out")?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let to_tokens = |t: Tensor| t.reshape((b, c, h * w))?.transpose(1, 2);
+        let to_map = |t: Tensor| t.transpose(1, 2)?.reshape((b, c, h, w));
+        let n = self.norm.forward(x)?;
+        let tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(conv.forward(&n)?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(n)?)?,
+        };
+        let tokens = self.block.forward(&tokens, context)?;
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_map(tokens)?)?,
+            Projection::Linear(lin) => to_map(lin.forward(&tokens)?)?,
+        };
+        out + x
+    }
+}
+
+/// One down or up block: resnets, optional cross-attention after each, optional resampler.
+struct Block {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<SpatialTransformer>,
+    resample: Option<Conv2d>,
+}
+
+pub struct UNet {
+    config: UNetConfig,
+    conv_in: Conv2d,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    down: Vec<Block>,
+    mid_resnets: Vec<ResnetBlock>,
+    mid_attention: SpatialTransformer,
+    up: Vec<Block>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl UNet {
+    pub fn new(vb: VarBuilder, c: &UNetConfig) -> Result<UNet> {
+        let ch = &c.block_out_channels;
+        let n = ch.len();
+        let cross = |t: &str| t.starts_with("CrossAttn");
+        let mut down = Vec::new();
+        let mut cin = ch[0];
+        for (i, kind) in c.down_block_types.iter().enumerate() {
+            let vb = vb.pp("down_blocks").pp(i);
+            let mut block = Block { resnets: Vec::new(), attentions: Vec::new(), resample: None };
+            for j in 0..c.layers_per_block {
+                block.resnets.push(ResnetBlock::new(vb.pp("resnets").pp(j), c, if j == 0 { cin } else { ch[i] }, ch[i])?);
+                if cross(kind) {
+                    block.attentions.push(SpatialTransformer::new(vb.pp("attentions").pp(j), c, ch[i], c.heads(i))?);
+                }
+            }
+            if i + 1 < n {
+                block.resample = Some(Conv2d::new(vb.pp("downsamplers").pp(0).pp("conv"), ch[i], ch[i], 3, 2, 1)?);
+            }
+            down.push(block);
+            cin = ch[i];
+        }
+        let mid = vb.pp("mid_block");
+        let mid_resnets = vec![ResnetBlock::new(mid.pp("resnets").pp(0), c, ch[n - 1], ch[n - 1])?, ResnetBlock::new(mid.pp("resnets").pp(1), c, ch[n - 1], ch[n - 1])?];
+        let mid_attention = SpatialTransformer::new(mid.pp("attentions").pp(0), c, ch[n - 1], c.heads(n - 1))?;
+        let mut up = Vec::new();
+        let mut out_ch = ch[n - 1];
+        for (i, kind) in c.up_block_types.iter().enumerate() {
+            let vb = vb.pp("up_blocks").pp(i);
+            let prev = out_ch;
+            out_ch = ch[n - 1 - i];
+            let input = ch[n - 1 - (i + 1).min(n - 1)];
+            let mut block = Block { resnets: Vec::new(), attentions: Vec::new(), resample: None };
+            let layers = c.layers_per_block + 1;
+            for j in 0..layers {
+                let skip = if j == layers - 1 { input } else { out_ch };
+                let rin = if j == 0 { prev } else { out_ch };
+                block.resnets.push(ResnetBlock::new(vb.pp("resnets").pp(j), c, rin + skip, out_ch)?);
+                if cross(kind) {
+                    block.attentions.push(SpatialTransformer::new(vb.pp("attentions").pp(j), c, out_ch, c.heads(n - 1 - i))?);
+                }
+            }
+            if i + 1 < n {
+                block.resample = Some(Conv2d::new(vb.pp("upsamplers").pp(0).pp("conv"), out_ch, out_ch, 3, 1, 1)?);
+            }
+            up.push(block);
+        }
+        Ok(UNet {
+            conv_in: Conv2d::new(vb.pp("conv_in"), c.in_channels, ch[0], 3, 1, 1)?,
+            time_linear_1: Linear::new(vb.pp("time_embedding").pp("linear_1"), ch[0], ch[0] * 4, true)?,
+            time_linear_2: Linear::new(vb.pp("time_embedding").pp("linear_2"), ch[0] * 4, ch[0] * 4, true)?,
+            down,
+            mid_resnets,
+            mid_attention,
+            up,
+            conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), c.norm_num_groups, ch[0], c.norm_eps)?,
+            conv_out: Conv2d::new(vb.pp("conv_out"), ch[0], c.out_channels, 3, 1, 1)?,
+            config: c.clone(),
+        })
+    }
+
+    /// Predicts noise (or v) for latents `(B, C, H, W)` at per-sample `timesteps` `(B,)`, with text
+    /// context `(B, L, ctx)`, computing in `sample`'s dtype.
+    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let dtype = sample.dtype();
+        let c = &self.config;
+        let t = timestep_embedding(timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)?.to_dtype(dtype)?;
+        let temb = self.time_linear_2.forward(&self.time_linear_1.forward(&t)?.silu()?)?;
+        let context = context.to_dtype(dtype)?;
+        let mut x = self.conv_in.forward(sample)?;
+        let mut skips = vec![x.clone()];
+        for block in &self.down {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                x = resnet.forward(&x, &temb)?;
+                if let Some(attn) = block.attentions.get(j) {
+                    x = attn.forward(&x, &context)?;
+                }
+                skips.push(x.clone());
+            }
+            if let Some(conv) = &block.resample {
+                x = conv.forward(&x)?;
+                skips.push(x.clone());
+            }
+        }
+        x = self.mid_resnets[0].forward(&x, &temb)?;
+        x = self.mid_attention.forward(&x, &context)?;
+        x = self.mid_resnets[1].forward(&x, &temb)?;
+        for block in &self.up {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips.pop().expect("one skip per up resnet");
+                x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, &temb)?;
+                if let Some(attn) = block.attentions.get(j) {
+                    x = attn.forward(&x, &context)?;
+                }
+            }
+            if let Some(conv) = &block.resample {
+                x = conv.forward(&upsample_nearest_2x(&x)?)?;
+            }
+        }
+        self.conv_out.forward(&self.conv_norm_out.forward(&x)?.silu()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::testing::{assert_every_var_has_a_gradient, finite_difference_check};
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    pub(crate) fn tiny(linear: bool) -> UNetConfig {
+        serde_json::from_value(serde_json::json!({
+            "in_channels": 4, "out_channels": 4, "block_out_channels": [8, 16], "layers_per_block": 1,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 12, "attention_head_dim": 2, "norm_num_groups": 4, "use_linear_projection": linear
+        }))
+        .unwrap()
+    }
+
+    fn inputs(dtype: DType) -> (Tensor, Tensor, Tensor) {
+        let dev = Device::Cpu;
+        let n = |shape: &[usize], seed: f64| {
+            let count: usize = shape.iter().product();
+            let v: Vec<f64> = (0..count).map(|i| ((i as f64 + seed) * 0.7).sin()).collect();
+            Tensor::from_vec(v, shape, &dev).unwrap().to_dtype(dtype).unwrap()
+        };
+        (n(&[2, 4, 8, 8], 0.0), Tensor::new(&[10f32, 900.0], &dev).unwrap(), n(&[2, 5, 12], 3.0))
+    }
+
+    fn loss(model: &UNet, dtype: DType) -> Result<Tensor> {
+        let (x, t, ctx) = inputs(dtype);
+        let out = model.forward(&x, &t, &ctx)?;
+        let w = Tensor::arange(0f32, out.elem_count() as f32, &Device::Cpu)?.reshape(out.shape())?.to_dtype(dtype)?;
+        (&out * (w * 0.013)?.cos()?)?.sum_all()? + out.sqr()?.sum_all()?
+    }
+
+    #[test]
+    fn every_parameter_gets_a_gradient() {
+        for linear in [false, true] {
+            let varmap = VarMap::new();
+            let model = UNet::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &tiny(linear)).unwrap();
+            let grads = loss(&model, DType::F32).unwrap().backward().unwrap();
+            assert!(assert_every_var_has_a_gradient(&varmap, &grads) > 100);
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let varmap = VarMap::new();
+        let model = UNet::new(VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu), &tiny(false)).unwrap();
+        let names = [
+            "conv_in.weight",
+            "time_embedding.linear_1.weight",
+            "down_blocks.0.resnets.0.norm1.weight",
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+            "down_blocks.0.attentions.0.transformer_blocks.0.norm3.bias",
+            "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj.weight",
+            "mid_block.attentions.0.proj_in.weight",
+            "up_blocks.0.upsamplers.0.conv.weight",
+            "up_blocks.1.resnets.1.conv_shortcut.weight",
+            "conv_out.bias",
+        ];
+        finite_difference_check(&varmap, &names, || loss(&model, DType::F64));
+    }
+
+    #[test]
+    fn timesteps_are_per_sample() {
+        let varmap = VarMap::new();
+        let model = UNet::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &tiny(true)).unwrap();
+        let (x, t, ctx) = inputs(DType::F32);
+        let both = model.forward(&x, &t, &ctx).unwrap();
+        for i in 0..2 {
+            let one = model.forward(&x.narrow(0, i, 1).unwrap(), &t.narrow(0, i, 1).unwrap(), &ctx.narrow(0, i, 1).unwrap()).unwrap();
+            let diff = (both.narrow(0, i, 1).unwrap() - one).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "sample {i}: {diff}");
+        }
+    }
+}
