@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import WORK, record  # noqa: E402
-from diffusers import UNet2DConditionModel  # noqa: E402
+from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 torch.set_grad_enabled(False)
@@ -59,9 +59,21 @@ def clip_case(db, act, seed):
     record("candle model vs transformers", f"text encoder {act}", ref, run(db, "text-encoder", folder, {"input_ids": ids}), 1e-4, "77 tokens")
 
 
+def vae_case(db, seed):
+    folder = tempfile.mkdtemp(dir=WORK)
+    vae = perturb(AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                                block_out_channels=[16, 32, 32], layers_per_block=2, latent_channels=4, norm_num_groups=8), seed)
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    g = torch.Generator().manual_seed(seed)
+    image, latents = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.randn(2, 4, 8, 8, generator=g)
+    record("candle model vs diffusers", "vae encode (mean)", vae.encode(image).latent_dist.mean.numpy(), run(db, "vae-encode", folder, {"image": image}), 1e-4)
+    record("candle model vs diffusers", "vae decode", vae.decode(latents).sample.numpy(), run(db, "vae-decode", folder, {"latents": latents}), 1e-4)
+
+
 if __name__ == "__main__":
     db = os.path.abspath(sys.argv[1])
     unet_case(db, "unet (SD1-style)", False, 8, 1)
     unet_case(db, "unet (SD2-style)", True, [1, 2, 2], 2)
     clip_case(db, "quick_gelu", 3)
     clip_case(db, "gelu", 4)
+    vae_case(db, 5)

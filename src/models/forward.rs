@@ -3,6 +3,7 @@
 
 use super::clip::{ClipTextConfig, ClipTextModel};
 use super::unet::{UNet, UNetConfig};
+use super::vae::{Vae, VaeConfig};
 use super::weights::load_into;
 use crate::diffusers::layout::{find_weights, Component};
 use anyhow::{bail, Context, Result};
@@ -16,7 +17,8 @@ fn config<T: serde::de::DeserializeOwned>(dir: &Path, component: Component) -> R
     serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| path.display().to_string())?).with_context(|| path.display().to_string())
 }
 
-/// Inputs: unet `sample`, `timesteps`, `context`; text-encoder `input_ids`. Output: `out` (f32).
+/// Inputs: unet `sample`, `timesteps`, `context`; text-encoder `input_ids`; vae-encode `image`
+/// (output: latent mean); vae-decode `latents`. Output: `out` (f32).
 pub fn run(component: &str, model: &Path, inputs: &Path, out: &Path) -> Result<()> {
     let dev = Device::Cpu;
     let x = candle_core::safetensors::load(inputs, &dev).with_context(|| inputs.display().to_string())?;
@@ -34,7 +36,16 @@ pub fn run(component: &str, model: &Path, inputs: &Path, out: &Path) -> Result<(
             load_into(&varmap, &find_weights(model, Component::TextEncoder)?, "text_model.")?;
             net.forward(&get("input_ids")?.to_dtype(DType::U32)?, DType::F32)?
         }
-        other => bail!("unknown component `{other}` (unet, text-encoder)"),
+        "vae-encode" | "vae-decode" => {
+            let net = Vae::new(vb, &config::<VaeConfig>(model, Component::Vae)?)?;
+            load_into(&varmap, &find_weights(model, Component::Vae)?, "")?;
+            if component == "vae-encode" {
+                net.encode(&get("image")?.to_dtype(DType::F32)?)?.0
+            } else {
+                net.decode(&get("latents")?.to_dtype(DType::F32)?)?
+            }
+        }
+        other => bail!("unknown component `{other}` (unet, text-encoder, vae-encode, vae-decode)"),
     };
     candle_core::safetensors::save(&HashMap::from([("out".to_string(), result.to_dtype(DType::F32)?)]), out)?;
     Ok(())

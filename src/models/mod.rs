@@ -3,7 +3,9 @@
 pub mod clip;
 pub mod forward;
 pub mod layers;
+pub mod resnet;
 pub mod unet;
+pub mod vae;
 pub mod weights;
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! built from `unet/config.json` and loading diffusers keys.
 
 use super::layers::{softmax_last, upsample_nearest_2x, Conv2d, GroupNorm, LayerNorm, Linear};
+use super::resnet::ResnetBlock;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
@@ -64,41 +65,6 @@ pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, shift: 
         Tensor::cat(&[cos, sin], 1)
     } else {
         Tensor::cat(&[sin, cos], 1)
-    }
-}
-
-struct ResnetBlock {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    time_emb_proj: Linear,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    conv_shortcut: Option<Conv2d>,
-}
-
-impl ResnetBlock {
-    fn new(vb: VarBuilder, c: &UNetConfig, cin: usize, cout: usize) -> Result<ResnetBlock> {
-        let temb = c.block_out_channels[0] * 4;
-        Ok(ResnetBlock {
-            norm1: GroupNorm::new(vb.pp("norm1"), c.norm_num_groups, cin, c.norm_eps)?,
-            conv1: Conv2d::new(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
-            time_emb_proj: Linear::new(vb.pp("time_emb_proj"), temb, cout, true)?,
-            norm2: GroupNorm::new(vb.pp("norm2"), c.norm_num_groups, cout, c.norm_eps)?,
-            conv2: Conv2d::new(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
-            conv_shortcut: if cin != cout { Some(Conv2d::new(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?) } else { None },
-        })
-    }
-
-    fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let t = self.time_emb_proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
-        let skip = match &self.conv_shortcut {
-            Some(conv) => conv.forward(x)?,
-            None => x.clone(),
-        };
-        skip + h
     }
 }
 
@@ -251,7 +217,7 @@ impl UNet {
             let vb = vb.pp("down_blocks").pp(i);
             let mut block = Block { resnets: Vec::new(), attentions: Vec::new(), resample: None };
             for j in 0..c.layers_per_block {
-                block.resnets.push(ResnetBlock::new(vb.pp("resnets").pp(j), c, if j == 0 { cin } else { ch[i] }, ch[i])?);
+                block.resnets.push(ResnetBlock::new(vb.pp("resnets").pp(j), c.norm_num_groups, c.norm_eps, if j == 0 { cin } else { ch[i] }, ch[i], Some(ch[0] * 4))?);
                 if cross(kind) {
                     block.attentions.push(SpatialTransformer::new(vb.pp("attentions").pp(j), c, ch[i], c.heads(i))?);
                 }
@@ -263,7 +229,8 @@ impl UNet {
             cin = ch[i];
         }
         let mid = vb.pp("mid_block");
-        let mid_resnets = vec![ResnetBlock::new(mid.pp("resnets").pp(0), c, ch[n - 1], ch[n - 1])?, ResnetBlock::new(mid.pp("resnets").pp(1), c, ch[n - 1], ch[n - 1])?];
+        let mid_res = |j: usize| ResnetBlock::new(mid.pp("resnets").pp(j), c.norm_num_groups, c.norm_eps, ch[n - 1], ch[n - 1], Some(ch[0] * 4));
+        let mid_resnets = vec![mid_res(0)?, mid_res(1)?];
         let mid_attention = SpatialTransformer::new(mid.pp("attentions").pp(0), c, ch[n - 1], c.heads(n - 1))?;
         let mut up = Vec::new();
         let mut out_ch = ch[n - 1];
@@ -277,7 +244,7 @@ impl UNet {
             for j in 0..layers {
                 let skip = if j == layers - 1 { input } else { out_ch };
                 let rin = if j == 0 { prev } else { out_ch };
-                block.resnets.push(ResnetBlock::new(vb.pp("resnets").pp(j), c, rin + skip, out_ch)?);
+                block.resnets.push(ResnetBlock::new(vb.pp("resnets").pp(j), c.norm_num_groups, c.norm_eps, rin + skip, out_ch, Some(ch[0] * 4))?);
                 if cross(kind) {
                     block.attentions.push(SpatialTransformer::new(vb.pp("attentions").pp(j), c, out_ch, c.heads(n - 1 - i))?);
                 }
@@ -313,7 +280,7 @@ impl UNet {
         let mut skips = vec![x.clone()];
         for block in &self.down {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                x = resnet.forward(&x, &temb)?;
+                x = resnet.forward(&x, Some(&temb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     x = attn.forward(&x, &context)?;
                 }
@@ -324,13 +291,13 @@ impl UNet {
                 skips.push(x.clone());
             }
         }
-        x = self.mid_resnets[0].forward(&x, &temb)?;
+        x = self.mid_resnets[0].forward(&x, Some(&temb))?;
         x = self.mid_attention.forward(&x, &context)?;
-        x = self.mid_resnets[1].forward(&x, &temb)?;
+        x = self.mid_resnets[1].forward(&x, Some(&temb))?;
         for block in &self.up {
             for (j, resnet) in block.resnets.iter().enumerate() {
                 let skip = skips.pop().expect("one skip per up resnet");
-                x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, &temb)?;
+                x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, Some(&temb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     x = attn.forward(&x, &context)?;
                 }
