@@ -11,3 +11,4 @@ pub mod inspect;
 pub mod sample;
 pub mod hub;
 pub mod models;
+pub mod train;
