@@ -1,7 +1,10 @@
 //! DreamBooth training pieces: noise schedule, optimiser, loss.
 
+pub mod checkpoint;
 pub mod data;
 pub mod loss;
 pub mod optim;
 pub mod prompt;
+pub mod rng;
 pub mod schedule;
+pub mod trainer;

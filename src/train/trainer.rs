@@ -1,0 +1,249 @@
+//! The training loop over cached latent distributions and text embeddings: per-sample timesteps,
+//! noise (and offset noise) from the checkpointed RNG, DreamBooth loss, gradient accumulation,
+//! global grad-norm clipping, the LR schedule, AdamW, and checkpoints that resume exactly.
+
+use super::checkpoint::{self, TrainState};
+use super::loss::{dreambooth_loss, LossConfig};
+use super::optim::{clip_grad_norm, AdamW, AdamWParams, LrSchedule};
+use super::rng::TrainRng;
+use super::schedule::NoiseSchedule;
+use crate::models::unet::UNet;
+use anyhow::Result;
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use candle_nn::VarMap;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// One training image: its cached latent distribution (already × scaling factor) and prompt embedding.
+#[derive(Clone)]
+pub struct Example {
+    pub latent_mean: Tensor,
+    pub latent_std: Tensor,
+    pub context: Tensor,
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub max_train_steps: usize,
+    pub train_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub learning_rate: f64,
+    pub lr_scheduler: LrSchedule,
+    pub lr_warmup_steps: usize,
+    pub max_grad_norm: f64,
+    pub adam: AdamWParams,
+    pub loss: LossConfig,
+    pub noise_offset: f64,
+    pub checkpointing_steps: Option<usize>,
+    pub checkpoints_total_limit: Option<usize>,
+    pub checkpoint_dir: PathBuf,
+    pub seed: u64,
+}
+
+pub struct Trainer<'a> {
+    pub unet: &'a UNet,
+    pub varmap: &'a VarMap,
+    pub schedule: &'a NoiseSchedule,
+    pub config: TrainConfig,
+    pub optimizer: AdamW,
+    pub rng: TrainRng,
+    pub step: usize,
+}
+
+impl<'a> Trainer<'a> {
+    pub fn new(unet: &'a UNet, varmap: &'a VarMap, schedule: &'a NoiseSchedule, config: TrainConfig) -> Result<Trainer<'a>> {
+        let vars: Vec<(String, Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let optimizer = AdamW::new(vars, config.adam)?;
+        let rng = TrainRng::new(config.seed);
+        Ok(Trainer { unet, varmap, schedule, config, optimizer, rng, step: 0 })
+    }
+
+    /// Continues from a checkpoint (`latest` or a folder).
+    pub fn resume(&mut self, spec: &str) -> Result<()> {
+        let (weights, optimizer, state) = checkpoint::load(&self.config.checkpoint_dir, spec)?;
+        for (name, var) in self.varmap.data().lock().unwrap().iter() {
+            let t = weights.get(name).ok_or_else(|| anyhow::anyhow!("checkpoint lacks `{name}`"))?;
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        self.optimizer.load_state(&optimizer, state.step)?;
+        self.rng.state = state.rng_state;
+        self.step = state.step;
+        Ok(())
+    }
+
+    fn save_checkpoint(&self) -> Result<PathBuf> {
+        let weights: HashMap<String, Tensor> = self.varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        let state = TrainState { step: self.step, rng_state: self.rng.state };
+        checkpoint::save(&self.config.checkpoint_dir, &weights, &self.optimizer.state(), &state, self.config.checkpoints_total_limit)
+    }
+
+    /// Draws one micro-batch: instance examples, then as many class examples with prior preservation.
+    fn micro_batch(&mut self, instances: &[Example], classes: &[Example]) -> Result<(Tensor, Tensor, Tensor, Vec<usize>)> {
+        let mut picked: Vec<&Example> = (0..self.config.train_batch_size).map(|_| &instances[self.rng.below(instances.len())]).collect();
+        if self.config.loss.with_prior_preservation {
+            let class: Vec<&Example> = (0..self.config.train_batch_size).map(|_| &classes[self.rng.below(classes.len())]).collect();
+            picked.extend(class);
+        }
+        let dev = picked[0].latent_mean.device().clone();
+        let mean = Tensor::stack(&picked.iter().map(|e| e.latent_mean.clone()).collect::<Vec<_>>(), 0)?;
+        let std = Tensor::stack(&picked.iter().map(|e| e.latent_std.clone()).collect::<Vec<_>>(), 0)?;
+        let context = Tensor::stack(&picked.iter().map(|e| e.context.clone()).collect::<Vec<_>>(), 0)?;
+        let shape = mean.dims().to_vec();
+        let latents = (&mean + (std * self.rng.normal(&shape, &dev)?.to_dtype(mean.dtype())?)?)?;
+        let mut noise = self.rng.normal(&shape, &dev)?.to_dtype(mean.dtype())?;
+        if self.config.noise_offset > 0.0 {
+            let offset = self.rng.normal(&[shape[0], shape[1], 1, 1], &dev)?.to_dtype(mean.dtype())?;
+            noise = noise.broadcast_add(&(offset * self.config.noise_offset)?)?;
+        }
+        let n = self.schedule.alphas_cumprod.len();
+        let timesteps = (0..shape[0]).map(|_| self.rng.below(n)).collect();
+        Ok((latents, noise, context, timesteps))
+    }
+
+    /// Trains up to `max_train_steps` (or `stop_at`), calling `on_step(step, loss, lr)`; returns the losses.
+    pub fn run(&mut self, instances: &[Example], classes: &[Example], stop_at: Option<usize>, mut on_step: impl FnMut(usize, f32, f64)) -> Result<Vec<f32>> {
+        let vars: Vec<Var> = self.varmap.all_vars();
+        let c = self.config.clone();
+        let mut losses = Vec::new();
+        let end = stop_at.unwrap_or(c.max_train_steps).min(c.max_train_steps);
+        while self.step < end {
+            let mut total: Option<GradStore> = None;
+            let mut loss_sum = 0f32;
+            for _ in 0..c.gradient_accumulation_steps {
+                let (latents, noise, context, t) = self.micro_batch(instances, classes)?;
+                let loss = (dreambooth_loss(self.unet, self.schedule, &latents, &context, &noise, &t, &c.loss)? / c.gradient_accumulation_steps as f64)?;
+                loss_sum += loss.to_scalar::<f32>()?;
+                let grads = loss.backward()?;
+                total = Some(match total {
+                    None => grads,
+                    Some(mut acc) => {
+                        for v in &vars {
+                            if let Some(g) = grads.get(v.as_tensor()) {
+                                let sum = match acc.remove(v.as_tensor()) {
+                                    Some(a) => (a + g)?,
+                                    None => g.clone(),
+                                };
+                                acc.insert(v.as_tensor(), sum);
+                            }
+                        }
+                        acc
+                    }
+                });
+            }
+            let mut grads = total.expect("at least one micro-batch");
+            clip_grad_norm(&mut grads, &vars, c.max_grad_norm)?;
+            let lr = c.learning_rate * c.lr_scheduler.factor(self.step, c.lr_warmup_steps, c.max_train_steps);
+            self.optimizer.step(&grads, lr)?;
+            self.step += 1;
+            losses.push(loss_sum);
+            on_step(self.step, loss_sum, lr);
+            if c.checkpointing_steps.is_some_and(|n| self.step % n == 0) {
+                self.save_checkpoint()?;
+            }
+        }
+        Ok(losses)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::unet::UNetConfig;
+    use crate::train::schedule::ScheduleConfig;
+    use candle_core::{DType, Device};
+    use candle_nn::VarBuilder;
+
+    fn examples(n: usize, seed: u64) -> Vec<Example> {
+        let mut rng = TrainRng::new(seed);
+        let dev = Device::Cpu;
+        (0..n)
+            .map(|_| Example {
+                latent_mean: rng.normal(&[4, 8, 8], &dev).unwrap(),
+                latent_std: (rng.normal(&[4, 8, 8], &dev).unwrap().abs().unwrap() * 0.1).unwrap(),
+                context: rng.normal(&[5, 12], &dev).unwrap(),
+            })
+            .collect()
+    }
+
+    fn unet() -> (VarMap, UNet) {
+        let cfg: UNetConfig = serde_json::from_value(serde_json::json!({
+            "in_channels": 4, "out_channels": 4, "block_out_channels": [8, 16], "layers_per_block": 1,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 12, "attention_head_dim": 2, "norm_num_groups": 4
+        }))
+        .unwrap();
+        let varmap = VarMap::new();
+        let unet = UNet::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &cfg).unwrap();
+        // Same initial weights in every run: overwrite the random init deterministically.
+        let mut rng = TrainRng::new(99);
+        let mut vars: Vec<_> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, v) in vars {
+            v.set(&(rng.normal(v.dims(), &Device::Cpu).unwrap() * 0.2).unwrap()).unwrap();
+        }
+        (varmap, unet)
+    }
+
+    fn config(dir: &std::path::Path) -> TrainConfig {
+        TrainConfig {
+            max_train_steps: 6,
+            train_batch_size: 1,
+            gradient_accumulation_steps: 2,
+            learning_rate: 1e-3,
+            lr_scheduler: LrSchedule::Cosine,
+            lr_warmup_steps: 2,
+            max_grad_norm: 1.0,
+            adam: AdamWParams::default(),
+            loss: LossConfig { with_prior_preservation: true, prior_loss_weight: 1.0, snr_gamma: Some(5.0) },
+            noise_offset: 0.05,
+            checkpointing_steps: Some(2),
+            checkpoints_total_limit: Some(2),
+            checkpoint_dir: dir.to_owned(),
+            seed: 7,
+        }
+    }
+
+    fn weights(varmap: &VarMap) -> Vec<(String, Vec<f32>)> {
+        let mut w: Vec<_> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())).collect();
+        w.sort_by(|a, b| a.0.cmp(&b.0));
+        w
+    }
+
+    #[test]
+    fn resumed_run_equals_uninterrupted_run() {
+        let schedule = NoiseSchedule::new(&serde_json::from_str::<ScheduleConfig>("{}").unwrap()).unwrap();
+        let (inst, class) = (examples(3, 1), examples(4, 2));
+
+        let dir_a = tempfile::tempdir().unwrap();
+        let (varmap_a, unet_a) = unet();
+        let mut a = Trainer::new(&unet_a, &varmap_a, &schedule, config(dir_a.path())).unwrap();
+        let losses_a = a.run(&inst, &class, None, |_, _, _| {}).unwrap();
+
+        let dir_b = tempfile::tempdir().unwrap();
+        let (varmap_b, unet_b) = unet();
+        let mut b = Trainer::new(&unet_b, &varmap_b, &schedule, config(dir_b.path())).unwrap();
+        let first = b.run(&inst, &class, Some(3), |_, _, _| {}).unwrap(); // "killed" after step 3
+        // A fresh process: a new model at the initial weights, resumed from the latest checkpoint (step 2).
+        let (varmap_c, unet_c) = unet();
+        let mut c = Trainer::new(&unet_c, &varmap_c, &schedule, config(dir_b.path())).unwrap();
+        c.resume("latest").unwrap();
+        assert_eq!(c.step, 2);
+        let rest = c.run(&inst, &class, None, |_, _, _| {}).unwrap();
+
+        assert_eq!(&first[..2], &losses_a[..2]);
+        assert_eq!(rest, losses_a[2..].to_vec(), "the resumed loss trajectory must match");
+        assert_eq!(weights(&varmap_c), weights(&varmap_a), "and so must the final weights");
+        let kept: Vec<usize> = checkpoint::list(dir_b.path()).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(kept, vec![4, 6], "checkpoints_total_limit keeps the newest two");
+    }
+
+    #[test]
+    fn an_unfinished_checkpoint_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(".checkpoint-8.tmp")).unwrap();
+        std::fs::create_dir_all(dir.path().join("checkpoint-9")).unwrap(); // no state.json: killed mid-save
+        assert!(checkpoint::list(dir.path()).unwrap().is_empty());
+        assert!(checkpoint::load(dir.path(), "latest").is_err());
+    }
+}
