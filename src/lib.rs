@@ -12,3 +12,4 @@ pub mod sample;
 pub mod hub;
 pub mod models;
 pub mod train;
+pub mod generate;

@@ -21,6 +21,8 @@ enum Command {
     Convert(Direction),
     /// Publish a diffusers pipeline folder to the Hub in one commit (HF_ENDPOINT, HF_TOKEN honoured).
     Push(PushArgs),
+    /// Text-to-image with a diffusers folder or Hub repo (DDIM, classifier-free guidance), PNG files out.
+    Generate(GenerateArgs),
     /// Download a Hub model repo into the Hub cache (Python-compatible) and print its folder.
     Download {
         /// Repository id, `namespace/name`.
@@ -68,6 +70,31 @@ enum Direction {
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
         sd_version: Option<u8>,
     },
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Diffusers pipeline folder or Hub repo id.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    guidance_scale: f64,
+    /// Image size in pixels (a multiple of 8).
+    #[arg(long, default_value_t = 512)]
+    size: usize,
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Folder for image_<n>.png (created if missing; existing images are not overwritten).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -161,6 +188,20 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Forward { component, model, inputs, out } => dreambridge::models::forward::run(&component, &model, &inputs, &out)?,
+        Command::Generate(a) => {
+            anyhow::ensure!(a.size % 8 == 0 && a.size >= 8, "--size must be a multiple of 8");
+            let model = dreambridge::hub::download::local_or_hub(&a.model)?;
+            let pipe = dreambridge::generate::pipeline::Pipeline::load(&model, &candle_core::Device::Cpu)?;
+            std::fs::create_dir_all(&a.out)?;
+            let mut rng = dreambridge::train::rng::TrainRng::new(a.seed);
+            for i in 0..a.num_images {
+                let path = a.out.join(format!("image_{i}.png"));
+                anyhow::ensure!(!path.exists(), "{}: already exists", path.display());
+                let image = pipe.generate(&a.prompt, &a.negative_prompt, a.size, a.steps, a.guidance_scale, &mut rng)?;
+                dreambridge::generate::pipeline::save_png(&image, &path)?;
+                println!("{}", path.display());
+            }
+        }
         Command::Download { repo, revision } => {
             println!("{}", dreambridge::hub::download::snapshot(&repo, revision.as_deref())?.display());
         }

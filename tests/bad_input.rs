@@ -6,11 +6,6 @@ use common::*;
 use dreambridge::keras::LegacyWriter;
 use std::path::Path;
 
-fn run(args: &[&str]) -> (bool, String) {
-    let out = cli().args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
-}
-
 fn convert_unet(file: &Path, out: &Path) -> (bool, String) {
     run(&["convert", "keras-to-diffusers", "--unet", file.to_str().unwrap(), "--out", out.to_str().unwrap()])
 }
@@ -132,3 +127,4 @@ fn embedded_sample_and_inspect_work_from_the_command_line() {
     let text = String::from_utf8(report.stdout).unwrap();
     assert!(text.contains("detected: vae-encoder") && text.contains("detected: vae-decoder"), "{text}");
 }
+

@@ -34,3 +34,9 @@ pub fn cli() -> std::process::Command {
     c.env("HDF5_USE_FILE_LOCKING", "FALSE");
     c
 }
+
+/// Runs the CLI; (success, stderr).
+pub fn run(args: &[&str]) -> (bool, String) {
+    let out = cli().args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+}
