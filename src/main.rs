@@ -21,6 +21,8 @@ enum Command {
     Convert(Direction),
     /// Publish a diffusers pipeline folder to the Hub in one commit (HF_ENDPOINT, HF_TOKEN honoured).
     Push(PushArgs),
+    /// DreamBooth fine-tuning of a Stable Diffusion UNet (diffusers train_dreambooth.py flags).
+    Train(Box<TrainCli>),
     /// Text-to-image with a diffusers folder or Hub repo (DDIM, classifier-free guidance), PNG files out.
     Generate(GenerateArgs),
     /// Download a Hub model repo into the Hub cache (Python-compatible) and print its folder.
@@ -70,6 +72,83 @@ enum Direction {
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
         sd_version: Option<u8>,
     },
+}
+
+#[derive(Args)]
+struct TrainCli {
+    /// Base model: diffusers folder or Hub repo id.
+    #[arg(long)]
+    pretrained_model_name_or_path: PathBuf,
+    #[arg(long)]
+    instance_data_dir: PathBuf,
+    #[arg(long)]
+    instance_prompt: String,
+    #[arg(long)]
+    class_data_dir: Option<PathBuf>,
+    #[arg(long)]
+    class_prompt: Option<String>,
+    #[arg(long)]
+    with_prior_preservation: bool,
+    #[arg(long, default_value_t = 1.0)]
+    prior_loss_weight: f64,
+    #[arg(long, default_value_t = 100)]
+    num_class_images: usize,
+    #[arg(long, default_value_t = 512)]
+    resolution: usize,
+    #[arg(long)]
+    center_crop: bool,
+    #[arg(long)]
+    random_flip: bool,
+    #[arg(long, default_value_t = 1)]
+    train_batch_size: usize,
+    #[arg(long, default_value_t = 400)]
+    max_train_steps: usize,
+    #[arg(long, default_value_t = 1)]
+    gradient_accumulation_steps: usize,
+    #[arg(long, default_value_t = 5e-6)]
+    learning_rate: f64,
+    /// constant, constant_with_warmup, linear, cosine
+    #[arg(long, default_value = "constant")]
+    lr_scheduler: String,
+    #[arg(long, default_value_t = 0)]
+    lr_warmup_steps: usize,
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    #[arg(long, default_value_t = 1e-2)]
+    adam_weight_decay: f64,
+    #[arg(long)]
+    snr_gamma: Option<f64>,
+    #[arg(long, default_value_t = 0.0)]
+    noise_offset: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 500)]
+    checkpointing_steps: usize,
+    #[arg(long)]
+    checkpoints_total_limit: Option<usize>,
+    /// `latest` or a checkpoint folder.
+    #[arg(long)]
+    resume_from_checkpoint: Option<String>,
+    #[arg(long)]
+    validation_prompt: Option<String>,
+    #[arg(long, default_value_t = 100)]
+    validation_steps: usize,
+    #[arg(long, default_value_t = 4)]
+    num_validation_images: usize,
+    /// DDIM steps for generated class and validation images.
+    #[arg(long, default_value_t = 50)]
+    sample_steps: usize,
+    #[arg(long)]
+    output_dir: PathBuf,
+    /// Replace a pipeline already in the output folder.
+    #[arg(long)]
+    force: bool,
+    /// Also write the KerasCV .h5 files (output_dir/keras).
+    #[arg(long)]
+    export_keras: bool,
+    /// Publish the result to this Hub repo.
+    #[arg(long, value_name = "REPO")]
+    push_to_hub: Option<String>,
 }
 
 #[derive(Args)]
@@ -188,6 +267,52 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Forward { component, model, inputs, out } => dreambridge::models::forward::run(&component, &model, &inputs, &out)?,
+        Command::Train(a) => {
+            let args = dreambridge::train::command::TrainArgs {
+                pretrained_model: a.pretrained_model_name_or_path,
+                instance_data_dir: a.instance_data_dir,
+                instance_prompt: a.instance_prompt.clone(),
+                class_data_dir: a.class_data_dir,
+                class_prompt: a.class_prompt,
+                with_prior_preservation: a.with_prior_preservation,
+                prior_loss_weight: a.prior_loss_weight,
+                num_class_images: a.num_class_images,
+                resolution: a.resolution,
+                center_crop: a.center_crop,
+                random_flip: a.random_flip,
+                train_batch_size: a.train_batch_size,
+                max_train_steps: a.max_train_steps,
+                gradient_accumulation_steps: a.gradient_accumulation_steps,
+                learning_rate: a.learning_rate,
+                lr_scheduler: a.lr_scheduler,
+                lr_warmup_steps: a.lr_warmup_steps,
+                max_grad_norm: a.max_grad_norm,
+                adam_weight_decay: a.adam_weight_decay,
+                snr_gamma: a.snr_gamma,
+                noise_offset: a.noise_offset,
+                seed: a.seed,
+                checkpointing_steps: a.checkpointing_steps,
+                checkpoints_total_limit: a.checkpoints_total_limit,
+                resume_from_checkpoint: a.resume_from_checkpoint,
+                validation_prompt: a.validation_prompt,
+                validation_steps: a.validation_steps,
+                num_validation_images: a.num_validation_images,
+                sample_steps: a.sample_steps,
+                output_dir: a.output_dir,
+                force: a.force,
+            };
+            let done = dreambridge::train::command::train(&args)?;
+            println!("trained {} steps -> {}", done.losses.len(), done.output_dir.display());
+            if a.export_keras {
+                let keras = diffusers_to_keras(&done.output_dir, &done.output_dir.join("keras"), true, None)?;
+                println!("KerasCV files -> {}", keras.out.display());
+            }
+            if let Some(repo) = a.push_to_hub {
+                let card = dreambridge::hub::model_card::CardInfo { repo_id: repo.clone(), instance_prompt: Some(a.instance_prompt), ..Default::default() };
+                let opts = dreambridge::hub::push::PushOptions { repo: repo.clone(), card, ..Default::default() };
+                println!("pushed {repo} as commit {}", dreambridge::hub::push::push(&done.output_dir, &opts)?.commit);
+            }
+        }
         Command::Generate(a) => {
             anyhow::ensure!(a.size % 8 == 0 && a.size >= 8, "--size must be a multiple of 8");
             let model = dreambridge::hub::download::local_or_hub(&a.model)?;

@@ -21,7 +21,8 @@ pub struct LocalFile {
     pub sample: Vec<u8>,
 }
 
-/// Every file under `dir` (hidden entries and `.git` skipped), with `prefix/` before its repo path.
+/// Every file under `dir`, with `prefix/` before its repo path. Skipped: hidden entries (`.git`,
+/// staging folders) and training checkpoints (`checkpoint-*`), as diffusers' scripts skip them.
 pub fn collect(dir: &Path, prefix: &str) -> Result<Vec<LocalFile>> {
     let mut paths = Vec::new();
     walk(dir, dir, &mut paths)?;
@@ -38,7 +39,8 @@ pub fn collect(dir: &Path, prefix: &str) -> Result<Vec<LocalFile>> {
 fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("{}: cannot read", dir.display()))? {
         let entry = entry?;
-        if entry.file_name().to_string_lossy().starts_with('.') {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') || (dir == root && name.starts_with("checkpoint-")) {
             continue;
         }
         let path = entry.path();

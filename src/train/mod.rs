@@ -1,6 +1,7 @@
 //! DreamBooth training pieces: noise schedule, optimiser, loss.
 
 pub mod checkpoint;
+pub mod command;
 pub mod data;
 pub mod loss;
 pub mod optim;

@@ -1,0 +1,244 @@
+//! `dreambridge train`: DreamBooth fine-tuning of the UNet, with diffusers' train_dreambooth.py
+//! flags. The VAE and text encoder are frozen, so latent distributions and prompt embeddings are
+//! computed once (image augmentation is drawn once per image, at caching time).
+
+use super::data::{image_files, load_image, Crop};
+use super::loss::LossConfig;
+use super::optim::AdamWParams;
+use super::rng::TrainRng;
+use super::schedule::NoiseSchedule;
+use super::trainer::{Example, TrainConfig, Trainer};
+use crate::diffusers::layout::Component;
+use crate::diffusers::st_write::{PendingTensor, StWriter};
+use crate::generate::pipeline::{save_png, Pipeline};
+use crate::hub::model_card::{model_card, CardInfo};
+use crate::tensor::{DType as RawDType, RawTensor};
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug)]
+pub struct TrainArgs {
+    pub pretrained_model: PathBuf,
+    pub instance_data_dir: PathBuf,
+    pub instance_prompt: String,
+    pub class_data_dir: Option<PathBuf>,
+    pub class_prompt: Option<String>,
+    pub with_prior_preservation: bool,
+    pub prior_loss_weight: f64,
+    pub num_class_images: usize,
+    pub resolution: usize,
+    pub center_crop: bool,
+    pub random_flip: bool,
+    pub train_batch_size: usize,
+    pub max_train_steps: usize,
+    pub gradient_accumulation_steps: usize,
+    pub learning_rate: f64,
+    pub lr_scheduler: String,
+    pub lr_warmup_steps: usize,
+    pub max_grad_norm: f64,
+    pub adam_weight_decay: f64,
+    pub snr_gamma: Option<f64>,
+    pub noise_offset: f64,
+    pub seed: u64,
+    pub checkpointing_steps: usize,
+    pub checkpoints_total_limit: Option<usize>,
+    pub resume_from_checkpoint: Option<String>,
+    pub validation_prompt: Option<String>,
+    pub validation_steps: usize,
+    pub num_validation_images: usize,
+    /// DDIM steps for class and validation images.
+    pub sample_steps: usize,
+    pub output_dir: PathBuf,
+    pub force: bool,
+}
+
+pub struct Trained {
+    pub output_dir: PathBuf,
+    pub losses: Vec<f32>,
+}
+
+pub fn train(a: &TrainArgs) -> Result<Trained> {
+    let dev = Device::Cpu;
+    ensure!(a.resolution % 8 == 0, "--resolution must be a multiple of 8");
+    if a.output_dir.join("model_index.json").exists() && !a.force && a.resume_from_checkpoint.is_none() {
+        bail!("{}: already holds a pipeline (use --force to replace it)", a.output_dir.display());
+    }
+    let base = crate::hub::download::local_or_hub(&a.pretrained_model)?;
+    let pipe = Pipeline::load(&base, &dev).with_context(|| format!("loading {}", base.display()))?;
+    let mut rng = TrainRng::new(a.seed);
+
+    let class_dir = if a.with_prior_preservation {
+        let dir = a.class_data_dir.clone().context("--with-prior-preservation needs --class-data-dir")?;
+        let prompt = a.class_prompt.clone().context("--with-prior-preservation needs --class-prompt")?;
+        generate_class_images(&pipe, &dir, &prompt, a, &mut rng)?;
+        Some((dir, prompt))
+    } else {
+        None
+    };
+    eprintln!("caching latents and prompt embeddings");
+    let instances = encode_images(&pipe, &a.instance_data_dir, &a.instance_prompt, a, &mut rng, None)?;
+    let classes = match &class_dir {
+        Some((dir, prompt)) => encode_images(&pipe, dir, prompt, a, &mut rng, Some(a.num_class_images))?,
+        None => Vec::new(),
+    };
+
+    let schedule = NoiseSchedule::new(&pipe.scheduler.schedule)?;
+    let config = TrainConfig {
+        max_train_steps: a.max_train_steps,
+        train_batch_size: a.train_batch_size,
+        gradient_accumulation_steps: a.gradient_accumulation_steps.max(1),
+        learning_rate: a.learning_rate,
+        lr_scheduler: a.lr_scheduler.parse()?,
+        lr_warmup_steps: a.lr_warmup_steps,
+        max_grad_norm: a.max_grad_norm,
+        adam: AdamWParams { lr: a.learning_rate, weight_decay: a.adam_weight_decay, ..Default::default() },
+        loss: LossConfig { with_prior_preservation: a.with_prior_preservation, prior_loss_weight: a.prior_loss_weight, snr_gamma: a.snr_gamma },
+        noise_offset: a.noise_offset,
+        checkpointing_steps: Some(a.checkpointing_steps.max(1)),
+        checkpoints_total_limit: a.checkpoints_total_limit,
+        checkpoint_dir: a.output_dir.clone(),
+        seed: a.seed,
+    };
+    let mut trainer = Trainer::new(&pipe.unet, &pipe.unet_vars, &schedule, config)?;
+    if let Some(spec) = &a.resume_from_checkpoint {
+        trainer.resume(spec)?;
+        eprintln!("resumed at step {}", trainer.step);
+    }
+    let bar = ProgressBar::new(a.max_train_steps as u64);
+    bar.set_style(ProgressStyle::with_template("steps {pos}/{len} [{bar:30}] {per_sec} {msg}").expect("template").progress_chars("=> "));
+    bar.set_position(trainer.step as u64);
+    let mut validation_error = None;
+    let losses = trainer.run(&instances, &classes, None, |step, loss, lr| {
+        bar.set_position(step as u64);
+        bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
+        if let Some(prompt) = &a.validation_prompt {
+            if step % a.validation_steps.max(1) == 0 && validation_error.is_none() {
+                if let Err(e) = validate(&pipe, prompt, a, step) {
+                    validation_error = Some(e);
+                }
+            }
+        }
+    })?;
+    bar.finish();
+    if let Some(e) = validation_error {
+        return Err(e.context("validation images"));
+    }
+    write_pipeline(&pipe, &base, a)?;
+    Ok(Trained { output_dir: a.output_dir.clone(), losses })
+}
+
+/// Tops the class folder up to `num_class_images` with images the base model makes from the
+/// class prompt (saved for reuse, never replacing the user's images).
+fn generate_class_images(pipe: &Pipeline, dir: &Path, prompt: &str, a: &TrainArgs, rng: &mut TrainRng) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let have = image_files(dir).map(|f| f.len()).unwrap_or(0);
+    if have >= a.num_class_images {
+        return Ok(());
+    }
+    let bar = ProgressBar::new((a.num_class_images - have) as u64).with_message("class images");
+    for i in have..a.num_class_images {
+        let mut path = dir.join(format!("class_{i}.png"));
+        let mut n = i;
+        while path.exists() {
+            n += 1;
+            path = dir.join(format!("class_{n}.png"));
+        }
+        save_png(&pipe.generate(prompt, "", a.resolution, a.sample_steps, 7.5, rng)?, &path)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// Latent distributions (× the VAE scaling factor) and the prompt embedding of every image.
+fn encode_images(pipe: &Pipeline, dir: &Path, prompt: &str, a: &TrainArgs, rng: &mut TrainRng, limit: Option<usize>) -> Result<Vec<Example>> {
+    let context = pipe.embed(prompt)?.squeeze(0)?;
+    let sf = pipe.vae.config.scaling_factor;
+    let mut out = Vec::new();
+    for path in image_files(dir)?.into_iter().take(limit.unwrap_or(usize::MAX)) {
+        let crop = if a.center_crop { Crop::Center } else { Crop::At(rng.uniform(), rng.uniform()) };
+        let flip = a.random_flip && rng.uniform() < 0.5;
+        let image = load_image(&path, a.resolution, crop, flip, &pipe.device)?.unsqueeze(0)?;
+        let (mean, logvar) = pipe.vae.encode(&image)?;
+        out.push(Example {
+            latent_mean: (mean.squeeze(0)? * sf)?.detach(),
+            latent_std: ((logvar.squeeze(0)? * 0.5)?.exp()? * sf)?.detach(),
+            context: context.clone(),
+        });
+    }
+    Ok(out)
+}
+
+fn validate(pipe: &Pipeline, prompt: &str, a: &TrainArgs, step: usize) -> Result<()> {
+    let dir = a.output_dir.join("validation");
+    std::fs::create_dir_all(&dir)?;
+    let mut rng = TrainRng::new(a.seed);
+    for i in 0..a.num_validation_images {
+        save_png(&pipe.generate(prompt, "", a.resolution, a.sample_steps, 7.5, &mut rng)?, &dir.join(format!("step_{step}_{i}.png")))?;
+    }
+    Ok(())
+}
+
+/// The trained pipeline: the base folder's other parts, the trained UNet, a model card. Built in a
+/// staging folder, then moved into the output folder entry by entry.
+fn write_pipeline(pipe: &Pipeline, base: &Path, a: &TrainArgs) -> Result<()> {
+    let staging = a.output_dir.join(".pipeline-tmp");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    copy_dir(base, &staging, &|rel| rel.starts_with("unet/") && rel.ends_with(".safetensors") || rel.starts_with('.') || rel == "README.md")?;
+    let vars = pipe.unet_vars.data().lock().unwrap();
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    let pending: Vec<PendingTensor> = names.iter().map(|n| PendingTensor { key: n.to_string(), dtype: RawDType::F32, shape: vars[*n].dims().to_vec() }).collect();
+    let mut w = StWriter::create(&staging.join("unet").join(Component::Unet.weights_name(false)), pending)?;
+    for n in &names {
+        let t: Tensor = vars[*n].as_tensor().to_dtype(candle_core::DType::F32)?;
+        let data = bytemuck::cast_slice(&t.flatten_all()?.to_vec1::<f32>()?).to_vec();
+        w.write_next(n, &RawTensor { dtype: RawDType::F32, shape: t.dims().to_vec(), data })?;
+    }
+    w.finish()?;
+    let card = CardInfo {
+        repo_id: a.output_dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(),
+        base_model: Some(a.pretrained_model.display().to_string()),
+        instance_prompt: Some(a.instance_prompt.clone()),
+        license: None,
+    };
+    std::fs::write(staging.join("README.md"), model_card(&card, &[]))?;
+    for entry in std::fs::read_dir(&staging)? {
+        let entry = entry?;
+        let dest = a.output_dir.join(entry.file_name());
+        if dest.is_dir() {
+            std::fs::remove_dir_all(&dest)?;
+        } else if dest.exists() {
+            std::fs::remove_file(&dest)?;
+        }
+        std::fs::rename(entry.path(), dest)?;
+    }
+    std::fs::remove_dir_all(&staging)?;
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path, skip: &dyn Fn(&str) -> bool) -> Result<()> {
+    fn walk(root: &Path, dir: &Path, to: &Path, skip: &dyn Fn(&str) -> bool) -> Result<()> {
+        for e in std::fs::read_dir(dir)?.flatten() {
+            let rel = e.path().strip_prefix(root)?.to_string_lossy().replace('\\', "/");
+            if skip(&rel) {
+                continue;
+            }
+            let target = to.join(&rel);
+            if e.path().is_dir() {
+                std::fs::create_dir_all(&target)?;
+                walk(root, &e.path(), to, skip)?;
+            } else {
+                std::fs::create_dir_all(target.parent().unwrap())?;
+                std::fs::copy(e.path(), &target).with_context(|| format!("{}: cannot copy", e.path().display()))?;
+            }
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(to)?;
+    walk(from, from, to, skip)
+}
