@@ -73,6 +73,9 @@ fn trains_with_prior_preservation_and_writes_a_loadable_pipeline() {
     let base = Pipeline::load(&dir.path().join("sample"), &candle_core::Device::Cpu).unwrap();
     let w = |p: &Pipeline| p.unet_vars.data().lock().unwrap()["conv_in.weight"].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_ne!(w(&trained), w(&base), "the UNet was trained");
+    // The trained folder converts back to KerasCV files (what --export-keras does).
+    let keras = dreambridge::convert::to_keras::diffusers_to_keras(&out, &out.join("keras"), false, None).unwrap();
+    assert_eq!(keras.files.len(), 4);
     // And a second run into the same folder is refused without --force.
     assert!(train(&args(dir.path(), &out)).is_err());
 }

@@ -45,8 +45,35 @@ pub fn run(component: &str, model: &Path, inputs: &Path, out: &Path) -> Result<(
                 net.decode(&get("latents")?.to_dtype(DType::F32)?)?
             }
         }
-        other => bail!("unknown component `{other}` (unet, text-encoder, vae-encode, vae-decode)"),
+        "train-step" => return train_step(model, &x, out),
+        other => bail!("unknown component `{other}` (unet, text-encoder, vae-encode, vae-decode, train-step)"),
     };
     candle_core::safetensors::save(&HashMap::from([("out".to_string(), result.to_dtype(DType::F32)?)]), out)?;
+    Ok(())
+}
+
+/// One DreamBooth training step (prior preservation, weight 1; clip 1.0; AdamW lr 1e-3, wd 1e-2)
+/// on given `latents`, `noise`, `timesteps`, `context`: writes `loss` and every updated weight.
+fn train_step(model: &Path, x: &HashMap<String, candle_core::Tensor>, out: &Path) -> Result<()> {
+    use crate::train::loss::{dreambooth_loss, LossConfig};
+    use crate::train::optim::{clip_grad_norm, AdamW, AdamWParams};
+    use crate::train::schedule::{NoiseSchedule, ScheduleConfig};
+    let dev = Device::Cpu;
+    let get = |k: &str| x.get(k).with_context(|| format!("no `{k}`"));
+    let varmap = VarMap::new();
+    let net = UNet::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &config::<UNetConfig>(model, Component::Unet)?)?;
+    load_into(&varmap, &find_weights(model, Component::Unet)?, "")?;
+    let schedule = NoiseSchedule::new(&serde_json::from_str::<ScheduleConfig>("{}")?)?;
+    let timesteps: Vec<usize> = get("timesteps")?.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().map(|t| *t as usize).collect();
+    let cfg = LossConfig { with_prior_preservation: true, prior_loss_weight: 1.0, snr_gamma: None };
+    let loss = dreambooth_loss(&net, &schedule, get("latents")?, get("context")?, get("noise")?, &timesteps, &cfg)?;
+    let mut grads = loss.backward()?;
+    let vars: Vec<(String, candle_core::Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    clip_grad_norm(&mut grads, &vars.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(), 1.0)?;
+    let mut opt = AdamW::new(vars.clone(), AdamWParams { lr: 1e-3, weight_decay: 1e-2, ..Default::default() })?;
+    opt.step(&grads, 1e-3)?;
+    let mut result: HashMap<String, candle_core::Tensor> = vars.into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+    result.insert("loss".into(), loss.reshape(1)?);
+    candle_core::safetensors::save(&result, out)?;
     Ok(())
 }
