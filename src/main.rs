@@ -143,6 +143,9 @@ struct TrainCli {
     /// Replace a pipeline already in the output folder.
     #[arg(long)]
     force: bool,
+    /// UNet compute precision: no, fp16 (no loss scaling), bf16 (CUDA builds); weights stay f32.
+    #[arg(long, default_value = "no")]
+    mixed_precision: String,
     /// Also write the KerasCV .h5 files (output_dir/keras).
     #[arg(long)]
     export_keras: bool,
@@ -300,6 +303,7 @@ fn run(cli: Cli) -> Result<()> {
                 sample_steps: a.sample_steps,
                 output_dir: a.output_dir,
                 force: a.force,
+                mixed_precision: a.mixed_precision,
             };
             let done = dreambridge::train::command::train(&args)?;
             println!("trained {} steps -> {}", done.losses.len(), done.output_dir.display());

@@ -48,6 +48,7 @@ fn args(dir: &Path, out: &Path) -> TrainArgs {
         sample_steps: 2,
         output_dir: out.to_owned(),
         force: false,
+        mixed_precision: "no".into(),
     }
 }
 
@@ -78,4 +79,7 @@ fn trains_with_prior_preservation_and_writes_a_loadable_pipeline() {
     assert_eq!(keras.files.len(), 4);
     // And a second run into the same folder is refused without --force.
     assert!(train(&args(dir.path(), &out)).is_err());
+    let bf16 = TrainArgs { mixed_precision: "bf16".into(), output_dir: dir.path().join("bf16"), ..args(dir.path(), &out) };
+    let err = format!("{:#}", train(&bf16).err().unwrap());
+    assert!(err.contains("CUDA"), "{err}");
 }

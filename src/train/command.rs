@@ -52,6 +52,8 @@ pub struct TrainArgs {
     pub sample_steps: usize,
     pub output_dir: PathBuf,
     pub force: bool,
+    /// `no`, `fp16` or `bf16` (bf16 needs CUDA): UNet compute dtype; master weights stay f32.
+    pub mixed_precision: String,
 }
 
 pub struct Trained {
@@ -100,6 +102,7 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
         checkpoints_total_limit: a.checkpoints_total_limit,
         checkpoint_dir: a.output_dir.clone(),
         seed: a.seed,
+        compute_dtype: compute_dtype(&a.mixed_precision, &dev)?,
     };
     let mut trainer = Trainer::new(&pipe.unet, &pipe.unet_vars, &schedule, config)?;
     if let Some(spec) = &a.resume_from_checkpoint {
@@ -127,6 +130,16 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
     }
     write_pipeline(&pipe, &base, a)?;
     Ok(Trained { output_dir: a.output_dir.clone(), losses })
+}
+
+fn compute_dtype(mixed: &str, dev: &Device) -> Result<candle_core::DType> {
+    Ok(match mixed {
+        "no" | "fp32" => candle_core::DType::F32,
+        "fp16" => candle_core::DType::F16,
+        "bf16" if dev.is_cpu() => bail!("--mixed-precision bf16 needs a CUDA build (the CPU backend has no bf16 matmul); use no or fp16"),
+        "bf16" => candle_core::DType::BF16,
+        other => bail!("--mixed-precision `{other}`: expected no, fp16 or bf16"),
+    })
 }
 
 /// Tops the class folder up to `num_class_images` with images the base model makes from the

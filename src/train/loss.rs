@@ -104,3 +104,44 @@ mod tests {
         assert!(losses[39] < 0.5 * losses[0], "loss did not fall: {losses:?}");
     }
 }
+
+#[cfg(test)]
+mod half_precision_tests {
+    use super::*;
+    use crate::models::testing::assert_every_var_has_a_gradient;
+    use crate::models::unet::{UNet, UNetConfig};
+    use crate::train::schedule::ScheduleConfig;
+    use candle_core::{DType, Device};
+    use candle_nn::{VarBuilder, VarMap};
+
+    #[test]
+    fn half_precision_compute_trains_f32_master_weights() {
+        let cfg: UNetConfig = serde_json::from_value(serde_json::json!({
+            "in_channels": 4, "out_channels": 4, "block_out_channels": [8, 16], "layers_per_block": 1,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 12, "attention_head_dim": 2, "norm_num_groups": 4
+        }))
+        .unwrap();
+        let varmap = VarMap::new();
+        let unet = UNet::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &cfg).unwrap();
+        let schedule = NoiseSchedule::new(&serde_json::from_str::<ScheduleConfig>("{}").unwrap()).unwrap();
+        let dev = Device::Cpu;
+        let latents = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev).unwrap();
+        let context = Tensor::randn(0f32, 1.0, (2, 5, 12), &dev).unwrap();
+        let noise = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev).unwrap();
+        let cfg = LossConfig { with_prior_preservation: true, prior_loss_weight: 1.0, snr_gamma: None };
+        let full = dreambooth_loss(&unet, &schedule, &latents, &context, &noise, &[10, 500], &cfg).unwrap().to_scalar::<f32>().unwrap();
+        // Candle's CPU backend has no bf16 matmul: bf16 is for CUDA (verified there, issue 5).
+        for dtype in [DType::F16] {
+            let cast = |t: &Tensor| t.to_dtype(dtype).unwrap();
+            let loss = dreambooth_loss(&unet, &schedule, &cast(&latents), &cast(&context), &cast(&noise), &[10, 500], &cfg).unwrap();
+            assert_eq!(loss.dtype(), DType::F32, "the loss is reduced in f32");
+            let half = loss.to_scalar::<f32>().unwrap();
+            assert!((half - full).abs() < 0.05 * full, "{dtype:?}: {half} vs f32 {full}");
+            let grads = loss.backward().unwrap();
+            assert!(assert_every_var_has_a_gradient(&varmap, &grads) > 100, "{dtype:?}");
+            let g = grads.get(varmap.data().lock().unwrap()["conv_in.weight"].as_tensor()).unwrap().dtype();
+            assert_eq!(g, DType::F32, "gradients reach the f32 master weights");
+        }
+    }
+}

@@ -39,6 +39,8 @@ pub struct TrainConfig {
     pub checkpoints_total_limit: Option<usize>,
     pub checkpoint_dir: PathBuf,
     pub seed: u64,
+    /// UNet compute dtype (weights stay f32): F32, F16 or BF16 (CUDA only).
+    pub compute_dtype: candle_core::DType,
 }
 
 pub struct Trainer<'a> {
@@ -98,7 +100,8 @@ impl<'a> Trainer<'a> {
         }
         let n = self.schedule.alphas_cumprod.len();
         let timesteps = (0..shape[0]).map(|_| self.rng.below(n)).collect();
-        Ok((latents, noise, context, timesteps))
+        let dt = self.config.compute_dtype;
+        Ok((latents.to_dtype(dt)?, noise.to_dtype(dt)?, context.to_dtype(dt)?, timesteps))
     }
 
     /// Trains up to `max_train_steps` (or `stop_at`), calling `on_step(step, loss, lr)`; returns the losses.
@@ -201,6 +204,7 @@ mod tests {
             checkpoints_total_limit: Some(2),
             checkpoint_dir: dir.to_owned(),
             seed: 7,
+            compute_dtype: DType::F32,
         }
     }
 
