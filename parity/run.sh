@@ -71,6 +71,9 @@ $TORCH same "$S/pipe" "$W/k3/pipe"
 step "Training models (Candle) against diffusers/transformers"
 "$P/.venv-torch/bin/python" "$P/models_parity.py" "$DB"
 
+step "dreambridge train output in diffusers"
+"$P/.venv-torch/bin/python" "$P/train_output.py" "$DB"
+
 step "Hub: the loopback emulator against the official huggingface_hub client"
 "$P/.venv-torch/bin/python" "$P/hub_fidelity.py" "$DB"
 

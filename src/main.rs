@@ -143,6 +143,9 @@ struct TrainCli {
     /// Replace a pipeline already in the output folder.
     #[arg(long)]
     force: bool,
+    /// Fine-tune the text encoder too.
+    #[arg(long)]
+    train_text_encoder: bool,
     /// UNet compute precision: no, fp16 (no loss scaling), bf16 (CUDA builds); weights stay f32.
     #[arg(long, default_value = "no")]
     mixed_precision: String,
@@ -304,6 +307,7 @@ fn run(cli: Cli) -> Result<()> {
                 output_dir: a.output_dir,
                 force: a.force,
                 mixed_precision: a.mixed_precision,
+                train_text_encoder: a.train_text_encoder,
             };
             let done = dreambridge::train::command::train(&args)?;
             println!("trained {} steps -> {}", done.losses.len(), done.output_dir.display());

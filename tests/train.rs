@@ -49,6 +49,7 @@ fn args(dir: &Path, out: &Path) -> TrainArgs {
         output_dir: out.to_owned(),
         force: false,
         mixed_precision: "no".into(),
+        train_text_encoder: false,
     }
 }
 
@@ -82,4 +83,28 @@ fn trains_with_prior_preservation_and_writes_a_loadable_pipeline() {
     let bf16 = TrainArgs { mixed_precision: "bf16".into(), output_dir: dir.path().join("bf16"), ..args(dir.path(), &out) };
     let err = format!("{:#}", train(&bf16).err().unwrap());
     assert!(err.contains("CUDA"), "{err}");
+}
+
+#[test]
+fn text_encoder_training_updates_and_writes_the_text_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, err) = run(&["convert", "keras-to-diffusers", "--out", dir.path().join("sample").to_str().unwrap()]);
+    assert!(ok, "{err}");
+    instance_images(&dir.path().join("instance"));
+    let out = dir.path().join("out");
+    let a = TrainArgs {
+        train_text_encoder: true,
+        with_prior_preservation: false,
+        max_train_steps: 4,
+        validation_prompt: None,
+        checkpointing_steps: 2,
+        ..args(dir.path(), &out)
+    };
+    train(&a).unwrap();
+    let trained = Pipeline::load(&out, &candle_core::Device::Cpu).unwrap();
+    let base = Pipeline::load(&dir.path().join("sample"), &candle_core::Device::Cpu).unwrap();
+    let w = |p: &Pipeline| p.text_vars.data().lock().unwrap()["text_model.encoder.layers.0.mlp.fc1.weight"].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_ne!(w(&trained), w(&base), "the text encoder was trained and written");
+    let ckpt = candle_core::safetensors::load(out.join("checkpoint-4/weights.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert!(ckpt.contains_key("text_model.final_layer_norm.weight") && ckpt.contains_key("conv_in.weight"), "checkpoints hold both models");
 }

@@ -52,6 +52,8 @@ pub struct TrainArgs {
     pub sample_steps: usize,
     pub output_dir: PathBuf,
     pub force: bool,
+    /// Fine-tune the text encoder as well (prompt embeddings recomputed every step).
+    pub train_text_encoder: bool,
     /// `no`, `fp16` or `bf16` (bf16 needs CUDA): UNet compute dtype; master weights stay f32.
     pub mixed_precision: String,
 }
@@ -105,6 +107,9 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
         compute_dtype: compute_dtype(&a.mixed_precision, &dev)?,
     };
     let mut trainer = Trainer::new(&pipe.unet, &pipe.unet_vars, &schedule, config)?;
+    if a.train_text_encoder {
+        trainer = trainer.with_text_encoder(&pipe.text, &pipe.text_vars)?;
+    }
     if let Some(spec) = &a.resume_from_checkpoint {
         trainer.resume(spec)?;
         eprintln!("resumed at step {}", trainer.step);
@@ -168,6 +173,7 @@ fn generate_class_images(pipe: &Pipeline, dir: &Path, prompt: &str, a: &TrainArg
 /// Latent distributions (× the VAE scaling factor) and the prompt embedding of every image.
 fn encode_images(pipe: &Pipeline, dir: &Path, prompt: &str, a: &TrainArgs, rng: &mut TrainRng, limit: Option<usize>) -> Result<Vec<Example>> {
     let context = pipe.embed(prompt)?.squeeze(0)?;
+    let ids = Tensor::new(pipe.tokenizer.ids(prompt).as_slice(), &pipe.device)?;
     let sf = pipe.vae.config.scaling_factor;
     let mut out = Vec::new();
     for path in image_files(dir)?.into_iter().take(limit.unwrap_or(usize::MAX)) {
@@ -179,6 +185,7 @@ fn encode_images(pipe: &Pipeline, dir: &Path, prompt: &str, a: &TrainArgs, rng: 
             latent_mean: (mean.squeeze(0)? * sf)?.detach(),
             latent_std: ((logvar.squeeze(0)? * 0.5)?.exp()? * sf)?.detach(),
             context: context.clone(),
+            ids: Some(ids.clone()),
         });
     }
     Ok(out)
@@ -201,18 +208,15 @@ fn write_pipeline(pipe: &Pipeline, base: &Path, a: &TrainArgs) -> Result<()> {
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;
     }
-    copy_dir(base, &staging, &|rel| rel.starts_with("unet/") && rel.ends_with(".safetensors") || rel.starts_with('.') || rel == "README.md")?;
-    let vars = pipe.unet_vars.data().lock().unwrap();
-    let mut names: Vec<&String> = vars.keys().collect();
-    names.sort();
-    let pending: Vec<PendingTensor> = names.iter().map(|n| PendingTensor { key: n.to_string(), dtype: RawDType::F32, shape: vars[*n].dims().to_vec() }).collect();
-    let mut w = StWriter::create(&staging.join("unet").join(Component::Unet.weights_name(false)), pending)?;
-    for n in &names {
-        let t: Tensor = vars[*n].as_tensor().to_dtype(candle_core::DType::F32)?;
-        let data = bytemuck::cast_slice(&t.flatten_all()?.to_vec1::<f32>()?).to_vec();
-        w.write_next(n, &RawTensor { dtype: RawDType::F32, shape: t.dims().to_vec(), data })?;
+    let trained_text = a.train_text_encoder;
+    copy_dir(base, &staging, &|rel| {
+        let weights = rel.ends_with(".safetensors") || rel.ends_with(".bin");
+        (weights && (rel.starts_with("unet/") || (trained_text && rel.starts_with("text_encoder/")))) || rel.starts_with('.') || rel == "README.md"
+    })?;
+    write_vars(&pipe.unet_vars, &staging.join("unet").join(Component::Unet.weights_name(false)))?;
+    if trained_text {
+        write_vars(&pipe.text_vars, &staging.join("text_encoder").join(Component::TextEncoder.weights_name(false)))?;
     }
-    w.finish()?;
     let card = CardInfo {
         repo_id: a.output_dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(),
         base_model: Some(a.pretrained_model.display().to_string()),
@@ -232,6 +236,21 @@ fn write_pipeline(pipe: &Pipeline, base: &Path, a: &TrainArgs) -> Result<()> {
     }
     std::fs::remove_dir_all(&staging)?;
     Ok(())
+}
+
+/// Writes a VarMap's tensors (f32, keys = diffusers/transformers names) as a safetensors file.
+fn write_vars(vars: &candle_nn::VarMap, path: &Path) -> Result<()> {
+    let vars = vars.data().lock().unwrap();
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    let pending: Vec<PendingTensor> = names.iter().map(|n| PendingTensor { key: n.to_string(), dtype: RawDType::F32, shape: vars[*n].dims().to_vec() }).collect();
+    let mut w = StWriter::create(path, pending)?;
+    for n in &names {
+        let t: Tensor = vars[*n].as_tensor().to_dtype(candle_core::DType::F32)?;
+        let data = bytemuck::cast_slice(&t.flatten_all()?.to_vec1::<f32>()?).to_vec();
+        w.write_next(n, &RawTensor { dtype: RawDType::F32, shape: t.dims().to_vec(), data })?;
+    }
+    w.finish()
 }
 
 fn copy_dir(from: &Path, to: &Path, skip: &dyn Fn(&str) -> bool) -> Result<()> {

@@ -7,6 +7,7 @@ use super::loss::{dreambooth_loss, LossConfig};
 use super::optim::{clip_grad_norm, AdamW, AdamWParams, LrSchedule};
 use super::rng::TrainRng;
 use super::schedule::NoiseSchedule;
+use crate::models::clip::ClipTextModel;
 use crate::models::unet::UNet;
 use anyhow::Result;
 use candle_core::backprop::GradStore;
@@ -15,12 +16,14 @@ use candle_nn::VarMap;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-/// One training image: its cached latent distribution (already × scaling factor) and prompt embedding.
+/// One training image: its cached latent distribution (already × scaling factor), its prompt
+/// embedding (frozen text encoder) and its prompt's token ids (for text-encoder training).
 #[derive(Clone)]
 pub struct Example {
     pub latent_mean: Tensor,
     pub latent_std: Tensor,
     pub context: Tensor,
+    pub ids: Option<Tensor>,
 }
 
 #[derive(Clone, Debug)]
@@ -46,6 +49,8 @@ pub struct TrainConfig {
 pub struct Trainer<'a> {
     pub unet: &'a UNet,
     pub varmap: &'a VarMap,
+    /// The text encoder and its Vars, when it is trained too.
+    text: Option<(&'a ClipTextModel, &'a VarMap)>,
     pub schedule: &'a NoiseSchedule,
     pub config: TrainConfig,
     pub optimizer: AdamW,
@@ -58,14 +63,30 @@ impl<'a> Trainer<'a> {
         let vars: Vec<(String, Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let optimizer = AdamW::new(vars, config.adam)?;
         let rng = TrainRng::new(config.seed);
-        Ok(Trainer { unet, varmap, schedule, config, optimizer, rng, step: 0 })
+        Ok(Trainer { unet, varmap, text: None, schedule, config, optimizer, rng, step: 0 })
+    }
+
+    /// Trains the text encoder too: prompt embeddings are recomputed each step, with gradients.
+    pub fn with_text_encoder(mut self, text: &'a ClipTextModel, text_vars: &'a VarMap) -> Result<Trainer<'a>> {
+        self.text = Some((text, text_vars));
+        self.optimizer = AdamW::new(self.trainable(), self.config.adam)?;
+        Ok(self)
+    }
+
+    /// Every trained Var, by name (UNet keys and `text_model.*` keys do not collide).
+    fn trainable(&self) -> Vec<(String, Var)> {
+        let mut all: Vec<(String, Var)> = self.varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if let Some((_, tv)) = self.text {
+            all.extend(tv.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        all
     }
 
     /// Continues from a checkpoint (`latest` or a folder).
     pub fn resume(&mut self, spec: &str) -> Result<()> {
         let (weights, optimizer, state) = checkpoint::load(&self.config.checkpoint_dir, spec)?;
-        for (name, var) in self.varmap.data().lock().unwrap().iter() {
-            let t = weights.get(name).ok_or_else(|| anyhow::anyhow!("checkpoint lacks `{name}`"))?;
+        for (name, var) in self.trainable() {
+            let t = weights.get(&name).ok_or_else(|| anyhow::anyhow!("checkpoint lacks `{name}`"))?;
             var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
         }
         self.optimizer.load_state(&optimizer, state.step)?;
@@ -75,7 +96,7 @@ impl<'a> Trainer<'a> {
     }
 
     fn save_checkpoint(&self) -> Result<PathBuf> {
-        let weights: HashMap<String, Tensor> = self.varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        let weights: HashMap<String, Tensor> = self.trainable().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
         let state = TrainState { step: self.step, rng_state: self.rng.state };
         checkpoint::save(&self.config.checkpoint_dir, &weights, &self.optimizer.state(), &state, self.config.checkpoints_total_limit)
     }
@@ -90,7 +111,13 @@ impl<'a> Trainer<'a> {
         let dev = picked[0].latent_mean.device().clone();
         let mean = Tensor::stack(&picked.iter().map(|e| e.latent_mean.clone()).collect::<Vec<_>>(), 0)?;
         let std = Tensor::stack(&picked.iter().map(|e| e.latent_std.clone()).collect::<Vec<_>>(), 0)?;
-        let context = Tensor::stack(&picked.iter().map(|e| e.context.clone()).collect::<Vec<_>>(), 0)?;
+        let context = match self.text {
+            Some((text, _)) => {
+                let ids = picked.iter().map(|e| e.ids.clone().ok_or_else(|| anyhow::anyhow!("text-encoder training needs token ids"))).collect::<Result<Vec<_>>>()?;
+                text.forward(&Tensor::stack(&ids, 0)?, candle_core::DType::F32)?
+            }
+            None => Tensor::stack(&picked.iter().map(|e| e.context.clone()).collect::<Vec<_>>(), 0)?,
+        };
         let shape = mean.dims().to_vec();
         let latents = (&mean + (std * self.rng.normal(&shape, &dev)?.to_dtype(mean.dtype())?)?)?;
         let mut noise = self.rng.normal(&shape, &dev)?.to_dtype(mean.dtype())?;
@@ -106,7 +133,7 @@ impl<'a> Trainer<'a> {
 
     /// Trains up to `max_train_steps` (or `stop_at`), calling `on_step(step, loss, lr)`; returns the losses.
     pub fn run(&mut self, instances: &[Example], classes: &[Example], stop_at: Option<usize>, mut on_step: impl FnMut(usize, f32, f64)) -> Result<Vec<f32>> {
-        let vars: Vec<Var> = self.varmap.all_vars();
+        let vars: Vec<Var> = self.trainable().into_iter().map(|(_, v)| v).collect();
         let c = self.config.clone();
         let mut losses = Vec::new();
         let end = stop_at.unwrap_or(c.max_train_steps).min(c.max_train_steps);
@@ -165,6 +192,7 @@ mod tests {
                 latent_mean: rng.normal(&[4, 8, 8], &dev).unwrap(),
                 latent_std: (rng.normal(&[4, 8, 8], &dev).unwrap().abs().unwrap() * 0.1).unwrap(),
                 context: rng.normal(&[5, 12], &dev).unwrap(),
+                ids: None,
             })
             .collect()
     }
