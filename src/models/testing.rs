@@ -41,3 +41,13 @@ pub fn finite_difference_check(varmap: &VarMap, names: &[&str], loss: impl Fn() 
         }
     }
 }
+
+/// A two-block UNet config small enough for CPU tests (cross-attention width 12).
+pub fn tiny_unet_config() -> crate::models::unet::UNetConfig {
+    serde_json::from_value(serde_json::json!({
+        "in_channels": 4, "out_channels": 4, "block_out_channels": [8, 16], "layers_per_block": 1,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "cross_attention_dim": 12, "attention_head_dim": 2, "norm_num_groups": 4
+    }))
+    .unwrap()
+}

@@ -49,6 +49,7 @@ pub fn dreambooth_loss(unet: &UNet, schedule: &NoiseSchedule, latents: &Tensor, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::testing::assert_every_var_has_a_gradient;
     use crate::models::unet::{UNet, UNetConfig};
     use crate::train::optim::{AdamW, AdamWParams};
     use crate::train::schedule::ScheduleConfig;
@@ -56,12 +57,7 @@ mod tests {
     use candle_nn::{VarBuilder, VarMap};
 
     fn setup() -> (VarMap, UNet, NoiseSchedule, Tensor, Tensor, Tensor) {
-        let cfg: UNetConfig = serde_json::from_value(serde_json::json!({
-            "in_channels": 4, "out_channels": 4, "block_out_channels": [8, 16], "layers_per_block": 1,
-            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-            "cross_attention_dim": 12, "attention_head_dim": 2, "norm_num_groups": 4
-        }))
-        .unwrap();
+        let cfg: UNetConfig = crate::models::testing::tiny_unet_config();
         let varmap = VarMap::new();
         let unet = UNet::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &cfg).unwrap();
         let schedule = NoiseSchedule::new(&serde_json::from_str::<ScheduleConfig>("{}").unwrap()).unwrap();
@@ -103,32 +99,10 @@ mod tests {
         }
         assert!(losses[39] < 0.5 * losses[0], "loss did not fall: {losses:?}");
     }
-}
-
-#[cfg(test)]
-mod half_precision_tests {
-    use super::*;
-    use crate::models::testing::assert_every_var_has_a_gradient;
-    use crate::models::unet::{UNet, UNetConfig};
-    use crate::train::schedule::ScheduleConfig;
-    use candle_core::{DType, Device};
-    use candle_nn::{VarBuilder, VarMap};
 
     #[test]
     fn half_precision_compute_trains_f32_master_weights() {
-        let cfg: UNetConfig = serde_json::from_value(serde_json::json!({
-            "in_channels": 4, "out_channels": 4, "block_out_channels": [8, 16], "layers_per_block": 1,
-            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-            "cross_attention_dim": 12, "attention_head_dim": 2, "norm_num_groups": 4
-        }))
-        .unwrap();
-        let varmap = VarMap::new();
-        let unet = UNet::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &cfg).unwrap();
-        let schedule = NoiseSchedule::new(&serde_json::from_str::<ScheduleConfig>("{}").unwrap()).unwrap();
-        let dev = Device::Cpu;
-        let latents = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev).unwrap();
-        let context = Tensor::randn(0f32, 1.0, (2, 5, 12), &dev).unwrap();
-        let noise = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev).unwrap();
+        let (varmap, unet, schedule, latents, context, noise) = setup();
         let cfg = LossConfig { with_prior_preservation: true, prior_loss_weight: 1.0, snr_gamma: None };
         let full = dreambooth_loss(&unet, &schedule, &latents, &context, &noise, &[10, 500], &cfg).unwrap().to_scalar::<f32>().unwrap();
         // Candle's CPU backend has no bf16 matmul: bf16 is for CUDA (verified there, issue 5).

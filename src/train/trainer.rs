@@ -198,12 +198,7 @@ mod tests {
     }
 
     fn unet() -> (VarMap, UNet) {
-        let cfg: UNetConfig = serde_json::from_value(serde_json::json!({
-            "in_channels": 4, "out_channels": 4, "block_out_channels": [8, 16], "layers_per_block": 1,
-            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-            "cross_attention_dim": 12, "attention_head_dim": 2, "norm_num_groups": 4
-        }))
-        .unwrap();
+        let cfg: UNetConfig = crate::models::testing::tiny_unet_config();
         let varmap = VarMap::new();
         let unet = UNet::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &cfg).unwrap();
         // Same initial weights in every run: overwrite the random init deterministically.
