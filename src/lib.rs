@@ -13,3 +13,5 @@ pub mod hub;
 pub mod models;
 pub mod train;
 pub mod generate;
+pub mod device;
+pub mod bench;

@@ -25,6 +25,9 @@ enum Command {
     Train(Box<TrainCli>),
     /// Text-to-image with a diffusers folder or Hub repo (DDIM, classifier-free guidance), PNG files out.
     Generate(GenerateArgs),
+    /// Benchmarks on SD 1.5 shapes (training step, text-to-image) and the GPU correctness check.
+    #[command(subcommand)]
+    Bench(dreambridge::bench::cli::BenchCommand),
     /// Download a Hub model repo into the Hub cache (Python-compatible) and print its folder.
     Download {
         /// Repository id, `namespace/name`.
@@ -43,6 +46,8 @@ enum Command {
         inputs: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// List a .h5 or .safetensors file's tensors and its detected model kind.
     Inspect {
@@ -149,6 +154,15 @@ struct TrainCli {
     /// UNet compute precision: no, fp16 (no loss scaling), bf16 (CUDA builds); weights stay f32.
     #[arg(long, default_value = "no")]
     mixed_precision: String,
+    /// auto (GPU when this is a CUDA build and one is present), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Let f32 matrix products use TF32 tensor cores (CUDA).
+    #[arg(long)]
+    allow_tf32: bool,
+    /// Recompute UNet blocks during backward instead of keeping their activations (less memory).
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Also write the KerasCV .h5 files (output_dir/keras).
     #[arg(long)]
     export_keras: bool,
@@ -180,6 +194,9 @@ struct GenerateArgs {
     /// Folder for image_<n>.png (created if missing; existing images are not overwritten).
     #[arg(long)]
     out: PathBuf,
+    /// auto (GPU when this is a CUDA build and one is present), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -272,7 +289,7 @@ fn run(cli: Cli) -> Result<()> {
                 a.repo, done.commit, done.uploaded_lfs, done.skipped_lfs, done.regular, done.unchanged
             );
         }
-        Command::Forward { component, model, inputs, out } => dreambridge::models::forward::run(&component, &model, &inputs, &out)?,
+        Command::Forward { component, model, inputs, out, device } => dreambridge::models::forward::run(&component, &model, &inputs, &out, &dreambridge::device::parse(&device)?)?,
         Command::Train(a) => {
             let args = dreambridge::train::command::TrainArgs {
                 pretrained_model: a.pretrained_model_name_or_path,
@@ -308,6 +325,9 @@ fn run(cli: Cli) -> Result<()> {
                 force: a.force,
                 mixed_precision: a.mixed_precision,
                 train_text_encoder: a.train_text_encoder,
+                device: a.device,
+                allow_tf32: a.allow_tf32,
+                gradient_checkpointing: a.gradient_checkpointing,
             };
             let done = dreambridge::train::command::train(&args)?;
             println!("trained {} steps -> {}", done.losses.len(), done.output_dir.display());
@@ -324,7 +344,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => {
             anyhow::ensure!(a.size % 8 == 0 && a.size >= 8, "--size must be a multiple of 8");
             let model = dreambridge::hub::download::local_or_hub(&a.model)?;
-            let pipe = dreambridge::generate::pipeline::Pipeline::load(&model, &candle_core::Device::Cpu)?;
+            let pipe = dreambridge::generate::pipeline::Pipeline::load(&model, &dreambridge::device::parse(&a.device)?)?;
             std::fs::create_dir_all(&a.out)?;
             let mut rng = dreambridge::train::rng::TrainRng::new(a.seed);
             for i in 0..a.num_images {
@@ -335,6 +355,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", path.display());
             }
         }
+        Command::Bench(cmd) => dreambridge::bench::cli::run(cmd)?,
         Command::Download { repo, revision } => {
             println!("{}", dreambridge::hub::download::snapshot(&repo, revision.as_deref())?.display());
         }

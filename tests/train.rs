@@ -50,6 +50,9 @@ fn args(dir: &Path, out: &Path) -> TrainArgs {
         force: false,
         mixed_precision: "no".into(),
         train_text_encoder: false,
+        device: "cpu".into(),
+        allow_tf32: false,
+        gradient_checkpointing: false,
     }
 }
 
@@ -100,11 +103,22 @@ fn text_encoder_training_updates_and_writes_the_text_encoder() {
         checkpointing_steps: 2,
         ..args(dir.path(), &out)
     };
-    train(&a).unwrap();
+    let plain = train(&a).unwrap().losses;
     let trained = Pipeline::load(&out, &candle_core::Device::Cpu).unwrap();
     let base = Pipeline::load(&dir.path().join("sample"), &candle_core::Device::Cpu).unwrap();
     let w = |p: &Pipeline| p.text_vars.data().lock().unwrap()["text_model.encoder.layers.0.mlp.fc1.weight"].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_ne!(w(&trained), w(&base), "the text encoder was trained and written");
     let ckpt = candle_core::safetensors::load(out.join("checkpoint-4/weights.safetensors"), &candle_core::Device::Cpu).unwrap();
     assert!(ckpt.contains_key("text_model.final_layer_norm.weight") && ckpt.contains_key("conv_in.weight"), "checkpoints hold both models");
+
+    // Gradient checkpointing changes memory, not the result: same losses and weights, the text
+    // encoder's gradient flowing through the recomputed UNet blocks.
+    let out_cp = dir.path().join("out-checkpointed");
+    let recomputed = train(&TrainArgs { gradient_checkpointing: true, output_dir: out_cp.clone(), ..a }).unwrap().losses;
+    for (p, r) in plain.iter().zip(&recomputed) {
+        assert!((p - r).abs() <= 1e-5 * p.abs().max(1.0), "losses {plain:?} vs {recomputed:?}");
+    }
+    let w_cp = w(&Pipeline::load(&out_cp, &candle_core::Device::Cpu).unwrap());
+    let max_diff = w(&trained).iter().zip(&w_cp).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max_diff < 1e-5, "text encoder weights differ by {max_diff} with checkpointing");
 }

@@ -19,8 +19,8 @@ fn config<T: serde::de::DeserializeOwned>(dir: &Path, component: Component) -> R
 
 /// Inputs: unet `sample`, `timesteps`, `context`; text-encoder `input_ids`; vae-encode `image`
 /// (output: latent mean); vae-decode `latents`. Output: `out` (f32).
-pub fn run(component: &str, model: &Path, inputs: &Path, out: &Path) -> Result<()> {
-    let dev = Device::Cpu;
+pub fn run(component: &str, model: &Path, inputs: &Path, out: &Path, dev: &Device) -> Result<()> {
+    let dev = dev.clone();
     let x = candle_core::safetensors::load(inputs, &dev).with_context(|| inputs.display().to_string())?;
     let get = |k: &str| x.get(k).with_context(|| format!("{}: no `{k}`", inputs.display()));
     let varmap = VarMap::new();
@@ -45,7 +45,7 @@ pub fn run(component: &str, model: &Path, inputs: &Path, out: &Path) -> Result<(
                 net.decode(&get("latents")?.to_dtype(DType::F32)?)?
             }
         }
-        "train-step" => return train_step(model, &x, out),
+        "train-step" => return train_step(model, &x, out, &dev),
         other => bail!("unknown component `{other}` (unet, text-encoder, vae-encode, vae-decode, train-step)"),
     };
     candle_core::safetensors::save(&HashMap::from([("out".to_string(), result.to_dtype(DType::F32)?)]), out)?;
@@ -54,11 +54,11 @@ pub fn run(component: &str, model: &Path, inputs: &Path, out: &Path) -> Result<(
 
 /// One DreamBooth training step (prior preservation, weight 1; clip 1.0; AdamW lr 1e-3, wd 1e-2)
 /// on given `latents`, `noise`, `timesteps`, `context`: writes `loss` and every updated weight.
-fn train_step(model: &Path, x: &HashMap<String, candle_core::Tensor>, out: &Path) -> Result<()> {
+fn train_step(model: &Path, x: &HashMap<String, candle_core::Tensor>, out: &Path, dev: &Device) -> Result<()> {
     use crate::train::loss::{dreambooth_loss, LossConfig};
     use crate::train::optim::{clip_grad_norm, AdamW, AdamWParams};
     use crate::train::schedule::{NoiseSchedule, ScheduleConfig};
-    let dev = Device::Cpu;
+    let dev = dev.clone();
     let get = |k: &str| x.get(k).with_context(|| format!("no `{k}`"));
     let varmap = VarMap::new();
     let net = UNet::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &config::<UNetConfig>(model, Component::Unet)?)?;

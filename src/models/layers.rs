@@ -141,7 +141,8 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight.to_dtype(x.dtype())?, self.padding, self.stride, 1, 1)?;
+        let w = self.weight.to_dtype(x.dtype())?;
+        let y = if self.stride == 1 { super::conv::conv2d_stride1(x, &w, self.padding)? } else { x.conv2d(&w, self.padding, self.stride, 1, 1)? };
         y.broadcast_add(&self.bias.to_dtype(x.dtype())?.reshape((1, (), 1, 1))?)
     }
 }

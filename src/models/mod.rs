@@ -1,6 +1,8 @@
 //! Differentiable Stable Diffusion models for training (Candle), loading diffusers weights.
 
+pub mod checkpoint;
 pub mod clip;
+pub mod conv;
 pub mod forward;
 pub mod layers;
 pub mod resnet;

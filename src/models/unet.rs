@@ -1,11 +1,14 @@
 //! diffusers' `UNet2DConditionModel` (SD 1.x / 2.x), differentiable, with per-sample timesteps,
 //! built from `unet/config.json` and loading diffusers keys.
 
+use super::checkpoint::{Checkpointer, Segment};
 use super::layers::{softmax_last, upsample_nearest_2x, Conv2d, GroupNorm, LayerNorm, Linear};
 use super::resnet::ResnetBlock;
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Module, Result, Tensor, Var, D};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
+use std::sync::{Arc, RwLock};
 
 /// The fields of `unet/config.json` the model needs.
 #[derive(Clone, Debug, Deserialize)]
@@ -188,8 +191,8 @@ impl SpatialTransformer {
 
 /// One down or up block: resnets, optional cross-attention after each, optional resampler.
 struct Block {
-    resnets: Vec<ResnetBlock>,
-    attentions: Vec<SpatialTransformer>,
+    resnets: Vec<Segment>,
+    attentions: Vec<Segment>,
     resample: Option<Conv2d>,
 }
 
@@ -199,11 +202,21 @@ pub struct UNet {
     time_linear_1: Linear,
     time_linear_2: Linear,
     down: Vec<Block>,
-    mid_resnets: Vec<ResnetBlock>,
-    mid_attention: SpatialTransformer,
+    mid_resnets: Vec<Segment>,
+    mid_attention: Segment,
     up: Vec<Block>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// Set by [`UNet::enable_gradient_checkpointing`].
+    checkpointer: RwLock<Option<Arc<Checkpointer>>>,
+}
+
+fn resnet_segment(r: ResnetBlock) -> Segment {
+    Arc::new(move |x: &Tensor, temb: &Tensor, _: &Tensor| r.forward(x, Some(temb)))
+}
+
+fn attention_segment(a: SpatialTransformer) -> Segment {
+    Arc::new(move |x: &Tensor, _: &Tensor, context: &Tensor| a.forward(x, context))
 }
 
 impl UNet {
@@ -217,9 +230,9 @@ impl UNet {
             let vb = vb.pp("down_blocks").pp(i);
             let mut block = Block { resnets: Vec::new(), attentions: Vec::new(), resample: None };
             for j in 0..c.layers_per_block {
-                block.resnets.push(ResnetBlock::new(vb.pp("resnets").pp(j), c.norm_num_groups, c.norm_eps, if j == 0 { cin } else { ch[i] }, ch[i], Some(ch[0] * 4))?);
+                block.resnets.push(resnet_segment(ResnetBlock::new(vb.pp("resnets").pp(j), c.norm_num_groups, c.norm_eps, if j == 0 { cin } else { ch[i] }, ch[i], Some(ch[0] * 4))?));
                 if cross(kind) {
-                    block.attentions.push(SpatialTransformer::new(vb.pp("attentions").pp(j), c, ch[i], c.heads(i))?);
+                    block.attentions.push(attention_segment(SpatialTransformer::new(vb.pp("attentions").pp(j), c, ch[i], c.heads(i))?));
                 }
             }
             if i + 1 < n {
@@ -229,9 +242,9 @@ impl UNet {
             cin = ch[i];
         }
         let mid = vb.pp("mid_block");
-        let mid_res = |j: usize| ResnetBlock::new(mid.pp("resnets").pp(j), c.norm_num_groups, c.norm_eps, ch[n - 1], ch[n - 1], Some(ch[0] * 4));
+        let mid_res = |j: usize| ResnetBlock::new(mid.pp("resnets").pp(j), c.norm_num_groups, c.norm_eps, ch[n - 1], ch[n - 1], Some(ch[0] * 4)).map(resnet_segment);
         let mid_resnets = vec![mid_res(0)?, mid_res(1)?];
-        let mid_attention = SpatialTransformer::new(mid.pp("attentions").pp(0), c, ch[n - 1], c.heads(n - 1))?;
+        let mid_attention = attention_segment(SpatialTransformer::new(mid.pp("attentions").pp(0), c, ch[n - 1], c.heads(n - 1))?);
         let mut up = Vec::new();
         let mut out_ch = ch[n - 1];
         for (i, kind) in c.up_block_types.iter().enumerate() {
@@ -244,9 +257,9 @@ impl UNet {
             for j in 0..layers {
                 let skip = if j == layers - 1 { input } else { out_ch };
                 let rin = if j == 0 { prev } else { out_ch };
-                block.resnets.push(ResnetBlock::new(vb.pp("resnets").pp(j), c.norm_num_groups, c.norm_eps, rin + skip, out_ch, Some(ch[0] * 4))?);
+                block.resnets.push(resnet_segment(ResnetBlock::new(vb.pp("resnets").pp(j), c.norm_num_groups, c.norm_eps, rin + skip, out_ch, Some(ch[0] * 4))?));
                 if cross(kind) {
-                    block.attentions.push(SpatialTransformer::new(vb.pp("attentions").pp(j), c, out_ch, c.heads(n - 1 - i))?);
+                    block.attentions.push(attention_segment(SpatialTransformer::new(vb.pp("attentions").pp(j), c, out_ch, c.heads(n - 1 - i))?));
                 }
             }
             if i + 1 < n {
@@ -265,7 +278,31 @@ impl UNet {
             conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), c.norm_num_groups, ch[0], c.norm_eps)?,
             conv_out: Conv2d::new(vb.pp("conv_out"), ch[0], c.out_channels, 3, 1, 1)?,
             config: c.clone(),
+            checkpointer: RwLock::new(None),
         })
+    }
+
+    /// Recomputes each resnet and transformer during backward instead of keeping their
+    /// activations (diffusers' `enable_gradient_checkpointing`). `params`: the UNet's Vars. Losses
+    /// must then be differentiated with [`UNet::backward`].
+    pub fn enable_gradient_checkpointing(&self, params: &[Var]) {
+        *self.checkpointer.write().unwrap() = Some(Arc::new(Checkpointer::new(params)));
+    }
+
+    /// `loss.backward()`, plus the parameter gradients of checkpointed segments.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let mut grads = loss.backward()?;
+        if let Some(cp) = self.checkpointer.read().unwrap().as_ref() {
+            cp.merge_into(&mut grads)?;
+        }
+        Ok(grads)
+    }
+
+    fn run(&self, segment: &Segment, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+        match self.checkpointer.read().unwrap().as_ref() {
+            Some(cp) if x.track_op() => cp.apply(segment, x, temb, context),
+            _ => segment(x, temb, context),
+        }
     }
 
     /// Predicts noise (or v) for latents `(B, C, H, W)` at per-sample `timesteps` `(B,)`, with text
@@ -280,9 +317,9 @@ impl UNet {
         let mut skips = vec![x.clone()];
         for block in &self.down {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                x = resnet.forward(&x, Some(&temb))?;
+                x = self.run(resnet, &x, &temb, &context)?;
                 if let Some(attn) = block.attentions.get(j) {
-                    x = attn.forward(&x, &context)?;
+                    x = self.run(attn, &x, &temb, &context)?;
                 }
                 skips.push(x.clone());
             }
@@ -291,15 +328,15 @@ impl UNet {
                 skips.push(x.clone());
             }
         }
-        x = self.mid_resnets[0].forward(&x, Some(&temb))?;
-        x = self.mid_attention.forward(&x, &context)?;
-        x = self.mid_resnets[1].forward(&x, Some(&temb))?;
+        x = self.run(&self.mid_resnets[0], &x, &temb, &context)?;
+        x = self.run(&self.mid_attention, &x, &temb, &context)?;
+        x = self.run(&self.mid_resnets[1], &x, &temb, &context)?;
         for block in &self.up {
             for (j, resnet) in block.resnets.iter().enumerate() {
                 let skip = skips.pop().expect("one skip per up resnet");
-                x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, Some(&temb))?;
+                x = self.run(resnet, &Tensor::cat(&[&x, &skip], 1)?, &temb, &context)?;
                 if let Some(attn) = block.attentions.get(j) {
-                    x = attn.forward(&x, &context)?;
+                    x = self.run(attn, &x, &temb, &context)?;
                 }
             }
             if let Some(conv) = &block.resample {
@@ -383,6 +420,38 @@ mod tests {
             let one = model.forward(&x.narrow(0, i, 1).unwrap(), &t.narrow(0, i, 1).unwrap(), &ctx.narrow(0, i, 1).unwrap()).unwrap();
             let diff = (both.narrow(0, i, 1).unwrap() - one).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-5, "sample {i}: {diff}");
+        }
+    }
+
+    #[test]
+    fn gradient_checkpointing_gives_the_same_gradients() {
+        let grads_of = |checkpointing: bool| {
+            let varmap = VarMap::new();
+            let model = UNet::new(VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu), &tiny(false)).unwrap();
+            let mut vars: Vec<(String, Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            for (i, (_, v)) in vars.iter().enumerate() {
+                let n = v.elem_count();
+                let values: Vec<f64> = (0..n).map(|j| ((i * 31 + j) as f64 * 0.37).sin() * 0.3).collect();
+                v.set(&Tensor::from_vec(values, v.shape(), &Device::Cpu).unwrap()).unwrap();
+            }
+            if checkpointing {
+                model.enable_gradient_checkpointing(&vars.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>());
+            }
+            let (x, t, ctx) = inputs(DType::F64);
+            let ctx = Var::from_tensor(&ctx).unwrap(); // the text encoder's output, when it trains
+            let out = model.forward(&x, &t, ctx.as_tensor()).unwrap();
+            let grads = model.backward(&out.sqr().unwrap().sum_all().unwrap()).unwrap();
+            let mut all: Vec<Vec<f64>> = vars.iter().map(|(name, v)| grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient")).flatten_all().unwrap().to_vec1().unwrap()).collect();
+            all.push(grads.get(ctx.as_tensor()).expect("context gradient").flatten_all().unwrap().to_vec1().unwrap());
+            all
+        };
+        let (plain, recomputed) = (grads_of(false), grads_of(true));
+        assert_eq!(plain.len(), recomputed.len());
+        for (i, (a, b)) in plain.iter().zip(&recomputed).enumerate() {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-9 * (1.0 + x.abs()), "tensor {i}: {x} vs {y}");
+            }
         }
     }
 }

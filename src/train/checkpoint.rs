@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 pub struct TrainState {
     pub step: usize,
     pub rng_state: u64,
+    /// The fp16 loss scale, when training in fp16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
 }
 
 /// Saves a checkpoint for `state.step` under `dir`, then removes the oldest beyond `keep`.

@@ -56,6 +56,12 @@ pub struct TrainArgs {
     pub train_text_encoder: bool,
     /// `no`, `fp16` or `bf16` (bf16 needs CUDA): UNet compute dtype; master weights stay f32.
     pub mixed_precision: String,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// TF32 tensor cores for f32 GEMMs (CUDA).
+    pub allow_tf32: bool,
+    /// Recompute UNet blocks in backward instead of storing their activations.
+    pub gradient_checkpointing: bool,
 }
 
 pub struct Trained {
@@ -64,7 +70,9 @@ pub struct Trained {
 }
 
 pub fn train(a: &TrainArgs) -> Result<Trained> {
-    let dev = Device::Cpu;
+    let dev = crate::device::parse(&a.device)?;
+    crate::device::allow_tf32(a.allow_tf32);
+    eprintln!("training on {}", crate::device::describe(&dev));
     ensure!(a.resolution % 8 == 0, "--resolution must be a multiple of 8");
     if a.output_dir.join("model_index.json").exists() && !a.force && a.resume_from_checkpoint.is_none() {
         bail!("{}: already holds a pipeline (use --force to replace it)", a.output_dir.display());
@@ -106,6 +114,9 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
         seed: a.seed,
         compute_dtype: compute_dtype(&a.mixed_precision, &dev)?,
     };
+    if a.gradient_checkpointing {
+        pipe.unet.enable_gradient_checkpointing(&pipe.unet_vars.all_vars());
+    }
     let mut trainer = Trainer::new(&pipe.unet, &pipe.unet_vars, &schedule, config)?;
     if a.train_text_encoder {
         trainer = trainer.with_text_encoder(&pipe.text, &pipe.text_vars)?;
@@ -137,7 +148,8 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
     Ok(Trained { output_dir: a.output_dir.clone(), losses })
 }
 
-fn compute_dtype(mixed: &str, dev: &Device) -> Result<candle_core::DType> {
+/// `--mixed-precision` (no, fp16, bf16) as the UNet compute dtype on `dev`.
+pub fn compute_dtype(mixed: &str, dev: &Device) -> Result<candle_core::DType> {
     Ok(match mixed {
         "no" | "fp32" => candle_core::DType::F32,
         "fp16" => candle_core::DType::F16,

@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod command;
 pub mod data;
 pub mod loss;
+pub mod loss_scale;
 pub mod optim;
 pub mod prompt;
 pub mod rng;

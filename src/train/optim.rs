@@ -81,13 +81,12 @@ impl AdamW {
 
 /// Scales every gradient so the global L2 norm is at most `max_norm`; returns the norm before.
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
-    let mut total = 0.0;
-    for v in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            total += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
-        }
+    // One sum of squares per gradient, added up on the device: a single transfer to the host.
+    let squares = vars.iter().filter_map(|v| grads.get(v.as_tensor())).map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_dtype(DType::F64)).collect::<candle_core::Result<Vec<_>>>()?;
+    if squares.is_empty() {
+        return Ok(0.0);
     }
-    let norm = total.sqrt();
+    let norm = Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt();
     let scale = max_norm / (norm + 1e-6);
     if scale < 1.0 {
         for v in vars {

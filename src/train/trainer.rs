@@ -3,6 +3,7 @@
 //! global grad-norm clipping, the LR schedule, AdamW, and checkpoints that resume exactly.
 
 use super::checkpoint::{self, TrainState};
+use super::loss_scale::LossScaler;
 use super::loss::{dreambooth_loss, LossConfig};
 use super::optim::{clip_grad_norm, AdamW, AdamWParams, LrSchedule};
 use super::rng::TrainRng;
@@ -56,6 +57,10 @@ pub struct Trainer<'a> {
     pub optimizer: AdamW,
     pub rng: TrainRng,
     pub step: usize,
+    /// Present when computing in f16.
+    pub scaler: Option<LossScaler>,
+    /// Optimiser steps skipped because fp16 gradients overflowed.
+    pub skipped_steps: usize,
 }
 
 impl<'a> Trainer<'a> {
@@ -63,7 +68,8 @@ impl<'a> Trainer<'a> {
         let vars: Vec<(String, Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let optimizer = AdamW::new(vars, config.adam)?;
         let rng = TrainRng::new(config.seed);
-        Ok(Trainer { unet, varmap, text: None, schedule, config, optimizer, rng, step: 0 })
+        let scaler = (config.compute_dtype == candle_core::DType::F16).then(LossScaler::default);
+        Ok(Trainer { unet, varmap, text: None, schedule, config, optimizer, rng, step: 0, scaler, skipped_steps: 0 })
     }
 
     /// Trains the text encoder too: prompt embeddings are recomputed each step, with gradients.
@@ -91,13 +97,16 @@ impl<'a> Trainer<'a> {
         }
         self.optimizer.load_state(&optimizer, state.step)?;
         self.rng.state = state.rng_state;
+        if let (Some(s), Some(scale)) = (self.scaler.as_mut(), state.loss_scale) {
+            s.scale = scale;
+        }
         self.step = state.step;
         Ok(())
     }
 
     fn save_checkpoint(&self) -> Result<PathBuf> {
         let weights: HashMap<String, Tensor> = self.trainable().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
-        let state = TrainState { step: self.step, rng_state: self.rng.state };
+        let state = TrainState { step: self.step, rng_state: self.rng.state, loss_scale: self.scaler.as_ref().map(|s| s.scale) };
         checkpoint::save(&self.config.checkpoint_dir, &weights, &self.optimizer.state(), &state, self.config.checkpoints_total_limit)
     }
 
@@ -144,7 +153,10 @@ impl<'a> Trainer<'a> {
                 let (latents, noise, context, t) = self.micro_batch(instances, classes)?;
                 let loss = (dreambooth_loss(self.unet, self.schedule, &latents, &context, &noise, &t, &c.loss)? / c.gradient_accumulation_steps as f64)?;
                 loss_sum += loss.to_scalar::<f32>()?;
-                let grads = loss.backward()?;
+                let grads = match &self.scaler {
+                    Some(s) => self.unet.backward(&(&loss * s.scale)?)?,
+                    None => self.unet.backward(&loss)?,
+                };
                 total = Some(match total {
                     None => grads,
                     Some(mut acc) => {
@@ -162,9 +174,16 @@ impl<'a> Trainer<'a> {
                 });
             }
             let mut grads = total.expect("at least one micro-batch");
-            clip_grad_norm(&mut grads, &vars, c.max_grad_norm)?;
+            if let Some(s) = &self.scaler {
+                s.unscale(&mut grads, &vars)?;
+            }
+            let norm = clip_grad_norm(&mut grads, &vars, c.max_grad_norm)?;
             let lr = c.learning_rate * c.lr_scheduler.factor(self.step, c.lr_warmup_steps, c.max_train_steps);
-            self.optimizer.step(&grads, lr)?;
+            if self.scaler.as_mut().map_or(true, |s| s.update(norm.is_finite())) {
+                self.optimizer.step(&grads, lr)?;
+            } else {
+                self.skipped_steps += 1;
+            }
             self.step += 1;
             losses.push(loss_sum);
             on_step(self.step, loss_sum, lr);
@@ -272,5 +291,23 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("checkpoint-9")).unwrap(); // no state.json: killed mid-save
         assert!(checkpoint::list(dir.path()).unwrap().is_empty());
         assert!(checkpoint::load(dir.path(), "latest").is_err());
+    }
+
+    #[test]
+    fn fp16_training_scales_the_loss_and_still_updates() {
+        let schedule = NoiseSchedule::new(&serde_json::from_str::<ScheduleConfig>("{}").unwrap()).unwrap();
+        let (inst, class) = (examples(3, 1), examples(4, 2));
+        let dir = tempfile::tempdir().unwrap();
+        let (varmap, unet) = unet();
+        let before = weights(&varmap);
+        let cfg = TrainConfig { compute_dtype: DType::F16, checkpointing_steps: None, ..config(dir.path()) };
+        let mut t = Trainer::new(&unet, &varmap, &schedule, cfg).unwrap();
+        let losses = t.run(&inst, &class, None, |_, _, _| {}).unwrap();
+        assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+        let scaler = t.scaler.clone().expect("f16 compute gets a loss scaler");
+        // Each overflow halves the scale from 65536; the steps that were not skipped moved the weights.
+        assert_eq!(scaler.scale, 65536.0 / 2f64.powi(t.skipped_steps as i32));
+        assert!(t.skipped_steps < 6, "every step overflowed");
+        assert_ne!(weights(&varmap), before);
     }
 }

@@ -1,0 +1,154 @@
+//! `dreambridge bench train`: DreamBooth training steps as the trainer runs them (instance + class
+//! sample, per-sample timesteps, prior-preservation loss, backward, grad-norm clip 1.0, AdamW), on
+//! an SD 1.5-size UNet with random weights and random latents/text embeddings.
+
+use super::memory::PeakMemory;
+use super::stats::{gib, Timing};
+use crate::models::unet::{UNet, UNetConfig};
+use crate::train::loss::{dreambooth_loss, LossConfig};
+use crate::train::optim::{clip_grad_norm, AdamW, AdamWParams};
+use crate::train::rng::TrainRng;
+use crate::train::schedule::{NoiseSchedule, ScheduleConfig};
+use anyhow::Result;
+use candle_core::{DType, Device, Var};
+use candle_nn::{VarBuilder, VarMap};
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct TrainBenchOptions {
+    pub unet: UNetConfig,
+    /// Image side in pixels (latents are a eighth of it).
+    pub resolution: usize,
+    /// Text tokens per prompt (77 in SD).
+    pub tokens: usize,
+    pub warmup_steps: usize,
+    pub steps: usize,
+    pub compute_dtype: DType,
+    pub gradient_checkpointing: bool,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TrainBenchReport {
+    pub device: String,
+    pub compute_dtype: String,
+    pub resolution: usize,
+    /// Samples per step: one instance and one class image.
+    pub batch: usize,
+    pub parameters: usize,
+    pub gradient_checkpointing: bool,
+    pub steps: usize,
+    pub step: Timing,
+    pub images_per_s: f64,
+    pub peak_memory_bytes: u64,
+    pub peak_memory_kind: &'static str,
+    pub first_loss: f32,
+    pub last_loss: f32,
+}
+
+impl TrainBenchReport {
+    pub fn summary(&self) -> String {
+        format!(
+            "train step  {} {} {}px batch {} ({} params{}): {:.1} ms/step median ({:.1} mean, {:.1} min) over {} steps, {:.2} images/s, peak memory {:.2} GiB ({}); loss {:.4} -> {:.4}",
+            self.device,
+            self.compute_dtype,
+            self.resolution,
+            self.batch,
+            self.parameters,
+            if self.gradient_checkpointing { ", gradient checkpointing" } else { "" },
+            self.step.median_ms,
+            self.step.mean_ms,
+            self.step.min_ms,
+            self.steps,
+            self.images_per_s,
+            gib(self.peak_memory_bytes),
+            self.peak_memory_kind,
+            self.first_loss,
+            self.last_loss
+        )
+    }
+}
+
+/// Runs `warmup_steps + steps` optimiser steps, timing the last `steps` (the device is
+/// synchronised after each step). `progress(i, total)` is called after every step.
+pub fn run(o: &TrainBenchOptions, dev: &Device, mut progress: impl FnMut(usize, usize)) -> Result<TrainBenchReport> {
+    anyhow::ensure!(o.resolution % 8 == 0 && o.resolution >= 64, "resolution must be a multiple of 8, at least 64");
+    anyhow::ensure!(o.steps > 0, "at least one timed step");
+    let memory = PeakMemory::start(dev)?;
+    let varmap = VarMap::new();
+    let unet = UNet::new(VarBuilder::from_varmap(&varmap, DType::F32, dev), &o.unet)?;
+    let vars: Vec<(String, Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let all: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    if o.gradient_checkpointing {
+        unet.enable_gradient_checkpointing(&all);
+    }
+    let parameters = all.iter().map(|v| v.elem_count()).sum();
+    let mut optimizer = AdamW::new(vars, AdamWParams::default())?;
+    let schedule = NoiseSchedule::new(&serde_json::from_str::<ScheduleConfig>("{}")?)?;
+    let loss_cfg = LossConfig { with_prior_preservation: true, prior_loss_weight: 1.0, snr_gamma: None };
+
+    let mut rng = TrainRng::new(0);
+    let (b, c, side) = (2, o.unet.in_channels, o.resolution / 8);
+    let dt = o.compute_dtype;
+    let latents = rng.normal(&[b, c, side, side], dev)?.to_dtype(dt)?;
+    let context = rng.normal(&[b, o.tokens, o.unet.cross_attention_dim], dev)?.to_dtype(dt)?;
+    let total = o.warmup_steps + o.steps;
+    let (mut times, mut losses) = (Vec::new(), Vec::new());
+    for i in 0..total {
+        let noise = rng.normal(&[b, c, side, side], dev)?.to_dtype(dt)?;
+        let timesteps: Vec<usize> = (0..b).map(|_| rng.below(schedule.alphas_cumprod.len())).collect();
+        dev.synchronize()?;
+        let start = Instant::now();
+        let loss = dreambooth_loss(&unet, &schedule, &latents, &context, &noise, &timesteps, &loss_cfg)?;
+        let mut grads = unet.backward(&loss)?;
+        clip_grad_norm(&mut grads, &all, 1.0)?;
+        optimizer.step(&grads, 5e-6)?;
+        drop(grads);
+        let loss = loss.to_scalar::<f32>()?;
+        dev.synchronize()?;
+        if i >= o.warmup_steps {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        losses.push(loss);
+        progress(i + 1, total);
+    }
+    let step = Timing::of(&times);
+    Ok(TrainBenchReport {
+        device: crate::device::describe(dev),
+        compute_dtype: format!("{dt:?}").to_lowercase(),
+        resolution: o.resolution,
+        batch: b,
+        parameters,
+        gradient_checkpointing: o.gradient_checkpointing,
+        steps: o.steps,
+        step,
+        images_per_s: b as f64 / (step.median_ms / 1e3),
+        peak_memory_bytes: memory.finish()?,
+        peak_memory_kind: PeakMemory::label(dev),
+        first_loss: losses[0],
+        last_loss: *losses.last().expect("steps > 0"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_unet_steps_are_timed_and_train() {
+        let o = TrainBenchOptions {
+            unet: crate::bench::sd15::small_unet().unwrap(),
+            resolution: 64,
+            tokens: 7,
+            warmup_steps: 1,
+            steps: 2,
+            compute_dtype: DType::F32,
+            gradient_checkpointing: false,
+        };
+        let mut calls = 0;
+        let r = run(&o, &Device::Cpu, |_, _| calls += 1).unwrap();
+        assert_eq!((calls, r.steps, r.batch), (3, 2, 2));
+        assert!(r.step.median_ms > 0.0 && r.images_per_s > 0.0 && r.peak_memory_bytes > 0);
+        assert!(r.first_loss.is_finite() && r.last_loss.is_finite());
+        assert!(r.parameters > 100_000, "{}", r.parameters);
+    }
+}

@@ -1,0 +1,105 @@
+//! 2-D convolution whose backward is built from forward convolutions. Candle differentiates conv2d
+//! into `conv_transpose2d` for the input gradient, a naive kernel on CUDA (one thread per output,
+//! no cuDNN) and a direct loop on the CPU. For stride 1 the input gradient is also a forward
+//! convolution, of the output gradient with the spatially flipped, in/out-swapped kernel, so it
+//! runs on cuDNN or im2col + GEMM like the forward pass. The weight gradient is computed as candle
+//! does (a forward convolution over the batch-transposed tensors).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
+use std::sync::{Arc, Mutex};
+
+/// `x.conv2d(w, padding, stride 1)` for `x` `(B, I, H, W)` and `w` `(O, I, k, k)`, with the
+/// GEMM-based backward. Falls back to candle's own op when nothing needs a gradient.
+pub fn conv2d_stride1(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
+    let output = x.detach().conv2d(&w.detach(), padding, 1, 1, 1)?;
+    if !x.track_op() && !w.track_op() {
+        return Ok(output);
+    }
+    let output = if output.layout().is_contiguous() && output.layout().start_offset() == 0 { output } else { output.copy()? };
+    x.apply_op2_arc(w, Arc::new(Box::new(Conv2dStride1 { padding, output: Mutex::new(Some(output)) })))
+}
+
+struct Conv2dStride1 {
+    padding: usize,
+    /// The convolution's result, computed by candle's forward conv; handed to the graph once.
+    output: Mutex<Option<Tensor>>,
+}
+
+impl Conv2dStride1 {
+    fn take(&self) -> Result<Tensor> {
+        self.output.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("conv2d: forward ran twice".into()))
+    }
+}
+
+impl CustomOp2 for Conv2dStride1 {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-backward"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = self.take()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("conv2d: output is not on the CPU"),
+        }
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        let out = self.take()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("conv2d: output is not on the GPU"),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let need_x = x.track_op();
+        let (x, w, grad) = (x.detach(), w.detach(), grad.detach());
+        let k = w.dim(2)?;
+        let grad_x = if need_x {
+            let reversed = Tensor::new((0..k as u32).rev().collect::<Vec<_>>(), w.device())?;
+            let flipped = w.index_select(&reversed, 2)?.index_select(&reversed, 3)?.transpose(0, 1)?.contiguous()?;
+            Some(grad.conv2d(&flipped, k - 1 - self.padding, 1, 1, 1)?)
+        } else {
+            None
+        };
+        let grad_w = x.transpose(0, 1)?.conv2d(&grad.transpose(0, 1)?, self.padding, 1, 1, 1)?.transpose(0, 1)?;
+        let grad_w = grad_w.narrow(2, 0, k)?.narrow(3, 0, k)?;
+        Ok((grad_x, Some(grad_w)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn gradients_equal_candles_conv2d_backward() {
+        let dev = Device::Cpu;
+        for (k, padding) in [(3, 1), (1, 0), (3, 0)] {
+            let n = |shape: &[usize], seed: f64| {
+                let count: usize = shape.iter().product();
+                Tensor::from_vec((0..count).map(|i| ((i as f64 + seed) * 0.61).sin()).collect::<Vec<f64>>(), shape, &dev).unwrap()
+            };
+            let x = Var::from_tensor(&n(&[2, 3, 7, 6], 0.0)).unwrap();
+            let w = Var::from_tensor(&n(&[5, 3, k, k], 1.0)).unwrap();
+            let probe = |y: &Tensor| (y * n(y.dims(), 2.0)).unwrap().sum_all().unwrap();
+            let ours = conv2d_stride1(x.as_tensor(), w.as_tensor(), padding).unwrap();
+            let theirs = x.as_tensor().conv2d(w.as_tensor(), padding, 1, 1, 1).unwrap();
+            assert_eq!(ours.dims(), theirs.dims());
+            let (g1, g2) = (probe(&ours).backward().unwrap(), probe(&theirs).backward().unwrap());
+            for v in [&x, &w] {
+                let a: Vec<f64> = g1.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let b: Vec<f64> = g2.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(a.len(), b.len());
+                for (p, q) in a.iter().zip(&b) {
+                    assert!((p - q).abs() < 1e-9 * (1.0 + q.abs()), "k {k} padding {padding}: {p} vs {q}");
+                }
+            }
+        }
+    }
+}
