@@ -14,4 +14,5 @@ pub mod models;
 pub mod train;
 pub mod generate;
 pub mod device;
+pub mod alloc;
 pub mod bench;

@@ -7,6 +7,7 @@ use dreambridge::convert::to_keras::diffusers_to_keras;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+
 #[derive(Parser)]
 #[command(name = "dreambridge", version, about = "KerasCV Stable Diffusion checkpoints <-> diffusers, verified")]
 struct Cli {
@@ -398,6 +399,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    dreambridge::alloc::keep_freed_memory();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -6,7 +6,7 @@ use super::memory::PeakMemory;
 use super::stats::{gib, Timing};
 use crate::models::unet::{UNet, UNetConfig};
 use crate::train::loss::{dreambooth_loss, LossConfig};
-use crate::train::optim::{clip_grad_norm, AdamW, AdamWParams};
+use crate::train::optim::{clip_factor, grad_norm, AdamW, AdamWParams};
 use crate::train::rng::TrainRng;
 use crate::train::schedule::{NoiseSchedule, ScheduleConfig};
 use anyhow::Result;
@@ -38,6 +38,10 @@ pub struct TrainBenchReport {
     pub gradient_checkpointing: bool,
     pub steps: usize,
     pub step: Timing,
+    /// Medians of the step's phases: loss (forward), backward, clipping + AdamW.
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub optimizer_ms: f64,
     pub images_per_s: f64,
     pub peak_memory_bytes: u64,
     pub peak_memory_kind: &'static str,
@@ -48,7 +52,7 @@ pub struct TrainBenchReport {
 impl TrainBenchReport {
     pub fn summary(&self) -> String {
         format!(
-            "train step  {} {} {}px batch {} ({} params{}): {:.1} ms/step median ({:.1} mean, {:.1} min) over {} steps, {:.2} images/s, peak memory {:.2} GiB ({}); loss {:.4} -> {:.4}",
+            "train step  {} {} {}px batch {} ({} params{}): {:.1} ms/step median ({:.1} mean, {:.1} min; forward {:.1}, backward {:.1}, clip + AdamW {:.1}) over {} steps, {:.2} images/s, peak memory {:.2} GiB ({}); loss {:.4} -> {:.4}",
             self.device,
             self.compute_dtype,
             self.resolution,
@@ -58,6 +62,9 @@ impl TrainBenchReport {
             self.step.median_ms,
             self.step.mean_ms,
             self.step.min_ms,
+            self.forward_ms,
+            self.backward_ms,
+            self.optimizer_ms,
             self.steps,
             self.images_per_s,
             gib(self.peak_memory_bytes),
@@ -93,20 +100,32 @@ pub fn run(o: &TrainBenchOptions, dev: &Device, mut progress: impl FnMut(usize, 
     let context = rng.normal(&[b, o.tokens, o.unet.cross_attention_dim], dev)?.to_dtype(dt)?;
     let total = o.warmup_steps + o.steps;
     let (mut times, mut losses) = (Vec::new(), Vec::new());
+    let mut phases: [Vec<f64>; 3] = Default::default();
     for i in 0..total {
         let noise = rng.normal(&[b, c, side, side], dev)?.to_dtype(dt)?;
         let timesteps: Vec<usize> = (0..b).map(|_| rng.below(schedule.alphas_cumprod.len())).collect();
         dev.synchronize()?;
         let start = Instant::now();
+        let mut marks = [0f64; 3];
+        let mut mark = |i: usize| -> Result<()> {
+            dev.synchronize()?;
+            marks[i] = start.elapsed().as_secs_f64() * 1e3;
+            Ok(())
+        };
         let loss = dreambooth_loss(&unet, &schedule, &latents, &context, &noise, &timesteps, &loss_cfg)?;
-        let mut grads = unet.backward(&loss)?;
-        clip_grad_norm(&mut grads, &all, 1.0)?;
-        optimizer.step(&grads, 5e-6)?;
+        mark(0)?;
+        let grads = unet.backward(&loss)?;
+        mark(1)?;
+        let factor = clip_factor(grad_norm(&grads, &all)?, 1.0);
+        optimizer.step_scaled(&grads, 5e-6, factor)?;
         drop(grads);
         let loss = loss.to_scalar::<f32>()?;
-        dev.synchronize()?;
+        mark(2)?;
         if i >= o.warmup_steps {
-            times.push(start.elapsed().as_secs_f64() * 1e3);
+            times.push(marks[2]);
+            phases[0].push(marks[0]);
+            phases[1].push(marks[1] - marks[0]);
+            phases[2].push(marks[2] - marks[1]);
         }
         losses.push(loss);
         progress(i + 1, total);
@@ -121,6 +140,9 @@ pub fn run(o: &TrainBenchOptions, dev: &Device, mut progress: impl FnMut(usize, 
         gradient_checkpointing: o.gradient_checkpointing,
         steps: o.steps,
         step,
+        forward_ms: Timing::of(&phases[0]).median_ms,
+        backward_ms: Timing::of(&phases[1]).median_ms,
+        optimizer_ms: Timing::of(&phases[2]).median_ms,
         images_per_s: b as f64 / (step.median_ms / 1e3),
         peak_memory_bytes: memory.finish()?,
         peak_memory_kind: PeakMemory::label(dev),

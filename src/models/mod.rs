@@ -1,5 +1,6 @@
 //! Differentiable Stable Diffusion models for training (Candle), loading diffusers weights.
 
+pub mod attention;
 pub mod checkpoint;
 pub mod clip;
 pub mod conv;

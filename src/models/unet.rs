@@ -2,7 +2,8 @@
 //! built from `unet/config.json` and loading diffusers keys.
 
 use super::checkpoint::{Checkpointer, Segment};
-use super::layers::{softmax_last, upsample_nearest_2x, Conv2d, GroupNorm, LayerNorm, Linear};
+use super::attention::attention;
+use super::layers::{upsample_nearest_2x, Conv2d, GroupNorm, LayerNorm, Linear};
 use super::resnet::ResnetBlock;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Module, Result, Tensor, Var, D};
@@ -100,8 +101,7 @@ impl Attention {
         let q = split(self.to_q.forward(x)?)?;
         let k = split(self.to_k.forward(context)?)?;
         let v = split(self.to_v.forward(context)?)?;
-        let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
-        let out = softmax_last(&scores)?.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        let out = attention(&q, &k, &v, (hd as f64).powf(-0.5))?.transpose(1, 2)?.reshape((b, n, d))?;
         self.to_out.forward(&out)
     }
 }

@@ -1,11 +1,7 @@
 //! Dynamic loss scaling for fp16 compute (torch's `GradScaler`): the loss is multiplied before
-//! backward so small activation gradients do not flush to zero in f16; gradients are divided back
-//! before clipping; a step whose gradients overflowed is skipped and the scale halved, and after
+//! backward so small activation gradients do not flush to zero in f16; the trainer divides the
+//! gradients back (inside the optimiser step, with clipping); a step whose gradients overflowed is skipped and the scale halved, and after
 //! `growth_interval` clean steps the scale doubles.
-
-use anyhow::Result;
-use candle_core::backprop::GradStore;
-use candle_core::Var;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct LossScaler {
@@ -22,16 +18,6 @@ impl Default for LossScaler {
 }
 
 impl LossScaler {
-    /// Divides every gradient by the scale.
-    pub fn unscale(&self, grads: &mut GradStore, vars: &[Var]) -> Result<()> {
-        for v in vars {
-            if let Some(g) = grads.remove(v.as_tensor()) {
-                grads.insert(v.as_tensor(), (g / self.scale)?);
-            }
-        }
-        Ok(())
-    }
-
     /// Records whether the unscaled gradients were finite; returns whether to apply the step.
     pub fn update(&mut self, finite: bool) -> bool {
         if !finite {
@@ -59,9 +45,5 @@ mod tests {
         assert_eq!(s.scale, 32768.0);
         assert!(s.update(true) && s.update(true));
         assert_eq!(s.scale, 65536.0);
-        let v = Var::new(&[2.0f32], &candle_core::Device::Cpu).unwrap();
-        let mut g = (v.as_tensor() * 65536.0).unwrap().sum_all().unwrap().backward().unwrap();
-        s.unscale(&mut g, &[v.clone()]).unwrap();
-        assert_eq!(g.get(v.as_tensor()).unwrap().to_vec1::<f32>().unwrap(), vec![1.0]);
     }
 }

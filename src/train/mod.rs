@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod command;
 pub mod data;
+pub mod inplace;
 pub mod loss;
 pub mod loss_scale;
 pub mod optim;

@@ -2,6 +2,7 @@
 //! state can be saved and restored for checkpoints; global grad-norm clipping; diffusers' LR
 //! schedules.
 
+use super::inplace;
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -43,17 +44,34 @@ impl AdamW {
 
     /// One update with learning rate `lr`; Vars without a gradient are left alone (as torch).
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// One update using `grad_scale` × each gradient (folds clipping and loss-scale division into
+    /// the update instead of rewriting every gradient first).
+    pub fn step_scaled(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let p = self.params;
         let (bc1, bc2) = (1.0 - p.beta1.powi(self.step as i32), 1.0 - p.beta2.powi(self.step as i32));
         for (i, (_, var)) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
             let g = g.to_dtype(DType::F32)?;
+            let w = var.as_tensor();
+            if [w, &g, &self.m[i], &self.v[i]].iter().all(|t| inplace::supported(t)) {
+                // Fused CPU path: three passes over memory, no temporaries.
+                // 1 - beta in f64 first: 1 - 0.999f32 is off by 1e-5 relative.
+                let (b1, c1, b2, c2, s) = (p.beta1 as f32, (1.0 - p.beta1) as f32, p.beta2 as f32, (1.0 - p.beta2) as f32, grad_scale as f32);
+                inplace::update2(&self.m[i], &g, |m, g| *m = b1 * *m + c1 * (g * s))?;
+                inplace::update2(&self.v[i], &g, |v, g| *v = b2 * *v + c2 * (g * s) * (g * s))?;
+                let (decay, step, bc1, bc2_sqrt, eps) = ((1.0 - lr * p.weight_decay) as f32, lr as f32, bc1 as f32, bc2.sqrt() as f32, p.eps as f32);
+                inplace::update3(w, &self.m[i], &self.v[i], |w, m, v| *w = *w * decay - step * (m / bc1) / (v.sqrt() / bc2_sqrt + eps))?;
+                continue;
+            }
+            let g = (g * grad_scale)?;
             self.m[i] = ((&self.m[i] * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
             self.v[i] = ((&self.v[i] * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
             let update = ((&self.m[i] / bc1)? / ((&self.v[i] / bc2)?.sqrt()? + p.eps)?)?;
-            let w = var.as_tensor().to_dtype(DType::F32)?;
-            let new = ((w * (1.0 - lr * p.weight_decay))? - (update * lr)?)?;
+            let new = ((w.to_dtype(DType::F32)? * (1.0 - lr * p.weight_decay))? - (update * lr)?)?;
             var.set(&new.to_dtype(var.dtype())?)?;
         }
         Ok(())
@@ -79,15 +97,24 @@ impl AdamW {
     }
 }
 
-/// Scales every gradient so the global L2 norm is at most `max_norm`; returns the norm before.
-pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
-    // One sum of squares per gradient, added up on the device: a single transfer to the host.
+/// The global L2 norm of the gradients of `vars` (one transfer to the host).
+pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
     let squares = vars.iter().filter_map(|v| grads.get(v.as_tensor())).map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_dtype(DType::F64)).collect::<candle_core::Result<Vec<_>>>()?;
     if squares.is_empty() {
         return Ok(0.0);
     }
-    let norm = Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt();
-    let scale = max_norm / (norm + 1e-6);
+    Ok(Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt())
+}
+
+/// The factor torch's `clip_grad_norm_` multiplies gradients by: at most 1.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
+/// Scales every gradient so the global L2 norm is at most `max_norm`; returns the norm before.
+pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(grads, vars)?;
+    let scale = clip_factor(norm, max_norm);
     if scale < 1.0 {
         for v in vars {
             if let Some(g) = grads.remove(v.as_tensor()) {
@@ -164,6 +191,27 @@ mod tests {
             assert!((got[i] as f64 - expect[i]).abs() < 1e-6, "{got:?} vs {expect:?}");
         }
         assert!(opt.state().contains_key("m.w") && opt.step == 2);
+    }
+
+    #[test]
+    fn fused_and_tensor_op_updates_agree() {
+        // f32 CPU Vars take the fused in-place path; f64 ones the tensor-op path.
+        let values = [0.5f64, -1.5, 2.0, 0.25];
+        let fused = Var::new(&values.map(|v| v as f32), &Device::Cpu).unwrap();
+        let ops = Var::new(&values, &Device::Cpu).unwrap();
+        let p = AdamWParams { lr: 0.05, weight_decay: 0.1, ..Default::default() };
+        let (mut a, mut b) = (AdamW::new(vec![("w".into(), fused.clone())], p).unwrap(), AdamW::new(vec![("w".into(), ops.clone())], p).unwrap());
+        for _ in 0..3 {
+            let ga = fused.as_tensor().powf(3.0).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = ops.as_tensor().powf(3.0).unwrap().sum_all().unwrap().backward().unwrap();
+            a.step_scaled(&ga, 0.05, 0.5).unwrap();
+            b.step_scaled(&gb, 0.05, 0.5).unwrap();
+        }
+        let (x, y): (Vec<f32>, Vec<f64>) = (fused.as_tensor().to_vec1().unwrap(), ops.as_tensor().to_vec1().unwrap());
+        for (x, y) in x.iter().zip(&y) {
+            assert!((*x as f64 - y).abs() < 1e-5, "{x} vs {y}");
+        }
+        assert_ne!(x[0] as f64, values[0]);
     }
 
     #[test]

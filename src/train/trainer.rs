@@ -5,7 +5,7 @@
 use super::checkpoint::{self, TrainState};
 use super::loss_scale::LossScaler;
 use super::loss::{dreambooth_loss, LossConfig};
-use super::optim::{clip_grad_norm, AdamW, AdamWParams, LrSchedule};
+use super::optim::{clip_factor, grad_norm, AdamW, AdamWParams, LrSchedule};
 use super::rng::TrainRng;
 use super::schedule::NoiseSchedule;
 use crate::models::clip::ClipTextModel;
@@ -173,14 +173,13 @@ impl<'a> Trainer<'a> {
                     }
                 });
             }
-            let mut grads = total.expect("at least one micro-batch");
-            if let Some(s) = &self.scaler {
-                s.unscale(&mut grads, &vars)?;
-            }
-            let norm = clip_grad_norm(&mut grads, &vars, c.max_grad_norm)?;
+            let grads = total.expect("at least one micro-batch");
+            // Unscaling (fp16) and clipping are folded into the optimiser's gradient factor.
+            let loss_scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
+            let norm = grad_norm(&grads, &vars)? / loss_scale;
             let lr = c.learning_rate * c.lr_scheduler.factor(self.step, c.lr_warmup_steps, c.max_train_steps);
             if self.scaler.as_mut().map_or(true, |s| s.update(norm.is_finite())) {
-                self.optimizer.step(&grads, lr)?;
+                self.optimizer.step_scaled(&grads, lr, clip_factor(norm, c.max_grad_norm) / loss_scale)?;
             } else {
                 self.skipped_steps += 1;
             }

@@ -1,0 +1,111 @@
+//! Scaled dot-product attention that stores no attention matrix for backward. The forward pass
+//! runs candle's fused softmax on `q kᵀ` (outside the graph) and keeps only q, k, v and the output;
+//! backward recomputes the probabilities from q and k, as FlashAttention's backward does:
+//! `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ∘ (dP − rowsum(dP ∘ P))`, `dQ = s·dS K`, `dK = s·dSᵀ Q`.
+//! At SD 1.5's 64×64 latents an attention matrix is 8 heads × 4096² per sample; the primitive-op
+//! softmax would keep several of those per layer until backward.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
+use std::sync::{Arc, Mutex};
+
+/// `softmax(q kᵀ · scale) v` for `(B, H, N, d)` / `(B, H, M, d)` tensors, the softmax in f32.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let output = forward(&q.detach(), &k.detach(), &v.detach(), scale)?;
+    if !q.track_op() && !k.track_op() && !v.track_op() {
+        return Ok(output);
+    }
+    let output = if output.layout().is_contiguous() && output.layout().start_offset() == 0 { output } else { output.copy()? };
+    q.apply_op3_arc(k, v, Arc::new(Box::new(Attention { scale, output: Mutex::new(Some(output)) })))
+}
+
+/// Attention probabilities `(B, H, N, M)` in f32 (f64 for f64 inputs).
+fn probabilities(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
+    let wide = if q.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let scores = (q.matmul(&k.t()?)?.to_dtype(wide)? * scale)?;
+    candle_nn::ops::softmax_last_dim(&scores)
+}
+
+fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    probabilities(q, k, scale)?.to_dtype(v.dtype())?.matmul(v)
+}
+
+struct Attention {
+    scale: f64,
+    output: Mutex<Option<Tensor>>,
+}
+
+impl Attention {
+    fn take(&self) -> Result<Tensor> {
+        self.output.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("attention: forward ran twice".into()))
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention-recompute"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = self.take()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("attention: output is not on the CPU"),
+        }
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        let out = self.take()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("attention: output is not on the GPU"),
+        }
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v, grad) = (q.detach(), k.detach(), v.detach(), grad.detach());
+        let dtype = v.dtype();
+        let p = probabilities(&q, &k, self.scale)?; // f32 (f64 for f64 inputs)
+        let grad_v = p.to_dtype(dtype)?.t()?.matmul(&grad)?;
+        let dp = grad.matmul(&v.t()?)?.to_dtype(p.dtype())?;
+        let row = (&dp * &p)?.sum_keepdim(D::Minus1)?;
+        let ds = ((p * dp.broadcast_sub(&row)?)? * self.scale)?.to_dtype(dtype)?;
+        let grad_q = ds.matmul(&k)?;
+        let grad_k = ds.t()?.matmul(&q)?;
+        Ok((Some(grad_q), Some(grad_k), Some(grad_v)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn gradients_equal_the_primitive_attention() {
+        let dev = Device::Cpu;
+        let n = |shape: &[usize], seed: f64| {
+            let count: usize = shape.iter().product();
+            Tensor::from_vec((0..count).map(|i| ((i as f64 + seed) * 0.73).sin()).collect::<Vec<f64>>(), shape, &dev).unwrap()
+        };
+        for (len_q, len_k) in [(6, 6), (6, 4)] {
+            let q = Var::from_tensor(&n(&[2, 3, len_q, 5], 0.0)).unwrap();
+            let k = Var::from_tensor(&n(&[2, 3, len_k, 5], 1.0)).unwrap();
+            let v = Var::from_tensor(&n(&[2, 3, len_k, 5], 2.0)).unwrap();
+            let probe = |y: &Tensor| (y * n(y.dims(), 3.0)).unwrap().sum_all().unwrap();
+            let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.4).unwrap();
+            let scores = (q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap() * 0.4).unwrap();
+            let plain = candle_nn::ops::softmax(&scores, D::Minus1).unwrap().matmul(v.as_tensor()).unwrap();
+            let (g1, g2) = (probe(&ours).backward().unwrap(), probe(&plain).backward().unwrap());
+            for var in [&q, &k, &v] {
+                let a: Vec<f64> = g1.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let b: Vec<f64> = g2.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                for (x, y) in a.iter().zip(&b) {
+                    assert!((x - y).abs() < 1e-6 * (1.0 + y.abs()), "{x} vs {y}");
+                }
+            }
+        }
+    }
+}
