@@ -11,12 +11,16 @@ use std::sync::{Arc, Mutex};
 
 /// `softmax(q kᵀ · scale) v` for `(B, H, N, d)` / `(B, H, M, d)` tensors, the softmax in f32.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let output = forward(&q.detach(), &k.detach(), &v.detach(), scale)?;
+    attention_within(q, k, v, scale, PROBABILITY_BUDGET)
+}
+
+fn attention_within(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budget: usize) -> Result<Tensor> {
+    let output = forward(&q.detach(), &k.detach(), &v.detach(), scale, budget)?;
     if !q.track_op() && !k.track_op() && !v.track_op() {
         return Ok(output);
     }
     let output = if output.layout().is_contiguous() && output.layout().start_offset() == 0 { output } else { output.copy()? };
-    q.apply_op3_arc(k, v, Arc::new(Box::new(Attention { scale, output: Mutex::new(Some(output)) })))
+    q.apply_op3_arc(k, v, Arc::new(Box::new(Attention { scale, budget, output: Mutex::new(Some(output)) })))
 }
 
 /// Attention probabilities `(B, H, N, M)` in f32 (f64 for f64 inputs).
@@ -26,12 +30,44 @@ fn probabilities(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
     candle_nn::ops::softmax_last_dim(&scores)
 }
 
-fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    probabilities(q, k, scale)?.to_dtype(v.dtype())?.matmul(v)
+/// Bytes of f32 attention probabilities materialised at a time: (batch × head) slices are
+/// processed in groups this size, bounding the transient memory of long sequences.
+const PROBABILITY_BUDGET: usize = 256 << 20;
+
+/// Runs `f` on groups of (batch × head) slices of `(B, H, N, d)` tensors and concatenates the results.
+fn in_groups(q: &Tensor, k: &Tensor, budget: usize, mut f: impl FnMut(usize, usize) -> Result<Vec<Tensor>>) -> Result<Vec<Tensor>> {
+    let (b, h, n, _) = q.dims4()?;
+    let m = k.dim(2)?;
+    let slices = b * h;
+    let per_group = (budget / (n * m * 4).max(1)).clamp(1, slices);
+    if per_group == slices {
+        return f(0, slices);
+    }
+    let mut parts: Vec<Vec<Tensor>> = Vec::new();
+    for start in (0..slices).step_by(per_group) {
+        parts.push(f(start, per_group.min(slices - start))?);
+    }
+    (0..parts[0].len()).map(|i| Tensor::cat(&parts.iter().map(|p| p[i].clone()).collect::<Vec<_>>(), 0)).collect()
+}
+
+/// `(B, H, N, d)` -> `(B·H, N, d)`.
+fn flat(t: &Tensor) -> Result<Tensor> {
+    let (b, h, n, d) = t.dims4()?;
+    t.reshape((b * h, n, d))
+}
+
+fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budget: usize) -> Result<Tensor> {
+    let (fq, fk, fv) = (flat(q)?, flat(k)?, flat(v)?);
+    let out = in_groups(q, k, budget, |start, len| {
+        let (q, k, v) = (fq.narrow(0, start, len)?, fk.narrow(0, start, len)?, fv.narrow(0, start, len)?);
+        Ok(vec![probabilities(&q, &k, scale)?.to_dtype(v.dtype())?.matmul(&v)?])
+    })?;
+    out[0].reshape(q.shape())
 }
 
 struct Attention {
     scale: f64,
+    budget: usize,
     output: Mutex<Option<Tensor>>,
 }
 
@@ -65,15 +101,19 @@ impl CustomOp3 for Attention {
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v, grad) = (q.detach(), k.detach(), v.detach(), grad.detach());
-        let dtype = v.dtype();
-        let p = probabilities(&q, &k, self.scale)?; // f32 (f64 for f64 inputs)
-        let grad_v = p.to_dtype(dtype)?.t()?.matmul(&grad)?;
-        let dp = grad.matmul(&v.t()?)?.to_dtype(p.dtype())?;
-        let row = (&dp * &p)?.sum_keepdim(D::Minus1)?;
-        let ds = ((p * dp.broadcast_sub(&row)?)? * self.scale)?.to_dtype(dtype)?;
-        let grad_q = ds.matmul(&k)?;
-        let grad_k = ds.t()?.matmul(&q)?;
+        let (fq, fk, fv, fg) = (flat(&q.detach())?, flat(&k.detach())?, flat(&v.detach())?, flat(&grad.detach())?);
+        let scale = self.scale;
+        let grads = in_groups(q, k, self.budget, |start, len| {
+            let (q, k, v, grad) = (fq.narrow(0, start, len)?, fk.narrow(0, start, len)?, fv.narrow(0, start, len)?, fg.narrow(0, start, len)?);
+            let dtype = v.dtype();
+            let p = probabilities(&q, &k, scale)?; // f32 (f64 for f64 inputs)
+            let grad_v = p.to_dtype(dtype)?.t()?.matmul(&grad)?;
+            let dp = grad.matmul(&v.t()?)?.to_dtype(p.dtype())?;
+            let row = (&dp * &p)?.sum_keepdim(D::Minus1)?;
+            let ds = ((p * dp.broadcast_sub(&row)?)? * scale)?.to_dtype(dtype)?;
+            Ok(vec![ds.matmul(&k)?, ds.t()?.matmul(&q)?, grad_v])
+        })?;
+        let (grad_q, grad_k, grad_v) = (grads[0].reshape(q.shape())?, grads[1].reshape(k.shape())?, grads[2].reshape(v.shape())?);
         Ok((Some(grad_q), Some(grad_k), Some(grad_v)))
     }
 }
@@ -90,12 +130,13 @@ mod tests {
             let count: usize = shape.iter().product();
             Tensor::from_vec((0..count).map(|i| ((i as f64 + seed) * 0.73).sin()).collect::<Vec<f64>>(), shape, &dev).unwrap()
         };
-        for (len_q, len_k) in [(6, 6), (6, 4)] {
+        // The last budget makes forward and backward run two (batch × head) slices at a time.
+        for (len_q, len_k, budget) in [(6, 6, PROBABILITY_BUDGET), (6, 4, PROBABILITY_BUDGET), (6, 4, 2 * 6 * 4 * 4)] {
             let q = Var::from_tensor(&n(&[2, 3, len_q, 5], 0.0)).unwrap();
             let k = Var::from_tensor(&n(&[2, 3, len_k, 5], 1.0)).unwrap();
             let v = Var::from_tensor(&n(&[2, 3, len_k, 5], 2.0)).unwrap();
             let probe = |y: &Tensor| (y * n(y.dims(), 3.0)).unwrap().sum_all().unwrap();
-            let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.4).unwrap();
+            let ours = attention_within(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.4, budget).unwrap();
             let scores = (q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap() * 0.4).unwrap();
             let plain = candle_nn::ops::softmax(&scores, D::Minus1).unwrap().matmul(v.as_tensor()).unwrap();
             let (g1, g2) = (probe(&ours).backward().unwrap(), probe(&plain).backward().unwrap());

@@ -1,8 +1,10 @@
 //! Differentiable building blocks. Candle's fused `layer_norm` and `softmax_last_dim` record no
-//! backward and silently cut gradients (shared/docs/candle.md §2.3); these use primitives only.
+//! backward and silently cut gradients (shared/docs/candle.md §2.3); these use primitives or our
+//! own ops with analytic backward passes (normalize, attention, conv), each tested against autograd.
 //! Weights stay in their Var's dtype (f32 master weights) and are cast to the input's dtype at use,
 //! so the cast itself backpropagates to the master weight.
 
+use super::normalize::normalize_rows;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
@@ -33,7 +35,7 @@ impl Module for Linear {
     }
 }
 
-/// LayerNorm over the last dimension, computed in f32 from primitives.
+/// LayerNorm over the last dimension, normalised in f32 (analytic backward).
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -50,11 +52,9 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32.max_precision(dtype))?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let dims = x.dims().to_vec();
+        let d = dims[dims.len() - 1];
+        let normed = normalize_rows(&x.reshape(((), d))?, self.eps)?.reshape(dims.as_slice())?;
         let y = normed.broadcast_mul(&self.weight.to_dtype(normed.dtype())?)?.broadcast_add(&self.bias.to_dtype(normed.dtype())?)?;
         y.to_dtype(dtype)
     }
@@ -81,7 +81,7 @@ impl MaxPrecision for DType {
     }
 }
 
-/// GroupNorm over `(B, C, ...)`, computed in f32 from primitives.
+/// GroupNorm over `(B, C, ...)`, normalised in f32 (analytic backward).
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
     weight: Tensor,
@@ -109,11 +109,7 @@ impl Module for GroupNorm {
         let dtype = x.dtype();
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
-        let x32 = x.to_dtype(DType::F32.max_precision(dtype))?.reshape((b, self.groups, ()))?;
-        let mean = x32.mean_keepdim(D::Minus1)?;
-        let centered = x32.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.reshape(dims.as_slice())?;
+        let normed = normalize_rows(&x.reshape((b * self.groups, ()))?, self.eps)?.reshape(dims.as_slice())?;
         let mut shape = vec![1, c];
         shape.resize(dims.len(), 1);
         let w = self.weight.to_dtype(normed.dtype())?.reshape(shape.as_slice())?;

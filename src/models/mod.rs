@@ -6,6 +6,7 @@ pub mod clip;
 pub mod conv;
 pub mod forward;
 pub mod layers;
+pub mod normalize;
 pub mod resnet;
 pub mod unet;
 pub mod vae;
