@@ -5,9 +5,9 @@
 //! At SD 1.5's 64×64 latents an attention matrix is 8 heads × 4096² per sample; the primitive-op
 //! softmax would keep several of those per layer until backward.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
-use std::sync::{Arc, Mutex};
+use super::precomputed::Precomputed;
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use std::sync::Arc;
 
 /// `softmax(q kᵀ · scale) v` for `(B, H, N, d)` / `(B, H, M, d)` tensors, the softmax in f32.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
@@ -19,8 +19,7 @@ fn attention_within(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budget: usiz
     if !q.track_op() && !k.track_op() && !v.track_op() {
         return Ok(output);
     }
-    let output = if output.layout().is_contiguous() && output.layout().start_offset() == 0 { output } else { output.copy()? };
-    q.apply_op3_arc(k, v, Arc::new(Box::new(Attention { scale, budget, output: Mutex::new(Some(output)) })))
+    q.apply_op3_arc(k, v, Arc::new(Box::new(Attention { scale, budget, output: Precomputed::new("attention", output)? })))
 }
 
 /// Attention probabilities `(B, H, N, M)` in f32 (f64 for f64 inputs).
@@ -68,13 +67,7 @@ fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budget: usize) -> Res
 struct Attention {
     scale: f64,
     budget: usize,
-    output: Mutex<Option<Tensor>>,
-}
-
-impl Attention {
-    fn take(&self) -> Result<Tensor> {
-        self.output.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("attention: forward ran twice".into()))
-    }
+    output: Precomputed,
 }
 
 impl CustomOp3 for Attention {
@@ -83,21 +76,11 @@ impl CustomOp3 for Attention {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = self.take()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("attention: output is not on the CPU"),
-        }
+        self.output.cpu()
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        let out = self.take()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("attention: output is not on the GPU"),
-        }
+        self.output.cuda()
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {

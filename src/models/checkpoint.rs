@@ -4,9 +4,9 @@
 //! the graph and whose backward reruns the segment with gradients. The parameter gradients of that
 //! inner backward are collected here and merged into the outer `GradStore` by [`Checkpointer::merge_into`].
 
-use candle_core::backend::BackendStorage;
+use super::precomputed::Precomputed;
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, TensorId, Var};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Tensor, TensorId, Var};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -27,8 +27,7 @@ impl Checkpointer {
     /// Runs `segment` on the inputs, keeping no activations for backward.
     pub fn apply(self: &Arc<Self>, segment: &Segment, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
         let output = segment(&x.detach(), &temb.detach(), &context.detach())?.detach();
-        let output = if output.layout().is_contiguous() && output.layout().start_offset() == 0 { output } else { output.copy()? };
-        x.apply_op3_arc(temb, context, Arc::new(Box::new(Recompute { segment: segment.clone(), output: Mutex::new(Some(output)), sink: self.clone() })))
+        x.apply_op3_arc(temb, context, Arc::new(Box::new(Recompute { segment: segment.clone(), output: Precomputed::new("checkpointed segment", output)?, sink: self.clone() })))
     }
 
     /// Adds the collected parameter gradients to `grads` (call once after `loss.backward()`).
@@ -59,8 +58,7 @@ impl Checkpointer {
 
 struct Recompute {
     segment: Segment,
-    /// The segment's output, computed outside the graph (contiguous, offset 0); handed over once.
-    output: Mutex<Option<Tensor>>,
+    output: Precomputed,
     sink: Arc<Checkpointer>,
 }
 
@@ -70,21 +68,11 @@ impl CustomOp3 for Recompute {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let output = self.output.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("checkpointed segment: forward ran twice".into()))?;
-        let (storage, layout) = output.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("checkpointed segment: output is not on the CPU"),
-        }
+        self.output.cpu()
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        let output = self.output.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("checkpointed segment: forward ran twice".into()))?;
-        let (storage, layout) = output.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("checkpointed segment: output is not on the GPU"),
-        }
+        self.output.cuda()
     }
 
     fn bwd(&self, x: &Tensor, temb: &Tensor, context: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {

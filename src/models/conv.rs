@@ -5,9 +5,9 @@
 //! runs on cuDNN or im2col + GEMM like the forward pass. The weight gradient is computed as candle
 //! does (a forward convolution over the batch-transposed tensors).
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
-use std::sync::{Arc, Mutex};
+use super::precomputed::Precomputed;
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use std::sync::Arc;
 
 /// `x.conv2d(w, padding, stride 1)` for `x` `(B, I, H, W)` and `w` `(O, I, k, k)`, with the
 /// GEMM-based backward. Falls back to candle's own op when nothing needs a gradient.
@@ -16,20 +16,12 @@ pub fn conv2d_stride1(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> 
     if !x.track_op() && !w.track_op() {
         return Ok(output);
     }
-    let output = if output.layout().is_contiguous() && output.layout().start_offset() == 0 { output } else { output.copy()? };
-    x.apply_op2_arc(w, Arc::new(Box::new(Conv2dStride1 { padding, output: Mutex::new(Some(output)) })))
+    x.apply_op2_arc(w, Arc::new(Box::new(Conv2dStride1 { padding, output: Precomputed::new("conv2d", output)? })))
 }
 
 struct Conv2dStride1 {
     padding: usize,
-    /// The convolution's result, computed by candle's forward conv; handed to the graph once.
-    output: Mutex<Option<Tensor>>,
-}
-
-impl Conv2dStride1 {
-    fn take(&self) -> Result<Tensor> {
-        self.output.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("conv2d: forward ran twice".into()))
-    }
+    output: Precomputed,
 }
 
 impl CustomOp2 for Conv2dStride1 {
@@ -38,21 +30,11 @@ impl CustomOp2 for Conv2dStride1 {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = self.take()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("conv2d: output is not on the CPU"),
-        }
+        self.output.cpu()
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        let out = self.take()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("conv2d: output is not on the GPU"),
-        }
+        self.output.cuda()
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {

@@ -7,6 +7,7 @@ pub mod conv;
 pub mod forward;
 pub mod layers;
 pub mod normalize;
+pub mod precomputed;
 pub mod resnet;
 pub mod unet;
 pub mod vae;

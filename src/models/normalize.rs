@@ -4,9 +4,8 @@
 //! backward and replay each of their backward ops; this keeps only the input and the output and
 //! computes `dx = rstd · (g − mean(g) − x̂ · mean(g · x̂))` with a handful of tensor ops.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
-use std::sync::Mutex;
+use super::precomputed::Precomputed;
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 
 /// Normalised rows of `x` `(R, M)`, in f32 (f64 for f64 input).
 pub fn normalize_rows(x: &Tensor, eps: f64) -> Result<Tensor> {
@@ -14,8 +13,7 @@ pub fn normalize_rows(x: &Tensor, eps: f64) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(output);
     }
-    let output = if output.layout().is_contiguous() && output.layout().start_offset() == 0 { output } else { output.copy()? };
-    x.apply_op1(Normalize { eps, output: Mutex::new(Some(output)) })
+    x.apply_op1(Normalize { eps, output: Precomputed::new("normalize", output)? })
 }
 
 fn wide(dtype: DType) -> DType {
@@ -40,13 +38,7 @@ fn forward(x: &Tensor, eps: f64) -> Result<Tensor> {
 
 struct Normalize {
     eps: f64,
-    output: Mutex<Option<Tensor>>,
-}
-
-impl Normalize {
-    fn take(&self) -> Result<Tensor> {
-        self.output.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("normalize: forward ran twice".into()))
-    }
+    output: Precomputed,
 }
 
 impl CustomOp1 for Normalize {
@@ -55,21 +47,11 @@ impl CustomOp1 for Normalize {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = self.take()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("normalize: output is not on the CPU"),
-        }
+        self.output.cpu()
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        let out = self.take()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("normalize: output is not on the GPU"),
-        }
+        self.output.cuda()
     }
 
     fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
