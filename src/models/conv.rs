@@ -48,10 +48,27 @@ impl CustomOp2 for Conv2dStride1 {
         } else {
             None
         };
-        let grad_w = x.transpose(0, 1)?.conv2d(&grad.transpose(0, 1)?, self.padding, 1, 1, 1)?.transpose(0, 1)?;
-        let grad_w = grad_w.narrow(2, 0, k)?.narrow(3, 0, k)?;
-        Ok((grad_x, Some(grad_w)))
+        Ok((grad_x, Some(weight_gradient(&x, &grad, k, self.padding)?)))
     }
+}
+
+/// `dW (O, I, k, k)` as one GEMM: `gᵀ (O, B·H·W) × im2col(x) (B·H·W, I·k·k)`. Candle's own
+/// formulation (a convolution whose kernel is the whole gradient map) runs as thousands of skinny
+/// products on the CPU (`conv2d_tiled`, half of a CPU backward step).
+fn weight_gradient(x: &Tensor, grad: &Tensor, k: usize, padding: usize) -> Result<Tensor> {
+    let (b, i, _, _) = x.dims4()?;
+    let (_, o, h, w) = grad.dims4()?;
+    let padded = x.pad_with_zeros(2, padding, padding)?.pad_with_zeros(3, padding, padding)?;
+    let mut windows = Vec::with_capacity(k * k);
+    for kh in 0..k {
+        for kw in 0..k {
+            windows.push(padded.narrow(2, kh, h)?.narrow(3, kw, w)?);
+        }
+    }
+    // (B, I, H, W, k·k) -> (B, H, W, I, k·k): rows are output positions, columns (i, kh, kw).
+    let cols = Tensor::stack(&windows, 4)?.permute((0, 2, 3, 1, 4))?.reshape((b * h * w, i * k * k))?;
+    let g = grad.permute((1, 0, 2, 3))?.reshape((o, b * h * w))?;
+    g.matmul(&cols)?.reshape((o, i, k, k))
 }
 
 #[cfg(test)]
