@@ -14,6 +14,20 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use std::path::Path;
 
+/// The three models over detached views of the weights. They share storage with the trainable
+/// Vars (training updates show), but record no graph: inference keeps no activations and runs no
+/// custom-op bookkeeping.
+pub struct InferenceModels {
+    pub unet: UNet,
+    pub text: ClipTextModel,
+    pub vae: Vae,
+}
+
+fn detached(vars: &VarMap, device: &Device) -> VarBuilder<'static> {
+    let tensors = vars.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
+    VarBuilder::from_tensors(tensors, DType::F32, device)
+}
+
 pub struct Pipeline {
     pub unet: UNet,
     pub unet_vars: VarMap,
@@ -26,6 +40,7 @@ pub struct Pipeline {
     pub device: Device,
     /// Dtype the models compute in when generating (weights stay f32); F32 unless changed.
     pub compute_dtype: DType,
+    pub inference: InferenceModels,
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
@@ -37,13 +52,23 @@ impl Pipeline {
     /// Builds the three models from their configs, with random weights (benchmarks; `load` sets them).
     pub fn from_configs(unet: &UNetConfig, text: &ClipTextConfig, vae: &VaeConfig, scheduler: DdimConfig, device: &Device) -> Result<Pipeline> {
         let (unet_vars, text_vars, vae_vars) = (VarMap::new(), VarMap::new(), VarMap::new());
+        let (unet_cfg, text_cfg, vae_cfg) = (unet, text, vae);
+        let unet = UNet::new(VarBuilder::from_varmap(&unet_vars, DType::F32, device), unet_cfg)?;
+        let text = ClipTextModel::new(VarBuilder::from_varmap(&text_vars, DType::F32, device), text_cfg)?;
+        let vae = Vae::new(VarBuilder::from_varmap(&vae_vars, DType::F32, device), vae_cfg)?;
+        let inference = InferenceModels {
+            unet: UNet::new(detached(&unet_vars, device), unet_cfg)?,
+            text: ClipTextModel::new(detached(&text_vars, device), text_cfg)?,
+            vae: Vae::new(detached(&vae_vars, device), vae_cfg)?,
+        };
         Ok(Pipeline {
-            unet: UNet::new(VarBuilder::from_varmap(&unet_vars, DType::F32, device), unet)?,
+            unet,
             unet_vars,
-            text: ClipTextModel::new(VarBuilder::from_varmap(&text_vars, DType::F32, device), text)?,
+            text,
             text_vars,
-            vae: Vae::new(VarBuilder::from_varmap(&vae_vars, DType::F32, device), vae)?,
+            vae,
             vae_vars,
+            inference,
             tokenizer: PromptTokenizer::default(),
             scheduler,
             device: device.clone(),
@@ -69,7 +94,7 @@ impl Pipeline {
     /// Text embeddings `(1, 77, D)` of a prompt.
     pub fn embed(&self, prompt: &str) -> Result<Tensor> {
         let ids = Tensor::new(self.tokenizer.ids(prompt).as_slice(), &self.device)?.unsqueeze(0)?;
-        Ok(self.text.forward(&ids, self.compute_dtype)?.detach())
+        Ok(self.inference.text.forward(&ids, self.compute_dtype)?)
     }
 
     /// One image `(3, H, W)` in [0, 1]: DDIM with classifier-free guidance (`guidance` > 1).
@@ -82,13 +107,13 @@ impl Pipeline {
         for &t in &ddim.timesteps {
             let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(self.compute_dtype)?;
             let ts = Tensor::new(&[t as f32, t as f32], &self.device)?;
-            let out = self.unet.forward(&input, &ts, &context)?.detach().to_dtype(DType::F32)?;
+            let out = self.inference.unet.forward(&input, &ts, &context)?.to_dtype(DType::F32)?;
             let (u, c) = (out.narrow(0, 0, 1)?, out.narrow(0, 1, 1)?);
             let guided = (&u + ((c - &u)? * guidance)?)?;
             latents = ddim.step(&guided, t, &latents)?;
         }
         let z = (latents / self.vae.config.scaling_factor)?.to_dtype(self.compute_dtype)?;
-        let image = self.vae.decode(&z)?.detach().to_dtype(DType::F32)?;
+        let image = self.inference.vae.decode(&z)?.to_dtype(DType::F32)?;
         Ok(((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.squeeze(0)?)
     }
 }
@@ -103,4 +128,37 @@ pub fn save_png(image: &Tensor, path: &Path) -> Result<()> {
     img.save_with_format(&temp, image::ImageFormat::Png).with_context(|| format!("{}: cannot write", temp.display()))?;
     std::fs::rename(&temp, path)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inference_models_see_weight_updates_and_record_no_graph() {
+        let dev = Device::Cpu;
+        let text: ClipTextConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 50, "hidden_size": 12, "intermediate_size": 24, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 8
+        }))
+        .unwrap();
+        let vae: VaeConfig = serde_json::from_value(serde_json::json!({
+            "in_channels": 3, "out_channels": 3, "block_out_channels": [8, 8], "layers_per_block": 1,
+            "latent_channels": 4, "norm_num_groups": 4
+        }))
+        .unwrap();
+        let pipe = Pipeline::from_configs(&crate::models::testing::tiny_unet_config(), &text, &vae, crate::bench::sd15::scheduler().unwrap(), &dev).unwrap();
+        let x = Tensor::ones((1, 4, 8, 8), DType::F32, &dev).unwrap();
+        let t = Tensor::new(&[10f32], &dev).unwrap();
+        let ctx = Tensor::ones((1, 3, 12), DType::F32, &dev).unwrap();
+        let run = |unet: &UNet| unet.forward(&x, &t, &ctx).unwrap();
+        let before = run(&pipe.inference.unet);
+        assert!(!before.track_op(), "inference records no graph");
+        let var = pipe.unet_vars.data().lock().unwrap()["conv_out.bias"].clone();
+        var.set(&(var.as_tensor() + 1.0).unwrap()).unwrap();
+        let (after, trained) = (run(&pipe.inference.unet), run(&pipe.unet));
+        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff(&after, &before) > 0.5, "the update is visible to inference");
+        assert_eq!(diff(&after, &trained), 0.0, "both views compute the same");
+    }
 }

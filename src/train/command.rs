@@ -192,7 +192,7 @@ fn encode_images(pipe: &Pipeline, dir: &Path, prompt: &str, a: &TrainArgs, rng: 
         let crop = if a.center_crop { Crop::Center } else { Crop::At(rng.uniform(), rng.uniform()) };
         let flip = a.random_flip && rng.uniform() < 0.5;
         let image = load_image(&path, a.resolution, crop, flip, &pipe.device)?.unsqueeze(0)?;
-        let (mean, logvar) = pipe.vae.encode(&image)?;
+        let (mean, logvar) = pipe.inference.vae.encode(&image)?;
         out.push(Example {
             latent_mean: (mean.squeeze(0)? * sf)?.detach(),
             latent_std: ((logvar.squeeze(0)? * 0.5)?.exp()? * sf)?.detach(),
