@@ -36,8 +36,12 @@ found_in() { # soname -> directory holding it, or nothing
     fi
 }
 
-needed=(libcuda.so.1 libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10)
-[ -f "$HERE/NEEDED" ] && grep -q '^libcudnn' "$HERE/NEEDED" && needed+=(libcudnn.so.9)
+# The CUDA libraries the binary links (NEEDED, written by scripts/build-cuda.sh), plus cuBLASLt,
+# which libcublas loads.
+needed=(libcublasLt.so.13)
+while read -r lib; do
+    case "$lib" in libcuda.so*|libcudart.so*|libcublas.so*|libcurand.so*|libcudnn.so*) needed+=("$lib") ;; esac
+done < "$HERE/NEEDED"
 missing=()
 path=""
 for lib in "${needed[@]}"; do

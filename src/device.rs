@@ -43,11 +43,6 @@ pub fn allow_tf32(on: bool) {
     candle_core::cuda::set_gemm_reduced_precision_f32(on);
 }
 
-/// Waits for queued GPU work, so wall-clock timings cover it.
-pub fn synchronize(dev: &Device) -> Result<()> {
-    Ok(dev.synchronize()?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

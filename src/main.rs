@@ -7,7 +7,6 @@ use dreambridge::convert::to_keras::diffusers_to_keras;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-
 #[derive(Parser)]
 #[command(name = "dreambridge", version, about = "KerasCV Stable Diffusion checkpoints <-> diffusers, verified")]
 struct Cli {
@@ -152,7 +151,7 @@ struct TrainCli {
     /// Fine-tune the text encoder too.
     #[arg(long)]
     train_text_encoder: bool,
-    /// UNet compute precision: no, fp16 (no loss scaling), bf16 (CUDA builds); weights stay f32.
+    /// UNet compute precision: no, fp16 (dynamic loss scaling), bf16 (CUDA builds); weights stay f32.
     #[arg(long, default_value = "no")]
     mixed_precision: String,
     /// auto (GPU when this is a CUDA build and one is present), cpu, cuda or cuda:N.

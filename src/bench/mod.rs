@@ -1,6 +1,6 @@
 //! `dreambridge bench`: SD 1.5-size training steps and text-to-image timed on the chosen device
 //! (random weights: no real ones can be had), and a check that the GPU computes what the CPU does.
-//! `bench/train_vs_diffusers.sh` runs the same steps in PyTorch diffusers and prints the ratios.
+//! `bench/vs_diffusers.sh` runs the same work in PyTorch diffusers and prints the ratios.
 
 pub mod cli;
 pub mod generate;

@@ -5,8 +5,9 @@
 //! At SD 1.5's 64×64 latents an attention matrix is 8 heads × 4096² per sample; the primitive-op
 //! softmax would keep several of those per layer until backward.
 
+use super::layers::reduction_dtype;
 use super::precomputed::Precomputed;
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use std::sync::Arc;
 
 /// `softmax(q kᵀ · scale) v` for `(B, H, N, d)` / `(B, H, M, d)` tensors, the softmax in f32.
@@ -24,8 +25,7 @@ fn attention_within(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budget: usiz
 
 /// Attention probabilities `(B, H, N, M)` in f32 (f64 for f64 inputs).
 fn probabilities(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
-    let wide = if q.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-    let scores = (q.matmul(&k.t()?)?.to_dtype(wide)? * scale)?;
+    let scores = (q.matmul(&k.t()?)?.to_dtype(reduction_dtype(q.dtype()))? * scale)?;
     candle_nn::ops::softmax_last_dim(&scores)
 }
 

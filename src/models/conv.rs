@@ -2,8 +2,7 @@
 //! into `conv_transpose2d` for the input gradient, a naive kernel on CUDA (one thread per output,
 //! no cuDNN) and a direct loop on the CPU. For stride 1 the input gradient is also a forward
 //! convolution, of the output gradient with the spatially flipped, in/out-swapped kernel, so it
-//! runs on cuDNN or im2col + GEMM like the forward pass. The weight gradient is computed as candle
-//! does (a forward convolution over the batch-transposed tensors).
+//! runs on cuDNN or im2col + GEMM like the forward pass. The weight gradient is one im2col GEMM.
 
 use super::precomputed::Precomputed;
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};

@@ -63,21 +63,15 @@ impl Module for LayerNorm {
 /// Softmax over the last dimension through the generic (differentiable) path, in f32.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
-    candle_nn::ops::softmax(&x.to_dtype(DType::F32.max_precision(dtype))?, D::Minus1)?.to_dtype(dtype)
+    candle_nn::ops::softmax(&x.to_dtype(reduction_dtype(dtype))?, D::Minus1)?.to_dtype(dtype)
 }
 
-/// The wider of two float types (so f64 test models stay f64).
-trait MaxPrecision {
-    fn max_precision(self, other: DType) -> DType;
-}
-
-impl MaxPrecision for DType {
-    fn max_precision(self, other: DType) -> DType {
-        if other == DType::F64 {
-            DType::F64
-        } else {
-            self
-        }
+/// The dtype softmax and normalisation statistics are computed in: f32, or f64 for f64 (test) models.
+pub fn reduction_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
     }
 }
 

@@ -4,8 +4,9 @@
 //! backward and replay each of their backward ops; this keeps only the input and the output and
 //! computes `dx = rstd · (g − mean(g) − x̂ · mean(g · x̂))` with a handful of tensor ops.
 
+use super::layers::reduction_dtype;
 use super::precomputed::Precomputed;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 
 /// Normalised rows of `x` `(R, M)`, in f32 (f64 for f64 input).
 pub fn normalize_rows(x: &Tensor, eps: f64) -> Result<Tensor> {
@@ -16,17 +17,9 @@ pub fn normalize_rows(x: &Tensor, eps: f64) -> Result<Tensor> {
     x.apply_op1(Normalize { eps, output: Precomputed::new("normalize", output)? })
 }
 
-fn wide(dtype: DType) -> DType {
-    if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
 /// `(x̂, rstd)` of the rows.
 fn statistics(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-    let x = x.to_dtype(wide(x.dtype()))?;
+    let x = x.to_dtype(reduction_dtype(x.dtype()))?;
     let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
     let rstd = (centered.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     Ok((centered.broadcast_mul(&rstd)?, rstd))
