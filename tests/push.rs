@@ -13,7 +13,8 @@ use std::process::{Child, Stdio};
 
 const TOKEN: &str = "hf_test_token_123";
 
-/// The emulator on 127.0.0.1 with 256 KiB multipart parts; killed when dropped.
+/// The emulator on 127.0.0.1 with 256 KiB multipart parts (part URLs under zero-padded keys,
+/// unless `extra` says otherwise); killed when dropped.
 struct Hub {
     child: Child,
     url: String,
@@ -21,10 +22,15 @@ struct Hub {
 
 impl Hub {
     fn start() -> Hub {
+        Hub::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Hub {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/hub_emulator.py");
         let mut child = std::process::Command::new("python3")
             .arg(script)
             .args(["--token", TOKEN, "--part-size", "262144"])
+            .args(extra)
             .stdout(Stdio::piped())
             .spawn()
             .expect("python3 runs the emulator");
@@ -128,6 +134,29 @@ fn push_uploads_every_file_byte_for_byte_through_lfs() {
     let again = push(&pipe, &hub.opts("me/sks-dog")).unwrap();
     assert_eq!(hub.count("PUT", "/_lfs/"), puts);
     assert_eq!(again.unchanged, remote.len());
+}
+
+#[test]
+fn multipart_part_keys_plain_or_padded_upload_and_gaps_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = pipeline(dir.path());
+    let unet = std::fs::read(pipe.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    // Padded keys are the emulator's default (the push test above); here the plain spelling.
+    let hub = Hub::start_with(&["--part-keys", "plain"]);
+    push(&pipe, &hub.opts("me/plain")).unwrap();
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(&mut hub.get("/me/plain/resolve/main/unet/diffusion_pytorch_model.safetensors").into_reader(), &mut body).unwrap();
+    assert_eq!(body, unet);
+    assert!(hub.count("PUT", "/part/") > 3, "the weights went up in parts");
+
+    // A server that numbers the parts 1, 3, 4, ...: a clear error naming the file, nothing sent,
+    // no commit (the official client would send part 3's bytes to part 2's URL).
+    let hub = Hub::start_with(&["--part-keys", "gap"]);
+    let err = format!("{:#}", push(&pipe, &hub.opts("me/gap")).unwrap_err());
+    assert!(err.contains("model.safetensors") && err.contains("part 2 has no URL (next key: `00003`)"), "{err}");
+    assert_eq!(hub.count("PUT", "/part/"), 0, "nothing is uploaded from an answer with a gap");
+    let info = hub.json("/api/models/me/gap/revision/main");
+    assert_eq!(info["siblings"].as_array().unwrap().len(), 0, "no commit");
 }
 
 #[test]

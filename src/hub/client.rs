@@ -4,7 +4,7 @@
 
 use super::auth::Token;
 use super::local_files::LocalFile;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::io::{Read, Seek, SeekFrom};
 use std::time::Duration;
@@ -175,11 +175,11 @@ impl HubClient {
         let href = upload["href"].as_str().context("LFS upload action without href")?;
         let header = upload.get("header").and_then(Value::as_object).cloned().unwrap_or_default();
         if let Some(chunk) = header.get("chunk_size").and_then(|c| c.as_str().map(str::to_string).or_else(|| c.as_u64().map(|v| v.to_string()))) {
-            let chunk: u64 = chunk.parse().context("bad chunk_size")?;
-            let parts = file.size.div_ceil(chunk);
+            let chunk: u64 = chunk.parse().ok().filter(|&c| c > 0).with_context(|| format!("{}: bad chunk_size `{chunk}` in the LFS batch answer", file.path_in_repo))?;
+            let urls = part_urls(&header, file.size, chunk).with_context(|| format!("{}: the LFS batch answer for a multipart upload", file.path_in_repo))?;
+            let parts = urls.len() as u64;
             let mut etags = Vec::new();
-            for n in 1..=parts {
-                let url = header.get(&n.to_string()).and_then(Value::as_str).with_context(|| format!("no URL for part {n}"))?;
+            for (n, url) in (1..=parts).zip(&urls) {
                 let (start, len) = ((n - 1) * chunk, chunk.min(file.size - (n - 1) * chunk));
                 let resp = self.retry(&format!("{}: part {n}/{parts}", file.path_in_repo), || self.put_range(url, file, start, len, &[]))?;
                 let etag = resp.header("ETag").context("part upload returned no ETag")?.to_string();
@@ -236,6 +236,35 @@ impl HubClient {
     }
 }
 
+/// The part URLs of a multipart upload, in part order. The batch answer gives them under decimal
+/// header keys, which servers may zero-pad (`"00001"`); like the official client, every
+/// all-digit key counts, and there must be ceil(size / chunk) of them. Unlike it, the numbers
+/// must also be exactly 1..=N, so a gap or a duplicate is refused instead of shifting parts.
+fn part_urls(header: &serde_json::Map<String, Value>, size: u64, chunk: u64) -> Result<Vec<&str>> {
+    let mut numbered: Vec<(u64, &str, &str)> = Vec::new();
+    for (key, value) in header {
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_digit()) {
+            continue; // chunk_size and any other header
+        }
+        let n: u64 = key.parse().with_context(|| format!("part number `{key}` is too large"))?;
+        let url = value.as_str().with_context(|| format!("part `{key}`: the URL is not a string"))?;
+        numbered.push((n, key, url));
+    }
+    numbered.sort_by_key(|&(n, _, _)| n);
+    let expected = size.div_ceil(chunk);
+    ensure!(
+        numbered.len() as u64 == expected,
+        "{} part URLs for {size} bytes in parts of {chunk} (expected {expected})",
+        numbered.len()
+    );
+    for (want, &(n, key, _)) in (1u64..).zip(&numbered) {
+        ensure!(n > 0, "part numbers start at 1 (key `{key}`)");
+        ensure!(n >= want, "part {n} is given twice (key `{key}`)");
+        ensure!(n == want, "part {want} has no URL (next key: `{key}`)");
+    }
+    Ok(numbered.into_iter().map(|(_, _, url)| url).collect())
+}
+
 /// URL-quotes a revision (branch names may hold `/`).
 fn quote(s: &str) -> String {
     s.bytes()
@@ -244,4 +273,37 @@ fn quote(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(keys: &[&str]) -> serde_json::Map<String, Value> {
+        let mut h = serde_json::Map::new();
+        h.insert("chunk_size".into(), json!("10"));
+        for k in keys {
+            h.insert(k.to_string(), json!(format!("https://up/{k}")));
+        }
+        h
+    }
+
+    #[test]
+    fn part_urls_accept_any_decimal_spelling_in_part_order() {
+        let (padded, plain, mixed) = (header(&["00003", "00001", "00002"]), header(&["2", "1", "3"]), header(&["1", "002"]));
+        assert_eq!(part_urls(&padded, 25, 10).unwrap(), ["https://up/00001", "https://up/00002", "https://up/00003"]);
+        assert_eq!(part_urls(&plain, 30, 10).unwrap(), ["https://up/1", "https://up/2", "https://up/3"]);
+        assert_eq!(part_urls(&mixed, 11, 10).unwrap(), ["https://up/1", "https://up/002"]);
+    }
+
+    #[test]
+    fn part_urls_refuse_wrong_counts_gaps_and_duplicates() {
+        let err = |keys: &[&str], size| part_urls(&header(keys), size, 10).unwrap_err().to_string();
+        assert!(err(&["1", "2"], 25).contains("2 part URLs for 25 bytes in parts of 10 (expected 3)"));
+        assert!(err(&["1", "2", "3", "4"], 25).contains("expected 3"));
+        assert!(err(&["1", "2", "4"], 25).contains("part 3 has no URL (next key: `4`)"), "{}", err(&["1", "2", "4"], 25));
+        assert!(err(&["1", "01", "2"], 25).contains("part 1 is given twice (key `01`)"), "{}", err(&["1", "01", "2"], 25));
+        assert!(err(&["0", "1", "2"], 25).contains("part numbers start at 1 (key `0`)"));
+        assert!(err(&["1", "2", "99999999999999999999999"], 25).contains("too large"));
+    }
 }

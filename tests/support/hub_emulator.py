@@ -1,10 +1,12 @@
 """A loopback emulator of the Hugging Face Hub's HTTP protocol (the LFS-era upload path and the
 download endpoints), for tests. Standard library only; binds 127.0.0.1 and prints its port.
 
-    python3 tests/support/hub_emulator.py [--port N] [--token T] [--part-size BYTES]
+    python3 tests/support/hub_emulator.py [--port N] [--token T] [--part-size BYTES] [--part-keys padded|plain]
 
 Upload: POST /api/repos/create, /api/validate-yaml, /api/models/{repo}/preupload/{rev},
-/{repo}.git/info/lfs/objects/batch (basic, or multipart above --part-size), PUT objects/parts,
+/{repo}.git/info/lfs/objects/batch (basic, or multipart above --part-size, with the part URLs under
+zero-padded keys "00001", "00002", ... as servers in the wild send them, "1", "2", ... with
+--part-keys plain, or with --part-keys gap the right count of padded keys but part 2 left out and N+1 added), PUT objects/parts,
 multipart completion, verify, and the NDJSON commit, which is applied atomically or not at all.
 Like the Hub it refuses non-LFS files over 10 MiB and binary non-LFS files over 1 MB.
 Download: /api/models/{repo}[/revision/{rev}], /api/models/{repo}/tree/{rev}, HEAD/GET /{repo}/resolve/{rev}/{path}.
@@ -30,10 +32,11 @@ MAX_REGULAR_BINARY = 1_000_000
 
 
 class Hub:
-    def __init__(self, token, part_size):
+    def __init__(self, token, part_size, part_keys="padded"):
         self.lock = threading.Lock()
         self.token = token
         self.part_size = part_size
+        self.part_keys = part_keys
         self.repos = {}      # repo_id -> {"private": bool, "refs": {rev: sha}, "commits": {sha: {path: entry}}}
         self.objects = {}    # sha256 -> bytes
         self.parts = {}      # sha256 -> {part_number: bytes}
@@ -228,7 +231,9 @@ def make_handler(hub):
                 if size > hub.part_size and "multipart" in req.get("transfers", ["basic"]):
                     n = -(-size // hub.part_size)
                     header = {"chunk_size": str(hub.part_size)}
-                    header.update({str(i): f"{host}/_lfs/{oid}/part/{i}" for i in range(1, n + 1)})
+                    spelling = "{:d}" if hub.part_keys == "plain" else "{:05d}"
+                    numbers = [i for i in range(1, n + 2) if i != 2] if hub.part_keys == "gap" else range(1, n + 1)
+                    header.update({spelling.format(i): f"{host}/_lfs/{oid}/part/{i}" for i in numbers})
                     upload = {"href": f"{host}/_lfs/{oid}/complete", "header": header}
                 else:
                     upload = {"href": f"{host}/_lfs/{oid}"}
@@ -352,7 +357,7 @@ class Server(ThreadingHTTPServer):
 def main():
     args = sys.argv[1:]
     opt = lambda name, default: type(default)(args[args.index(name) + 1]) if name in args else default  # noqa: E731
-    hub = Hub(opt("--token", ""), opt("--part-size", 5 * 1024 * 1024))
+    hub = Hub(opt("--token", ""), opt("--part-size", 5 * 1024 * 1024), opt("--part-keys", "padded"))
     server = Server(("127.0.0.1", opt("--port", 0)), make_handler(hub))
     print(server.server_address[1], flush=True)
     server.serve_forever()
