@@ -328,6 +328,7 @@ fn run(cli: Cli) -> Result<()> {
                 device: a.device,
                 allow_tf32: a.allow_tf32,
                 gradient_checkpointing: a.gradient_checkpointing,
+                stop: dreambridge::train::interrupt::StopRequest::on_signals()?,
             };
             let done = dreambridge::train::command::train(&args)?;
             println!("trained {} steps -> {}", done.losses.len(), done.output_dir.display());
@@ -402,8 +403,35 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("error: {}", dreambridge::output::one_line(&e));
+            match e.downcast_ref::<dreambridge::train::interrupt::Interrupted>() {
+                Some(stopped) => {
+                    if stopped.checkpoint.is_some() {
+                        eprintln!("resume with: {}", resume_command());
+                    }
+                    ExitCode::from(stopped.exit_code())
+                }
+                None => ExitCode::FAILURE,
+            }
         }
     }
+}
+
+/// This command line with `--resume-from-checkpoint latest` in place of any resume flag given.
+fn resume_command() -> String {
+    let mut words = Vec::new();
+    let mut args = std::env::args();
+    while let Some(arg) = args.next() {
+        if arg == "--resume-from-checkpoint" {
+            args.next();
+        } else if !arg.starts_with("--resume-from-checkpoint=") {
+            words.push(arg);
+        }
+    }
+    words.extend(["--resume-from-checkpoint".into(), "latest".into()]);
+    let quote = |w: &String| match w.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) && !w.is_empty() {
+        true => w.clone(),
+        false => format!("'{}'", w.replace('\'', r"'\''")),
+    };
+    words.iter().map(quote).collect::<Vec<_>>().join(" ")
 }

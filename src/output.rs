@@ -42,7 +42,7 @@ impl Staging {
     pub fn path(&self, relative: &str) -> Result<PathBuf> {
         let p = self.temp.join(relative);
         if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent)?;
+            std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
         }
         Ok(p)
     }
@@ -52,25 +52,99 @@ impl Staging {
         std::fs::write(&p, contents).with_context(|| format!("{}: cannot write", p.display()))
     }
 
+    /// Commits the folder if `work` succeeded. If it failed, the staging folder goes and the
+    /// error names the file by its destination path (not the hidden staging twin) and says
+    /// that the output folder was left as it was.
+    pub fn finish<T>(mut self, work: Result<T>) -> Result<(T, PathBuf)> {
+        match work.and_then(|v| Ok((v, self.commit_inner()?))) {
+            Ok(done) => Ok(done),
+            Err(e) => {
+                let message = named_by_destination(&e, &self.temp, &self.dest);
+                let left = if self.dest.exists() { "left as it was" } else { "not created" };
+                Err(anyhow::anyhow!("{message} (output {} {left})", self.dest.display()))
+            }
+        }
+    }
+
     /// Moves the finished folder into place (replacing the old one only now, with --force).
-    pub fn commit(mut self) -> Result<PathBuf> {
+    pub fn commit(self) -> Result<PathBuf> {
+        Ok(self.finish(Ok(()))?.1)
+    }
+
+    fn commit_inner(&mut self) -> Result<PathBuf> {
         if self.dest.exists() {
             if !self.force {
                 bail!("{}: appeared while converting; not replaced", self.dest.display());
             }
             let old = self.temp.with_extension("old");
-            std::fs::rename(&self.dest, &old)?;
-            std::fs::rename(&self.temp, &self.dest)?;
+            std::fs::rename(&self.dest, &old).with_context(|| format!("{}: cannot move aside", self.dest.display()))?;
+            std::fs::rename(&self.temp, &self.dest).with_context(|| format!("{}: cannot rename into place", self.dest.display()))?;
             if old.is_dir() {
                 std::fs::remove_dir_all(&old)?;
             } else {
                 std::fs::remove_file(&old)?;
             }
         } else {
-            std::fs::rename(&self.temp, &self.dest)?;
+            std::fs::rename(&self.temp, &self.dest).with_context(|| format!("{}: cannot rename into place", self.dest.display()))?;
+        }
+        if let Some(parent) = self.dest.parent() {
+            sync_dir(parent);
         }
         self.committed = true;
         Ok(self.dest.clone())
+    }
+}
+
+/// The error in one line, with paths inside the staging folder `temp` named by where they were
+/// going in `dest`.
+pub fn named_by_destination(e: &anyhow::Error, temp: &Path, dest: &Path) -> String {
+    one_line(e).replace(&*temp.to_string_lossy(), &dest.to_string_lossy())
+}
+
+/// An error and its causes as one line, `outer: inner: ...`, leaving out a cause that the
+/// message before it already ends with (wrappers that repeat their source, as candle's I/O
+/// error does).
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        if !parts.last().is_some_and(|last| last.ends_with(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
+}
+
+/// Copies one file; a failure names the destination and the source.
+pub fn copy_file(from: &Path, to: &Path) -> Result<()> {
+    std::fs::copy(from, to).with_context(|| format!("{}: cannot copy from {}", to.display(), from.display()))?;
+    Ok(())
+}
+
+/// Copies a file or a folder tree to `to`, leaving out the entries whose path relative to
+/// `from` (with `/` separators) `skip` names.
+pub fn copy_tree(from: &Path, to: &Path, skip: &dyn Fn(&str) -> bool) -> Result<()> {
+    fn walk(root: &Path, from: &Path, to: &Path, skip: &dyn Fn(&str) -> bool) -> Result<()> {
+        if !from.is_dir() {
+            return copy_file(from, to);
+        }
+        std::fs::create_dir_all(to).with_context(|| format!("{}: cannot create", to.display()))?;
+        for entry in std::fs::read_dir(from).with_context(|| format!("{}: cannot read", from.display()))? {
+            let path = entry.with_context(|| format!("{}: cannot read", from.display()))?.path();
+            let rel = path.strip_prefix(root)?.to_string_lossy().replace('\\', "/");
+            if !skip(&rel) {
+                walk(root, &path, &to.join(path.file_name().expect("a folder entry has a name")), skip)?;
+            }
+        }
+        Ok(())
+    }
+    walk(from, from, to, skip)
+}
+
+/// Makes a rename in `dir` durable (best effort: not every file system syncs folders).
+pub fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
     }
 }
 
@@ -108,6 +182,25 @@ mod tests {
         s.commit().unwrap();
         assert!(dest.join("new").exists() && !dest.join("keep").exists());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn one_line_drops_causes_repeated_by_their_wrapper() {
+        /// Displays as "I/O error: <source>" and also reports the source, as candle's wrapper does.
+        #[derive(Debug)]
+        struct Repeating(std::io::Error);
+        impl std::fmt::Display for Repeating {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "I/O error: {}", self.0)
+            }
+        }
+        impl std::error::Error for Repeating {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let wrapped = anyhow::Error::from(Repeating(std::io::Error::from_raw_os_error(28))).context("w.safetensors: cannot\nwrite");
+        assert_eq!(one_line(&wrapped), "w.safetensors: cannot write: I/O error: No space left on device (os error 28)");
     }
 
     #[test]

@@ -7,14 +7,6 @@ use dreambridge::generate::pipeline::Pipeline;
 use dreambridge::train::command::{train, TrainArgs};
 use std::path::Path;
 
-fn instance_images(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    for (i, tint) in [[220u8, 120, 40], [40, 160, 220]].iter().enumerate() {
-        let img = image::RgbImage::from_fn(80, 64, |x, y| image::Rgb([tint[0].saturating_sub((x / 2) as u8), tint[1], tint[2].saturating_sub(y as u8)]));
-        img.save(dir.join(format!("dog_{i}.png"))).unwrap();
-    }
-}
-
 fn args(dir: &Path, out: &Path) -> TrainArgs {
     TrainArgs {
         pretrained_model: dir.join("sample"),
@@ -53,15 +45,14 @@ fn args(dir: &Path, out: &Path) -> TrainArgs {
         device: "cpu".into(),
         allow_tf32: false,
         gradient_checkpointing: false,
+        stop: Default::default(),
     }
 }
 
 #[test]
 fn trains_with_prior_preservation_and_writes_a_loadable_pipeline() {
     let dir = tempfile::tempdir().unwrap();
-    let (ok, err) = run(&["convert", "keras-to-diffusers", "--out", dir.path().join("sample").to_str().unwrap()]);
-    assert!(ok, "{err}");
-    instance_images(&dir.path().join("instance"));
+    training_inputs(dir.path());
     let out = dir.path().join("out");
     let done = train(&args(dir.path(), &out)).unwrap();
     let l = &done.losses;
@@ -91,9 +82,7 @@ fn trains_with_prior_preservation_and_writes_a_loadable_pipeline() {
 #[test]
 fn text_encoder_training_updates_and_writes_the_text_encoder() {
     let dir = tempfile::tempdir().unwrap();
-    let (ok, err) = run(&["convert", "keras-to-diffusers", "--out", dir.path().join("sample").to_str().unwrap()]);
-    assert!(ok, "{err}");
-    instance_images(&dir.path().join("instance"));
+    training_inputs(dir.path());
     let out = dir.path().join("out");
     let a = TrainArgs {
         train_text_encoder: true,
@@ -121,4 +110,25 @@ fn text_encoder_training_updates_and_writes_the_text_encoder() {
     let w_cp = w(&Pipeline::load(&out_cp, &candle_core::Device::Cpu).unwrap());
     let max_diff = w(&trained).iter().zip(&w_cp).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(max_diff < 1e-5, "text encoder weights differ by {max_diff} with checkpointing");
+}
+
+/// The normal flow after an interruption: run 1 found the class folder empty and generated the
+/// class images; run 2, resumed from run 1's mid-way checkpoint, finds them on disk. Both must
+/// cache the same examples and end on the same weights, bit for bit.
+#[test]
+fn a_resume_after_class_image_generation_continues_the_same_trajectory() {
+    let dir = tempfile::tempdir().unwrap();
+    training_inputs(dir.path());
+    let out = dir.path().join("out");
+    let a = TrainArgs { max_train_steps: 8, checkpointing_steps: 4, checkpoints_total_limit: None, validation_prompt: None, learning_rate: 1e-3, ..args(dir.path(), &out) };
+    assert!(!dir.path().join("class").exists());
+    train(&a).unwrap();
+    assert_eq!(std::fs::read_dir(dir.path().join("class")).unwrap().count(), 2, "run 1 generated the class images");
+    let uninterrupted = unet_weights(&out);
+    std::fs::remove_dir_all(out.join("checkpoint-8")).unwrap(); // as if killed after step 4's checkpoint
+    let resumed = train(&TrainArgs { resume_from_checkpoint: Some("latest".into()), ..a }).unwrap();
+    assert_eq!(resumed.losses.len(), 4, "steps 5..8 only");
+    let base = unet_weights(&dir.path().join("sample"));
+    assert_ne!(unet_weights(&out), base);
+    assert!(unet_weights(&out) == uninterrupted, "the resumed run ended on other weights than the uninterrupted one");
 }

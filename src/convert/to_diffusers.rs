@@ -7,7 +7,7 @@ use crate::diffusers::st_read::StFile;
 use crate::diffusers::st_write::{PendingTensor, StWriter};
 use crate::diffusers::tokenizer;
 use crate::keras::KerasFile;
-use crate::output::Staging;
+use crate::output::{copy_file, copy_tree, Staging};
 use crate::progress::Progress;
 use crate::tensor::DType;
 use anyhow::{bail, ensure, Context, Result};
@@ -90,60 +90,64 @@ pub fn keras_to_diffusers(inputs: &KerasInputs, opts: &ToDiffusersOptions) -> Re
         .filter_map(|p| p.as_deref())
         .collect();
     let staging = Staging::new(&opts.out, opts.force, &inputs_list)?;
-    let dtype = opts.half.then_some(DType::F16);
-    let mut written: BTreeSet<&str> = BTreeSet::new();
-    let mut kinds = Vec::new();
+    let fill = || -> Result<(Vec<String>, bool)> {
+        let dtype = opts.half.then_some(DType::F16);
+        let mut written: BTreeSet<&str> = BTreeSet::new();
+        let mut kinds = Vec::new();
 
-    if let Some(m) = &unet {
-        write_json(&staging, "unet/config.json", &unet_config(&m.plan)?)?;
-        write_weights(&staging, Component::Unet, opts.half, &[m], None, dtype)?;
-        written.insert("unet");
-        kinds.push(m.plan.table.kind.clone());
-    }
-    if let Some(m) = &text {
-        let mut config = text_encoder_config(&m.plan)?;
-        if opts.half {
-            config["torch_dtype"] = "float16".into();
+        if let Some(m) = &unet {
+            write_json(&staging, "unet/config.json", &unet_config(&m.plan)?)?;
+            write_weights(&staging, Component::Unet, opts.half, &[m], None, dtype)?;
+            written.insert("unet");
+            kinds.push(m.plan.table.kind.clone());
         }
-        write_json(&staging, "text_encoder/config.json", &config)?;
-        write_weights(&staging, Component::TextEncoder, opts.half, &[m], None, dtype)?;
-        written.insert("text_encoder");
-        kinds.push(m.plan.table.kind.clone());
-    }
-    let vae_parts: Vec<&Matched> = [&encoder, &decoder].into_iter().flatten().collect();
-    if !vae_parts.is_empty() {
-        let overlay = if vae_parts.len() == 1 {
-            let missing = if encoder.is_none() { "encoder" } else { "decoder" };
-            let b = base.with_context(|| format!("only half of the VAE was given: the {missing} must come from --base"))?;
-            let path = find_weights(b, Component::Vae)?;
-            copy_file(&b.join("vae/config.json"), &staging.path("vae/config.json")?)?;
-            Some(StFile::open(&path).with_context(|| path.display().to_string())?)
-        } else {
-            let plans: Vec<&Plan> = vae_parts.iter().map(|m| &m.plan).collect();
-            write_json(&staging, "vae/config.json", &vae_config(&plans)?)?;
-            None
-        };
-        write_weights(&staging, Component::Vae, opts.half, &vae_parts, overlay.as_ref(), dtype)?;
-        written.insert("vae");
-        kinds.extend(vae_parts.iter().map(|m| m.plan.table.kind.clone()));
-    }
-    ensure!(!kinds.is_empty() || base.is_some(), "nothing to convert: give at least one .h5 file (or --sample)");
-
-    if let Some(b) = base {
-        copy_rest_of_base(b, &staging, &written, dtype)?;
-    } else {
-        if written.contains("text_encoder") {
-            for (name, contents) in tokenizer::files() {
-                staging.write(&format!("tokenizer/{name}"), contents.as_bytes())?;
+        if let Some(m) = &text {
+            let mut config = text_encoder_config(&m.plan)?;
+            if opts.half {
+                config["torch_dtype"] = "float16".into();
             }
+            write_json(&staging, "text_encoder/config.json", &config)?;
+            write_weights(&staging, Component::TextEncoder, opts.half, &[m], None, dtype)?;
+            written.insert("text_encoder");
+            kinds.push(m.plan.table.kind.clone());
         }
-        write_json(&staging, "scheduler/scheduler_config.json", &scheduler_config())?;
-    }
-    let complete = ["unet", "text_encoder", "vae"].iter().all(|c| written.contains(c)) || base.is_some();
-    if complete && base.is_none() {
-        write_json(&staging, "model_index.json", &model_index("DDIMScheduler"))?;
-    }
-    let out = staging.commit()?;
+        let vae_parts: Vec<&Matched> = [&encoder, &decoder].into_iter().flatten().collect();
+        if !vae_parts.is_empty() {
+            let overlay = if vae_parts.len() == 1 {
+                let missing = if encoder.is_none() { "encoder" } else { "decoder" };
+                let b = base.with_context(|| format!("only half of the VAE was given: the {missing} must come from --base"))?;
+                let path = find_weights(b, Component::Vae)?;
+                copy_file(&b.join("vae/config.json"), &staging.path("vae/config.json")?)?;
+                Some(StFile::open(&path).with_context(|| path.display().to_string())?)
+            } else {
+                let plans: Vec<&Plan> = vae_parts.iter().map(|m| &m.plan).collect();
+                write_json(&staging, "vae/config.json", &vae_config(&plans)?)?;
+                None
+            };
+            write_weights(&staging, Component::Vae, opts.half, &vae_parts, overlay.as_ref(), dtype)?;
+            written.insert("vae");
+            kinds.extend(vae_parts.iter().map(|m| m.plan.table.kind.clone()));
+        }
+        ensure!(!kinds.is_empty() || base.is_some(), "nothing to convert: give at least one .h5 file (or --sample)");
+
+        if let Some(b) = base {
+            copy_rest_of_base(b, &staging, &written, dtype)?;
+        } else {
+            if written.contains("text_encoder") {
+                for (name, contents) in tokenizer::files() {
+                    staging.write(&format!("tokenizer/{name}"), contents.as_bytes())?;
+                }
+            }
+            write_json(&staging, "scheduler/scheduler_config.json", &scheduler_config())?;
+        }
+        let complete = ["unet", "text_encoder", "vae"].iter().all(|c| written.contains(c)) || base.is_some();
+        if complete && base.is_none() {
+            write_json(&staging, "model_index.json", &model_index("DDIMScheduler"))?;
+        }
+        Ok((kinds, complete))
+    };
+    let filled = fill();
+    let ((kinds, complete), out) = staging.finish(filled)?;
     Ok(Converted { out, kinds, complete_pipeline: complete })
 }
 
@@ -153,10 +157,6 @@ fn write_json(staging: &Staging, relative: &str, value: &serde_json::Value) -> R
     staging.write(relative, text.as_bytes())
 }
 
-fn copy_file(from: &Path, to: &Path) -> Result<()> {
-    std::fs::copy(from, to).with_context(|| format!("{}: cannot copy", from.display()))?;
-    Ok(())
-}
 
 /// Streams one component's safetensors file from the matched Keras files, optionally on top of a
 /// base file whose other tensors are kept (half a VAE).
@@ -238,7 +238,7 @@ fn copy_rest_of_base(base: &Path, staging: &Staging, written: &BTreeSet<&str>, d
                 copy_file(&base.join(&name).join("config.json"), &staging.path(&format!("{name}/config.json"))?)?;
                 recode_weights(&from, &staging.path(&format!("{name}/{}", c.weights_name(true)))?, dt)?;
             }
-            _ => copy_tree(&entry.path(), &staging.path(&name)?)?,
+            _ => copy_tree(&entry.path(), &staging.path(&name)?, &|_| false)?,
         }
     }
     Ok(())
@@ -258,15 +258,3 @@ fn recode_weights(from: &Path, to: &Path, dtype: DType) -> Result<()> {
     w.finish()
 }
 
-fn copy_tree(from: &Path, to: &Path) -> Result<()> {
-    if from.is_dir() {
-        std::fs::create_dir_all(to)?;
-        for entry in std::fs::read_dir(from)? {
-            let entry = entry?;
-            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
-        }
-        Ok(())
-    } else {
-        copy_file(from, to)
-    }
-}

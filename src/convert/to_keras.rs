@@ -60,13 +60,18 @@ pub fn diffusers_to_keras(model: &Path, out: &Path, force: bool, sd_version: Opt
     }
     ensure!(!jobs.is_empty(), "{}: no unet/, text_encoder/ or vae/ folder", model.display());
     let staging = Staging::new(out, force, &[model])?;
-    let mut files = Vec::new();
-    for (file, plan) in &jobs {
-        let name = keras_file_name(&plan.table.kind);
-        write_h5(&staging.path(name)?, file, plan).with_context(|| format!("{}: writing {name}", file.path.display()))?;
-        files.push((plan.table.kind.clone(), name.to_string()));
-    }
-    let out = staging.commit()?;
+    let fill = || -> Result<Vec<(String, String)>> {
+        let mut files = Vec::new();
+        for (file, plan) in &jobs {
+            let name = keras_file_name(&plan.table.kind);
+            let path = staging.path(name)?;
+            write_h5(&path, file, plan).with_context(|| format!("{}: writing from {}", path.display(), file.path.display()))?;
+            files.push((plan.table.kind.clone(), name.to_string()));
+        }
+        Ok(files)
+    };
+    let filled = fill();
+    let (files, out) = staging.finish(filled)?;
     Ok(ToKerasResult { out, files })
 }
 

@@ -24,6 +24,7 @@ impl PendingTensor {
 }
 
 pub struct StWriter {
+    path: std::path::PathBuf,
     out: BufWriter<std::fs::File>,
     pending: std::vec::IntoIter<PendingTensor>,
 }
@@ -43,11 +44,12 @@ impl StWriter {
         while text.len() % 8 != 0 {
             text.push(b' '); // the format pads the header with spaces to 8-byte alignment
         }
-        let file = std::fs::File::create(path).context("cannot create")?;
-        let mut out = BufWriter::with_capacity(8 << 20, file);
-        out.write_all(&(text.len() as u64).to_le_bytes())?;
-        out.write_all(&text)?;
-        Ok(StWriter { out, pending: tensors.into_iter() })
+        let file = std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+        let mut w = StWriter { path: path.to_owned(), out: BufWriter::with_capacity(8 << 20, file), pending: tensors.into_iter() };
+        let header_len = (text.len() as u64).to_le_bytes();
+        w.put(&header_len)?;
+        w.put(&text)?;
+        Ok(w)
     }
 
     /// Writes the next tensor's data; it must match the next announced key, dtype and shape.
@@ -62,15 +64,18 @@ impl StWriter {
             expected.dtype,
             expected.shape
         );
-        self.out.write_all(&tensor.data)?;
-        Ok(())
+        self.put(&tensor.data)
     }
 
     pub fn finish(mut self) -> Result<()> {
         ensure!(self.pending.next().is_none(), "not every announced tensor was written");
-        self.out.flush()?;
-        self.out.get_ref().sync_all()?;
-        Ok(())
+        let (flushed, path) = (self.out.flush().and_then(|()| self.out.get_ref().sync_all()), &self.path);
+        flushed.with_context(|| format!("{}: cannot write", path.display()))
+    }
+
+    /// Writes bytes; a failure (a full disk, say) names the file.
+    fn put(&mut self, bytes: &[u8]) -> Result<()> {
+        self.out.write_all(bytes).with_context(|| format!("{}: cannot write", self.path.display()))
     }
 }
 
@@ -97,6 +102,17 @@ mod tests {
         let (_, b, mut w) = announced(&dir.path().join("x.safetensors"));
         let err = w.write_next("b", &b).unwrap_err().to_string();
         assert!(err.contains("does not match the header entry `a.weight`"), "{err}");
+    }
+
+    #[test]
+    fn a_full_disk_names_the_file() {
+        // /dev/full accepts the open and fails every write with ENOSPC.
+        let t = RawTensor { dtype: DType::F32, shape: vec![1 << 20], data: vec![0; 4 << 20] };
+        let pending = vec![PendingTensor { key: "w".into(), dtype: DType::F32, shape: t.shape.clone() }];
+        let mut w = StWriter::create(Path::new("/dev/full"), pending).unwrap(); // the header is still buffered
+        let err = w.write_next("w", &t).and_then(|()| w.finish()).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.starts_with("/dev/full: cannot write: No space left on device"), "{text}");
     }
 
     #[test]

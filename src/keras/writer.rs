@@ -18,7 +18,7 @@ pub struct LegacyWriter {
 impl LegacyWriter {
     /// Creates the file with its root attributes; `layer_names` lists the weighted layers in order.
     pub fn create(path: &Path, layer_names: &[String]) -> Result<LegacyWriter> {
-        let file = hdf5::File::create(path).context("cannot create HDF5 file")?;
+        let file = h5(hdf5::File::create(path)).context("cannot create HDF5 file")?;
         write_scalar_string(&file, "backend", "tensorflow")?;
         write_scalar_string(&file, "keras_version", KERAS_VERSION)?;
         write_string_list(&file, "layer_names", layer_names)?;
@@ -27,7 +27,7 @@ impl LegacyWriter {
 
     /// Creates a layer group with its `weight_names` (names relative to the group).
     pub fn begin_layer(&self, group: &str, weight_names: &[String]) -> Result<()> {
-        let g = self.file.create_group(group).with_context(|| format!("layer `{group}`"))?;
+        let g = h5(self.file.create_group(group)).with_context(|| format!("layer `{group}`"))?;
         write_string_list(&g, "weight_names", weight_names)
     }
 
@@ -36,7 +36,7 @@ impl LegacyWriter {
     pub fn write(&self, group: &str, weight_name: &str, tensor: RawTensor) -> Result<()> {
         let tensor = if tensor.dtype == DType::BF16 { tensor.cast(DType::F32) } else { tensor };
         let path = format!("{group}/{weight_name}");
-        let g = self.file.group(group)?;
+        let g = h5(self.file.group(group))?;
         let result = match tensor.dtype {
             DType::F32 => {
                 let v: Vec<f32> = bytemuck::pod_collect_to_vec(&tensor.data);
@@ -47,15 +47,28 @@ impl LegacyWriter {
                 g.new_dataset_builder().with_data(&ndarray::ArrayView::from_shape(tensor.shape.clone(), &v)?).create(weight_name)
             }
         };
-        result.with_context(|| format!("tensor `{path}`: cannot write"))?;
+        h5(result).with_context(|| format!("tensor `{path}`: cannot write"))?;
         Ok(())
     }
 
     pub fn finish(self) -> Result<()> {
-        self.file.flush()?;
-        self.file.close()?;
+        h5(self.file.flush())?;
+        h5(self.file.close())?;
         Ok(())
     }
+}
+
+/// An HDF5 error in one line. A failed system call (a full disk, say) becomes the OS error it
+/// carries; HDF5's own report spans several lines and names the file by its staging path.
+fn h5<T>(r: hdf5::Result<T>) -> Result<T> {
+    r.map_err(|e| {
+        let text = e.to_string();
+        let errno = text.split("errno = ").nth(1).and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse::<i32>().ok());
+        match errno {
+            Some(n) => anyhow::Error::from(std::io::Error::from_raw_os_error(n)),
+            None => anyhow::anyhow!("{}", text.lines().next().unwrap_or("HDF5 error").trim()),
+        }
+    })
 }
 
 fn fixed(s: &str) -> Result<FixedAscii<512>> {
@@ -64,7 +77,7 @@ fn fixed(s: &str) -> Result<FixedAscii<512>> {
 
 fn write_scalar_string(loc: &hdf5::Location, name: &str, value: &str) -> Result<()> {
     let data = ndarray::arr0(fixed(value)?);
-    loc.new_attr_builder().with_data_as(data.view(), &TypeDescriptor::FixedAscii(value.len().max(1))).create(name)?;
+    h5(loc.new_attr_builder().with_data_as(data.view(), &TypeDescriptor::FixedAscii(value.len().max(1))).create(name))?;
     Ok(())
 }
 
@@ -74,7 +87,7 @@ fn write_string_list(loc: &hdf5::Location, name: &str, values: &[String]) -> Res
     let chunks = (values.len() * width).div_ceil(HDF5_OBJECT_HEADER_LIMIT).max(1);
     if values.is_empty() {
         // Keras writes weightless layers' weight_names as an empty float64 array; mirror that.
-        loc.new_attr::<f64>().shape(0).create(name)?;
+        h5(loc.new_attr::<f64>().shape(0).create(name))?;
         return Ok(());
     }
     let per_chunk = values.len().div_ceil(chunks);
@@ -84,7 +97,7 @@ fn write_string_list(loc: &hdf5::Location, name: &str, values: &[String]) -> Res
         if part.iter().any(|s| s.len() > 512) {
             bail!("name too long in `{attr_name}`");
         }
-        loc.new_attr_builder().with_data_as(data.view(), &TypeDescriptor::FixedAscii(width)).create(attr_name.as_str())?;
+        h5(loc.new_attr_builder().with_data_as(data.view(), &TypeDescriptor::FixedAscii(width)).create(attr_name.as_str()))?;
     }
     Ok(())
 }

@@ -1,8 +1,13 @@
 //! `dreambridge train`: DreamBooth fine-tuning of the UNet, with diffusers' train_dreambooth.py
 //! flags. The VAE and text encoder are frozen, so latent distributions and prompt embeddings are
 //! computed once (image augmentation is drawn once per image, at caching time).
+//!
+//! Every draw made before training has its own seeded stream per image (class image `i`, the
+//! augmentation of the `k`-th file in sorted order), so a run that generated its class images and
+//! a resumed run that found them on disk cache the same examples and train the same trajectory.
 
 use super::data::{image_files, load_image, Crop};
+use super::interrupt::StopRequest;
 use super::loss::LossConfig;
 use super::optim::AdamWParams;
 use super::rng::TrainRng;
@@ -62,6 +67,8 @@ pub struct TrainArgs {
     pub allow_tf32: bool,
     /// Recompute UNet blocks in backward instead of storing their activations.
     pub gradient_checkpointing: bool,
+    /// Set by SIGINT/SIGTERM (see [`StopRequest::on_signals`]): stop after the current step.
+    pub stop: StopRequest,
 }
 
 pub struct Trained {
@@ -79,22 +86,23 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
     }
     let base = crate::hub::download::local_or_hub(&a.pretrained_model)?;
     let pipe = Pipeline::load(&base, &dev).with_context(|| format!("loading {}", base.display()))?;
-    let mut rng = TrainRng::new(a.seed);
 
     let class_dir = if a.with_prior_preservation {
         let dir = a.class_data_dir.clone().context("--with-prior-preservation needs --class-data-dir")?;
         let prompt = a.class_prompt.clone().context("--with-prior-preservation needs --class-prompt")?;
-        generate_class_images(&pipe, &dir, &prompt, a, &mut rng)?;
+        generate_class_images(&pipe, &dir, &prompt, a)?;
         Some((dir, prompt))
     } else {
         None
     };
+    a.stop.check(0)?;
     eprintln!("caching latents and prompt embeddings");
-    let instances = encode_images(&pipe, &a.instance_data_dir, &a.instance_prompt, a, &mut rng, None)?;
+    let instances = encode_images(&pipe, &a.instance_data_dir, &a.instance_prompt, a, "instance", None)?;
     let classes = match &class_dir {
-        Some((dir, prompt)) => encode_images(&pipe, dir, prompt, a, &mut rng, Some(a.num_class_images))?,
+        Some((dir, prompt)) => encode_images(&pipe, dir, prompt, a, "class", Some(a.num_class_images))?,
         None => Vec::new(),
     };
+    a.stop.check(0)?;
 
     let schedule = NoiseSchedule::new(&pipe.scheduler.schedule)?;
     let config = TrainConfig {
@@ -121,6 +129,7 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
     if a.train_text_encoder {
         trainer = trainer.with_text_encoder(&pipe.text, &pipe.text_vars)?;
     }
+    trainer.stop = a.stop.clone();
     if let Some(spec) = &a.resume_from_checkpoint {
         trainer.resume(spec)?;
         eprintln!("resumed at step {}", trainer.step);
@@ -128,10 +137,15 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
     let bar = ProgressBar::new(a.max_train_steps as u64);
     bar.set_style(ProgressStyle::with_template("steps {pos}/{len} [{bar:30}] {per_sec} {msg}").expect("template").progress_chars("=> "));
     bar.set_position(trainer.step as u64);
+    // Without a terminal (logs, schedulers) the bar draws nothing: one plain line per step instead.
+    let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut validation_error = None;
     let losses = trainer.run(&instances, &classes, None, |step, loss, lr| {
         bar.set_position(step as u64);
         bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
+        if plain {
+            eprintln!("step {step}/{} loss {loss:.4} lr {lr:.2e}", a.max_train_steps);
+        }
         if let Some(prompt) = &a.validation_prompt {
             if step % a.validation_steps.max(1) == 0 && validation_error.is_none() {
                 if let Err(e) = validate(&pipe, prompt, a, step) {
@@ -160,9 +174,10 @@ pub fn compute_dtype(mixed: &str, dev: &Device) -> Result<candle_core::DType> {
 }
 
 /// Tops the class folder up to `num_class_images` with images the base model makes from the
-/// class prompt (saved for reuse, never replacing the user's images).
-fn generate_class_images(pipe: &Pipeline, dir: &Path, prompt: &str, a: &TrainArgs, rng: &mut TrainRng) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
+/// class prompt (saved for reuse, never replacing the user's images). Image `i` comes from its
+/// own stream, so an interrupted top-up continues with the images it would have made.
+fn generate_class_images(pipe: &Pipeline, dir: &Path, prompt: &str, a: &TrainArgs) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let have = image_files(dir).map(|f| f.len()).unwrap_or(0);
     if have >= a.num_class_images {
         return Ok(());
@@ -175,20 +190,24 @@ fn generate_class_images(pipe: &Pipeline, dir: &Path, prompt: &str, a: &TrainArg
             n += 1;
             path = dir.join(format!("class_{n}.png"));
         }
-        save_png(&pipe.generate(prompt, "", a.resolution, a.sample_steps, 7.5, rng)?, &path)?;
+        let mut rng = TrainRng::stream(a.seed, "class image", i as u64);
+        save_png(&pipe.generate(prompt, "", a.resolution, a.sample_steps, 7.5, &mut rng)?, &path)?;
         bar.inc(1);
+        a.stop.check(0)?;
     }
     bar.finish_and_clear();
     Ok(())
 }
 
-/// Latent distributions (× the VAE scaling factor) and the prompt embedding of every image.
-fn encode_images(pipe: &Pipeline, dir: &Path, prompt: &str, a: &TrainArgs, rng: &mut TrainRng, limit: Option<usize>) -> Result<Vec<Example>> {
+/// Latent distributions (× the VAE scaling factor) and the prompt embedding of every image; the
+/// `k`-th file's crop and flip come from stream `k` of `set` ("instance" or "class").
+fn encode_images(pipe: &Pipeline, dir: &Path, prompt: &str, a: &TrainArgs, set: &str, limit: Option<usize>) -> Result<Vec<Example>> {
     let context = pipe.embed(prompt)?.squeeze(0)?;
     let ids = Tensor::new(pipe.tokenizer.ids(prompt).as_slice(), &pipe.device)?;
     let sf = pipe.vae.config.scaling_factor;
     let mut out = Vec::new();
-    for path in image_files(dir)?.into_iter().take(limit.unwrap_or(usize::MAX)) {
+    for (k, path) in image_files(dir)?.into_iter().take(limit.unwrap_or(usize::MAX)).enumerate() {
+        let mut rng = TrainRng::stream(a.seed, &format!("{set} augmentation"), k as u64);
         let crop = if a.center_crop { Crop::Center } else { Crop::At(rng.uniform(), rng.uniform()) };
         let flip = a.random_flip && rng.uniform() < 0.5;
         let image = load_image(&path, a.resolution, crop, flip, &pipe.device)?.unsqueeze(0)?;
@@ -214,14 +233,40 @@ fn validate(pipe: &Pipeline, prompt: &str, a: &TrainArgs, step: usize) -> Result
 }
 
 /// The trained pipeline: the base folder's other parts, the trained UNet, a model card. Built in a
-/// staging folder, then moved into the output folder entry by entry.
+/// staging folder, then moved into the output folder entry by entry. On failure the staging
+/// folder goes, the error names the file by its destination, and the checkpoints stay.
 fn write_pipeline(pipe: &Pipeline, base: &Path, a: &TrainArgs) -> Result<()> {
     let staging = a.output_dir.join(".pipeline-tmp");
     if staging.exists() {
-        std::fs::remove_dir_all(&staging)?;
+        std::fs::remove_dir_all(&staging).with_context(|| format!("{}: cannot remove", staging.display()))?;
     }
+    let built = build_pipeline(pipe, base, a, &staging);
+    if let Err(e) = built {
+        let _ = std::fs::remove_dir_all(&staging);
+        bail!(
+            "{}; the trained pipeline was not written to {} (its checkpoints are kept)",
+            crate::output::named_by_destination(&e, &staging, &a.output_dir),
+            a.output_dir.display()
+        );
+    }
+    for entry in std::fs::read_dir(&staging)? {
+        let entry = entry?;
+        let dest = a.output_dir.join(entry.file_name());
+        if dest.is_dir() {
+            std::fs::remove_dir_all(&dest)?;
+        } else if dest.exists() {
+            std::fs::remove_file(&dest)?;
+        }
+        std::fs::rename(entry.path(), &dest).with_context(|| format!("{}: cannot rename into place", dest.display()))?;
+    }
+    std::fs::remove_dir_all(&staging)?;
+    crate::output::sync_dir(&a.output_dir);
+    Ok(())
+}
+
+fn build_pipeline(pipe: &Pipeline, base: &Path, a: &TrainArgs, staging: &Path) -> Result<()> {
     let trained_text = a.train_text_encoder;
-    copy_dir(base, &staging, &|rel| {
+    crate::output::copy_tree(base, staging, &|rel| {
         let weights = rel.ends_with(".safetensors") || rel.ends_with(".bin");
         (weights && (rel.starts_with("unet/") || (trained_text && rel.starts_with("text_encoder/")))) || rel.starts_with('.') || rel == "README.md"
     })?;
@@ -235,22 +280,12 @@ fn write_pipeline(pipe: &Pipeline, base: &Path, a: &TrainArgs) -> Result<()> {
         instance_prompt: Some(a.instance_prompt.clone()),
         license: None,
     };
-    std::fs::write(staging.join("README.md"), model_card(&card, &[]))?;
-    for entry in std::fs::read_dir(&staging)? {
-        let entry = entry?;
-        let dest = a.output_dir.join(entry.file_name());
-        if dest.is_dir() {
-            std::fs::remove_dir_all(&dest)?;
-        } else if dest.exists() {
-            std::fs::remove_file(&dest)?;
-        }
-        std::fs::rename(entry.path(), dest)?;
-    }
-    std::fs::remove_dir_all(&staging)?;
-    Ok(())
+    let card_path = staging.join("README.md");
+    std::fs::write(&card_path, model_card(&card, &[])).with_context(|| format!("{}: cannot write", card_path.display()))
 }
 
-/// Writes a VarMap's tensors (f32, keys = diffusers/transformers names) as a safetensors file.
+/// Writes a VarMap's tensors (f32, keys = diffusers/transformers names) as a safetensors file,
+/// refusing any tensor that holds a NaN or an infinity.
 fn write_vars(vars: &candle_nn::VarMap, path: &Path) -> Result<()> {
     let vars = vars.data().lock().unwrap();
     let mut names: Vec<&String> = vars.keys().collect();
@@ -259,30 +294,10 @@ fn write_vars(vars: &candle_nn::VarMap, path: &Path) -> Result<()> {
     let mut w = StWriter::create(path, pending)?;
     for n in &names {
         let t: Tensor = vars[*n].as_tensor().to_dtype(candle_core::DType::F32)?;
-        let data = bytemuck::cast_slice(&t.flatten_all()?.to_vec1::<f32>()?).to_vec();
+        let values = t.flatten_all()?.to_vec1::<f32>()?;
+        ensure!(values.iter().all(|v| v.is_finite()), "{}: tensor `{n}` holds NaN or infinite values; not written", path.display());
+        let data = bytemuck::cast_slice(&values).to_vec();
         w.write_next(n, &RawTensor { dtype: RawDType::F32, shape: t.dims().to_vec(), data })?;
     }
     w.finish()
-}
-
-fn copy_dir(from: &Path, to: &Path, skip: &dyn Fn(&str) -> bool) -> Result<()> {
-    fn walk(root: &Path, dir: &Path, to: &Path, skip: &dyn Fn(&str) -> bool) -> Result<()> {
-        for e in std::fs::read_dir(dir)?.flatten() {
-            let rel = e.path().strip_prefix(root)?.to_string_lossy().replace('\\', "/");
-            if skip(&rel) {
-                continue;
-            }
-            let target = to.join(&rel);
-            if e.path().is_dir() {
-                std::fs::create_dir_all(&target)?;
-                walk(root, &e.path(), to, skip)?;
-            } else {
-                std::fs::create_dir_all(target.parent().unwrap())?;
-                std::fs::copy(e.path(), &target).with_context(|| format!("{}: cannot copy", e.path().display()))?;
-            }
-        }
-        Ok(())
-    }
-    std::fs::create_dir_all(to)?;
-    walk(from, from, to, skip)
 }

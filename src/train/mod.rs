@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod command;
 pub mod data;
 pub mod inplace;
+pub mod interrupt;
 pub mod loss;
 pub mod loss_scale;
 pub mod optim;

@@ -13,6 +13,20 @@ impl TrainRng {
         TrainRng { state: seed ^ 0x9E37_79B9_7F4A_7C15 }
     }
 
+    /// An independent stream for one draw made outside the training loop (`purpose`, item
+    /// `index`): what it yields depends only on these and the seed, never on what else this
+    /// process drew before.
+    pub fn stream(seed: u64, purpose: &str, index: u64) -> TrainRng {
+        // FNV-1a of the purpose, then each part folded in through the splitmix64 output function.
+        let label = purpose.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3));
+        let mut mix = TrainRng::new(seed);
+        for part in [label, index] {
+            mix.state ^= part;
+            mix.state = mix.next_u64();
+        }
+        TrainRng { state: mix.state }
+    }
+
     /// splitmix64.
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -44,5 +58,22 @@ impl TrainRng {
         }
         v.truncate(count);
         Tensor::from_vec(v, shape, device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_depend_only_on_seed_purpose_and_index() {
+        let first = |seed, purpose, index| TrainRng::stream(seed, purpose, index).next_u64();
+        assert_eq!(first(3, "class image", 5), first(3, "class image", 5));
+        let distinct = [first(3, "class image", 5), first(3, "class image", 6), first(3, "class augmentation", 5), first(4, "class image", 5), TrainRng::new(3).next_u64()];
+        for (i, a) in distinct.iter().enumerate() {
+            for b in &distinct[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
     }
 }

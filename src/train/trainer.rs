@@ -1,8 +1,11 @@
 //! The training loop over cached latent distributions and text embeddings: per-sample timesteps,
 //! noise (and offset noise) from the checkpointed RNG, DreamBooth loss, gradient accumulation,
-//! global grad-norm clipping, the LR schedule, AdamW, and checkpoints that resume exactly.
+//! global grad-norm clipping, the LR schedule, AdamW, and checkpoints that resume exactly. A stop
+//! request (SIGINT/SIGTERM) ends the run after the current step with a checkpoint; a loss or
+//! gradient that is not finite (outside fp16 loss scaling) ends it before the weights change.
 
 use super::checkpoint::{self, TrainState};
+use super::interrupt::{Interrupted, StopRequest};
 use super::loss_scale::LossScaler;
 use super::loss::{dreambooth_loss, LossConfig};
 use super::optim::{clip_factor, grad_norm, AdamW, AdamWParams, LrSchedule};
@@ -10,7 +13,7 @@ use super::rng::TrainRng;
 use super::schedule::NoiseSchedule;
 use crate::models::clip::ClipTextModel;
 use crate::models::unet::UNet;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
@@ -61,6 +64,8 @@ pub struct Trainer<'a> {
     pub scaler: Option<LossScaler>,
     /// Optimiser steps skipped because fp16 gradients overflowed.
     pub skipped_steps: usize,
+    /// Checked after every step: set, the run checkpoints and returns [`Interrupted`].
+    pub stop: StopRequest,
 }
 
 impl<'a> Trainer<'a> {
@@ -69,7 +74,7 @@ impl<'a> Trainer<'a> {
         let optimizer = AdamW::new(vars, config.adam)?;
         let rng = TrainRng::new(config.seed);
         let scaler = (config.compute_dtype == candle_core::DType::F16).then(LossScaler::default);
-        Ok(Trainer { unet, varmap, text: None, schedule, config, optimizer, rng, step: 0, scaler, skipped_steps: 0 })
+        Ok(Trainer { unet, varmap, text: None, schedule, config, optimizer, rng, step: 0, scaler, skipped_steps: 0, stop: StopRequest::default() })
     }
 
     /// Trains the text encoder too: prompt embeddings are recomputed each step, with gradients.
@@ -177,6 +182,9 @@ impl<'a> Trainer<'a> {
             // Unscaling (fp16) and clipping are folded into the optimiser's gradient factor.
             let loss_scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
             let norm = grad_norm(&grads, &vars)? / loss_scale;
+            if self.scaler.is_none() && !(loss_sum.is_finite() && norm.is_finite()) {
+                bail!("{}", self.non_finite(loss_sum, norm)?);
+            }
             let lr = c.learning_rate * c.lr_scheduler.factor(self.step, c.lr_warmup_steps, c.max_train_steps);
             if self.scaler.as_mut().map_or(true, |s| s.update(norm.is_finite())) {
                 self.optimizer.step_scaled(&grads, lr, clip_factor(norm, c.max_grad_norm) / loss_scale)?;
@@ -186,11 +194,32 @@ impl<'a> Trainer<'a> {
             self.step += 1;
             losses.push(loss_sum);
             on_step(self.step, loss_sum, lr);
-            if c.checkpointing_steps.is_some_and(|n| self.step % n == 0) {
-                self.save_checkpoint()?;
+            let saved = match c.checkpointing_steps.is_some_and(|n| self.step % n == 0) {
+                true => Some(self.save_checkpoint()?),
+                false => None,
+            };
+            if let Some(signal) = self.stop.signal() {
+                let checkpoint = match saved {
+                    Some(path) => path,
+                    None => self.save_checkpoint()?,
+                };
+                return Err(Interrupted { signal, step: self.step, checkpoint: Some(checkpoint) }.into());
             }
         }
         Ok(losses)
+    }
+
+    /// Why training stops at this step: which value is not finite, and what is kept.
+    fn non_finite(&self, loss: f32, norm: f64) -> Result<String> {
+        let what = if loss.is_finite() { format!("the gradient norm is {norm}") } else { format!("the loss is {loss}") };
+        let kept = match checkpoint::list(&self.config.checkpoint_dir)?.pop() {
+            Some((_, path)) => format!("the last good checkpoint is {}", path.display()),
+            None => "no checkpoint was written yet".to_string(),
+        };
+        Ok(format!(
+            "step {}: {what}; training stopped before the weights changed, and no weights were written ({kept}; a lower --learning-rate or --max-grad-norm may help)",
+            self.step + 1
+        ))
     }
 }
 
@@ -281,6 +310,52 @@ mod tests {
         assert_eq!(weights(&varmap_c), weights(&varmap_a), "and so must the final weights");
         let kept: Vec<usize> = checkpoint::list(dir_b.path()).unwrap().into_iter().map(|(s, _)| s).collect();
         assert_eq!(kept, vec![4, 6], "checkpoints_total_limit keeps the newest two");
+    }
+
+    #[test]
+    fn a_stop_request_ends_the_step_with_a_checkpoint_that_resumes_exactly() {
+        let schedule = NoiseSchedule::new(&serde_json::from_str::<ScheduleConfig>("{}").unwrap()).unwrap();
+        let (inst, class) = (examples(3, 1), examples(4, 2));
+        let cfg = |dir: &std::path::Path| TrainConfig { checkpointing_steps: Some(100), ..config(dir) };
+        let dir_a = tempfile::tempdir().unwrap();
+        let (varmap_a, unet_a) = unet();
+        Trainer::new(&unet_a, &varmap_a, &schedule, cfg(dir_a.path())).unwrap().run(&inst, &class, None, |_, _, _| {}).unwrap();
+
+        let dir_b = tempfile::tempdir().unwrap();
+        let (varmap_b, unet_b) = unet();
+        let mut b = Trainer::new(&unet_b, &varmap_b, &schedule, cfg(dir_b.path())).unwrap();
+        let stop = b.stop.clone();
+        let err = b.run(&inst, &class, None, |step, _, _| if step == 3 { stop.request(15) }).unwrap_err();
+        let i = err.downcast_ref::<Interrupted>().expect("a stop is reported as Interrupted");
+        assert_eq!((i.signal, i.step, i.checkpoint.as_deref()), (15, 3, Some(dir_b.path().join("checkpoint-3").as_path())));
+        let (varmap_c, unet_c) = unet();
+        let mut c = Trainer::new(&unet_c, &varmap_c, &schedule, cfg(dir_b.path())).unwrap();
+        c.resume("latest").unwrap();
+        assert_eq!(c.step, 3);
+        c.run(&inst, &class, None, |_, _, _| {}).unwrap();
+        assert_eq!(weights(&varmap_c), weights(&varmap_a), "interrupted + resumed = uninterrupted");
+    }
+
+    #[test]
+    fn a_non_finite_loss_stops_before_the_weights_change_and_keeps_the_checkpoint() {
+        let schedule = NoiseSchedule::new(&serde_json::from_str::<ScheduleConfig>("{}").unwrap()).unwrap();
+        let (inst, class) = (examples(3, 1), examples(4, 2));
+        let dir = tempfile::tempdir().unwrap();
+        let (varmap, unet) = unet();
+        let mut t = Trainer::new(&unet, &varmap, &schedule, config(dir.path())).unwrap();
+        t.run(&inst, &class, Some(2), |_, _, _| {}).unwrap();
+        let good = weights(&varmap);
+        // A corrupted latent: every instance example now holds a NaN.
+        let poisoned: Vec<Example> = inst
+            .iter()
+            .map(|e| Example { latent_mean: e.latent_mean.affine(1.0, f64::NAN).unwrap(), ..e.clone() })
+            .collect();
+        let err = t.run(&poisoned, &class, None, |_, _, _| {}).unwrap_err().to_string();
+        assert!(err.starts_with("step 3: the loss is NaN") && err.contains("checkpoint-2"), "{err}");
+        assert_eq!(weights(&varmap), good, "no update from a NaN step");
+        assert_eq!(t.step, 2);
+        let kept: Vec<usize> = checkpoint::list(dir.path()).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(kept, vec![2]);
     }
 
     #[test]

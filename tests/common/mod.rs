@@ -40,3 +40,25 @@ pub fn run(args: &[&str]) -> (bool, String) {
     let out = cli().args(args).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
 }
+
+/// Two small instance images (80x64, tinted gradients) in `dir`.
+pub fn instance_images(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (i, tint) in [[220u8, 120, 40], [40, 160, 220]].iter().enumerate() {
+        let img = image::RgbImage::from_fn(80, 64, |x, y| image::Rgb([tint[0].saturating_sub((x / 2) as u8), tint[1], tint[2].saturating_sub(y as u8)]));
+        img.save(dir.join(format!("dog_{i}.png"))).unwrap();
+    }
+}
+
+/// The embedded tiny SD1 sample as a diffusers folder at `dir/sample`, and instance images at
+/// `dir/instance`.
+pub fn training_inputs(dir: &Path) {
+    let (ok, err) = run(&["convert", "keras-to-diffusers", "--out", dir.join("sample").to_str().unwrap()]);
+    assert!(ok, "{err}");
+    instance_images(&dir.join("instance"));
+}
+
+/// The UNet weights of a trained pipeline folder, by key.
+pub fn unet_weights(pipeline: &Path) -> Vec<(String, RawTensor)> {
+    st_tensors(&pipeline.join("unet/diffusion_pytorch_model.safetensors"))
+}
