@@ -11,6 +11,8 @@ pub mod inspect;
 pub mod sample;
 pub mod hub;
 pub mod models;
+pub mod pipeline;
+pub mod rng;
 pub mod train;
 pub mod generate;
 pub mod device;

@@ -345,14 +345,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => {
             anyhow::ensure!(a.size % 8 == 0 && a.size >= 8, "--size must be a multiple of 8");
             let model = dreambridge::hub::download::local_or_hub(&a.model)?;
-            let pipe = dreambridge::generate::pipeline::Pipeline::load(&model, &dreambridge::device::parse(&a.device)?)?;
+            let pipe = dreambridge::pipeline::Pipeline::load(&model, &dreambridge::device::parse(&a.device)?)?;
             std::fs::create_dir_all(&a.out)?;
-            let mut rng = dreambridge::train::rng::TrainRng::new(a.seed);
+            let mut rng = dreambridge::rng::TrainRng::new(a.seed);
             for i in 0..a.num_images {
                 let path = a.out.join(format!("image_{i}.png"));
                 anyhow::ensure!(!path.exists(), "{}: already exists", path.display());
-                let image = pipe.generate(&a.prompt, &a.negative_prompt, a.size, a.steps, a.guidance_scale, &mut rng)?;
-                dreambridge::generate::pipeline::save_png(&image, &path)?;
+                let image = dreambridge::generate::text_to_image::generate(&pipe, &a.prompt, &a.negative_prompt, a.size, a.steps, a.guidance_scale, &mut rng)?;
+                dreambridge::generate::text_to_image::save_png(&image, &path)?;
                 println!("{}", path.display());
             }
         }

@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use dreambridge::generate::pipeline::Pipeline;
+use dreambridge::pipeline::Pipeline;
 use dreambridge::train::command::{train, TrainArgs};
 use std::path::Path;
 

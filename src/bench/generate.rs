@@ -3,11 +3,12 @@
 
 use super::memory::PeakMemory;
 use super::stats::{gib, Timing};
-use crate::generate::pipeline::Pipeline;
+use crate::generate::text_to_image::generate;
+use crate::pipeline::Pipeline;
 use crate::models::clip::ClipTextConfig;
 use crate::models::unet::UNetConfig;
 use crate::models::vae::VaeConfig;
-use crate::train::rng::TrainRng;
+use crate::rng::TrainRng;
 use anyhow::Result;
 use candle_core::{DType, Device};
 use std::time::Instant;
@@ -67,7 +68,7 @@ pub fn run(o: &GenerateBenchOptions, dev: &Device, mut progress: impl FnMut(usiz
     for i in 0..total {
         dev.synchronize()?;
         let start = Instant::now();
-        let image = pipe.generate("a photo of sks dog in a bucket", "", o.resolution, o.steps, 7.5, &mut rng)?;
+        let image = generate(&pipe, "a photo of sks dog in a bucket", "", o.resolution, o.steps, 7.5, &mut rng)?;
         image.flatten_all()?.to_vec1::<f32>()?; // the image reaches the host, as when saved
         if i >= o.warmup_images {
             times.push(start.elapsed().as_secs_f64() * 1e3);

@@ -4,8 +4,8 @@
 
 use crate::models::unet::UNet;
 use crate::train::loss::{dreambooth_loss, LossConfig};
-use crate::train::rng::TrainRng;
-use crate::train::schedule::{NoiseSchedule, ScheduleConfig};
+use crate::rng::TrainRng;
+use crate::pipeline::schedule::{NoiseSchedule, ScheduleConfig};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};

@@ -1,7 +1,7 @@
 //! Stable Diffusion 1.5's model configs (diffusers' `runwayml/stable-diffusion-v1-5` folder), the
 //! shapes every benchmark uses. The PyTorch side reads the same files from bench/sd15/.
 
-use crate::generate::ddim::DdimConfig;
+use crate::pipeline::schedule::SchedulerConfig;
 use crate::models::clip::ClipTextConfig;
 use crate::models::unet::UNetConfig;
 use crate::models::vae::VaeConfig;
@@ -24,7 +24,7 @@ pub fn vae() -> Result<VaeConfig> {
     Ok(serde_json::from_str(VAE)?)
 }
 
-pub fn scheduler() -> Result<DdimConfig> {
+pub fn scheduler() -> Result<SchedulerConfig> {
     Ok(serde_json::from_str(SCHEDULER)?)
 }
 

@@ -1,24 +1,9 @@
 //! diffusers' `DDIMScheduler` (eta = 0) from `scheduler_config.json`: "leading" timestep spacing
 //! with `steps_offset`, epsilon or v-prediction.
 
-use crate::train::schedule::{NoiseSchedule, Prediction, ScheduleConfig};
+use crate::pipeline::schedule::{NoiseSchedule, Prediction, SchedulerConfig};
 use anyhow::Result;
 use candle_core::Tensor;
-use serde::Deserialize;
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct DdimConfig {
-    #[serde(flatten)]
-    pub schedule: ScheduleConfig,
-    #[serde(default)]
-    pub steps_offset: usize,
-    #[serde(default = "default_true")]
-    pub set_alpha_to_one: bool,
-}
-
-fn default_true() -> bool {
-    true
-}
 
 pub struct Ddim {
     noise: NoiseSchedule,
@@ -28,7 +13,7 @@ pub struct Ddim {
 }
 
 impl Ddim {
-    pub fn new(c: &DdimConfig, steps: usize) -> Result<Ddim> {
+    pub fn new(c: &SchedulerConfig, steps: usize) -> Result<Ddim> {
         let noise = NoiseSchedule::new(&c.schedule)?;
         let total = c.schedule.num_train_timesteps;
         let step_ratio = total / steps.max(1);
@@ -57,7 +42,7 @@ impl Ddim {
 mod tests {
     use super::*;
 
-    fn config(json: &str) -> DdimConfig {
+    fn config(json: &str) -> SchedulerConfig {
         serde_json::from_str(json).unwrap()
     }
 

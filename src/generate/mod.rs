@@ -1,5 +1,6 @@
-//! Text-to-image with a diffusers folder: DDIM sampling with classifier-free guidance, shared by
-//! `dreambridge generate`, class-image generation and validation images.
+//! Text-to-image with a loaded pipeline: the samplers (one file per diffusers scheduler) and the
+//! guided sampling loop, shared by `dreambridge generate`, class-image generation and validation
+//! images.
 
 pub mod ddim;
-pub mod pipeline;
+pub mod text_to_image;

@@ -57,7 +57,7 @@ pub fn run(component: &str, model: &Path, inputs: &Path, out: &Path, dev: &Devic
 fn train_step(model: &Path, x: &HashMap<String, candle_core::Tensor>, out: &Path, dev: &Device) -> Result<()> {
     use crate::train::loss::{dreambooth_loss, LossConfig};
     use crate::train::optim::{clip_grad_norm, AdamW, AdamWParams};
-    use crate::train::schedule::{NoiseSchedule, ScheduleConfig};
+    use crate::pipeline::schedule::{NoiseSchedule, ScheduleConfig};
     let dev = dev.clone();
     let get = |k: &str| x.get(k).with_context(|| format!("no `{k}`"));
     let varmap = VarMap::new();

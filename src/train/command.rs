@@ -10,12 +10,13 @@ use super::data::{image_files, load_image, Crop};
 use super::interrupt::StopRequest;
 use super::loss::LossConfig;
 use super::optim::AdamWParams;
-use super::rng::TrainRng;
-use super::schedule::NoiseSchedule;
+use crate::rng::TrainRng;
+use crate::pipeline::schedule::NoiseSchedule;
 use super::trainer::{Example, TrainConfig, Trainer};
 use crate::diffusers::layout::Component;
 use crate::diffusers::st_write::{PendingTensor, StWriter};
-use crate::generate::pipeline::{save_png, Pipeline};
+use crate::generate::text_to_image::{generate, save_png};
+use crate::pipeline::Pipeline;
 use crate::hub::model_card::{model_card, CardInfo};
 use crate::tensor::{DType as RawDType, RawTensor};
 use anyhow::{bail, ensure, Context, Result};
@@ -191,7 +192,7 @@ fn generate_class_images(pipe: &Pipeline, dir: &Path, prompt: &str, a: &TrainArg
             path = dir.join(format!("class_{n}.png"));
         }
         let mut rng = TrainRng::stream(a.seed, "class image", i as u64);
-        save_png(&pipe.generate(prompt, "", a.resolution, a.sample_steps, 7.5, &mut rng)?, &path)?;
+        save_png(&generate(pipe, prompt, "", a.resolution, a.sample_steps, 7.5, &mut rng)?, &path)?;
         bar.inc(1);
         a.stop.check(0)?;
     }
@@ -227,7 +228,7 @@ fn validate(pipe: &Pipeline, prompt: &str, a: &TrainArgs, step: usize) -> Result
     std::fs::create_dir_all(&dir)?;
     let mut rng = TrainRng::new(a.seed);
     for i in 0..a.num_validation_images {
-        save_png(&pipe.generate(prompt, "", a.resolution, a.sample_steps, 7.5, &mut rng)?, &dir.join(format!("step_{step}_{i}.png")))?;
+        save_png(&generate(pipe, prompt, "", a.resolution, a.sample_steps, 7.5, &mut rng)?, &dir.join(format!("step_{step}_{i}.png")))?;
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! and the target on noised latents; with prior preservation the batch's second half holds class
 //! images and adds `prior_loss_weight` × their MSE; min-SNR-γ weights the instance half.
 
-use super::schedule::{mse_per_sample, NoiseSchedule};
+use crate::pipeline::schedule::{mse_per_sample, NoiseSchedule};
 use crate::models::unet::UNet;
 use anyhow::{ensure, Result};
 use candle_core::Tensor;
@@ -52,7 +52,7 @@ mod tests {
     use crate::models::testing::assert_every_var_has_a_gradient;
     use crate::models::unet::{UNet, UNetConfig};
     use crate::train::optim::{AdamW, AdamWParams};
-    use crate::train::schedule::ScheduleConfig;
+    use crate::pipeline::schedule::ScheduleConfig;
     use candle_core::{DType, Device};
     use candle_nn::{VarBuilder, VarMap};
 

@@ -1,4 +1,5 @@
-//! DreamBooth training pieces: noise schedule, optimiser, loss.
+//! DreamBooth training: the loop, optimiser, loss, checkpoints and the `train` command, over
+//! the models `pipeline` loads.
 
 pub mod checkpoint;
 pub mod command;
@@ -8,7 +9,4 @@ pub mod interrupt;
 pub mod loss;
 pub mod loss_scale;
 pub mod optim;
-pub mod prompt;
-pub mod rng;
-pub mod schedule;
 pub mod trainer;

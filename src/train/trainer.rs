@@ -9,8 +9,8 @@ use super::interrupt::{Interrupted, StopRequest};
 use super::loss_scale::LossScaler;
 use super::loss::{dreambooth_loss, LossConfig};
 use super::optim::{clip_factor, grad_norm, AdamW, AdamWParams, LrSchedule};
-use super::rng::TrainRng;
-use super::schedule::NoiseSchedule;
+use crate::rng::TrainRng;
+use crate::pipeline::schedule::NoiseSchedule;
 use crate::models::clip::ClipTextModel;
 use crate::models::unet::UNet;
 use anyhow::{bail, Result};
@@ -227,7 +227,7 @@ impl<'a> Trainer<'a> {
 mod tests {
     use super::*;
     use crate::models::unet::UNetConfig;
-    use crate::train::schedule::ScheduleConfig;
+    use crate::pipeline::schedule::ScheduleConfig;
     use candle_core::{DType, Device};
     use candle_nn::VarBuilder;
 

@@ -19,6 +19,21 @@ pub struct ScheduleConfig {
     pub prediction_type: String,
 }
 
+/// `scheduler/scheduler_config.json`: the training schedule plus what DDIM sampling reads.
+#[derive(Clone, Debug, Deserialize)]
+pub struct SchedulerConfig {
+    #[serde(flatten)]
+    pub schedule: ScheduleConfig,
+    #[serde(default)]
+    pub steps_offset: usize,
+    #[serde(default = "default_true")]
+    pub set_alpha_to_one: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
 fn default_steps() -> usize {
     1000
 }

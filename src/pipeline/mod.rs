@@ -1,14 +1,16 @@
-//! A loaded Stable Diffusion pipeline (our Candle models on diffusers weights) that turns prompts
-//! into images.
+//! A loaded Stable Diffusion pipeline: our Candle models on a diffusers folder's weights, its
+//! tokenizer and scheduler config. Training, generation and the benchmarks all build on it.
 
-use super::ddim::{Ddim, DdimConfig};
+pub mod prompt;
+pub mod schedule;
+
 use crate::diffusers::layout::{find_weights, Component};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
 use crate::models::weights::load_into;
-use crate::train::prompt::PromptTokenizer;
-use crate::train::rng::TrainRng;
+use prompt::PromptTokenizer;
+use schedule::SchedulerConfig;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -36,7 +38,7 @@ pub struct Pipeline {
     pub vae: Vae,
     pub vae_vars: VarMap,
     pub tokenizer: PromptTokenizer,
-    pub scheduler: DdimConfig,
+    pub scheduler: SchedulerConfig,
     pub device: Device,
     /// Dtype the models compute in when generating (weights stay f32); F32 unless changed.
     pub compute_dtype: DType,
@@ -50,7 +52,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 
 impl Pipeline {
     /// Builds the three models from their configs, with random weights (benchmarks; `load` sets them).
-    pub fn from_configs(unet: &UNetConfig, text: &ClipTextConfig, vae: &VaeConfig, scheduler: DdimConfig, device: &Device) -> Result<Pipeline> {
+    pub fn from_configs(unet: &UNetConfig, text: &ClipTextConfig, vae: &VaeConfig, scheduler: SchedulerConfig, device: &Device) -> Result<Pipeline> {
         let (unet_vars, text_vars, vae_vars) = (VarMap::new(), VarMap::new(), VarMap::new());
         let (unet_cfg, text_cfg, vae_cfg) = (unet, text, vae);
         let unet = UNet::new(VarBuilder::from_varmap(&unet_vars, DType::F32, device), unet_cfg)?;
@@ -96,40 +98,6 @@ impl Pipeline {
         let ids = Tensor::new(self.tokenizer.ids(prompt).as_slice(), &self.device)?.unsqueeze(0)?;
         Ok(self.inference.text.forward(&ids, self.compute_dtype)?)
     }
-
-    /// One image `(3, H, W)` in [0, 1]: DDIM with classifier-free guidance (`guidance` > 1).
-    pub fn generate(&self, prompt: &str, negative: &str, size: usize, steps: usize, guidance: f64, rng: &mut TrainRng) -> Result<Tensor> {
-        let (cond, uncond) = (self.embed(prompt)?, self.embed(negative)?);
-        let context = Tensor::cat(&[&uncond, &cond], 0)?.to_dtype(self.compute_dtype)?;
-        let ddim = Ddim::new(&self.scheduler, steps)?;
-        let z = self.vae.config.latent_channels;
-        let mut latents = rng.normal(&[1, z, size / 8, size / 8], &self.device)?;
-        for &t in &ddim.timesteps {
-            let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(self.compute_dtype)?;
-            let ts = Tensor::new(&[t as f32, t as f32], &self.device)?;
-            let out = self.inference.unet.forward(&input, &ts, &context)?.to_dtype(DType::F32)?;
-            let (u, c) = (out.narrow(0, 0, 1)?, out.narrow(0, 1, 1)?);
-            let guided = (&u + ((c - &u)? * guidance)?)?;
-            latents = ddim.step(&guided, t, &latents)?;
-        }
-        let z = (latents / self.vae.config.scaling_factor)?.to_dtype(self.compute_dtype)?;
-        let image = self.inference.vae.decode(&z)?.to_dtype(DType::F32)?;
-        Ok(((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.squeeze(0)?)
-    }
-}
-
-/// Saves a `(3, H, W)` [0, 1] tensor as a PNG (atomically: temp file + rename).
-pub fn save_png(image: &Tensor, path: &Path) -> Result<()> {
-    let (_, h, w) = image.dims3()?;
-    let data: Vec<f32> = image.permute((1, 2, 0))?.flatten_all()?.to_vec1()?;
-    let bytes: Vec<u8> = data.iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect();
-    let img = image::RgbImage::from_raw(w as u32, h as u32, bytes).context("image buffer size")?;
-    let temp = path.with_extension("png.tmp");
-    if let Err(e) = img.save_with_format(&temp, image::ImageFormat::Png) {
-        let _ = std::fs::remove_file(&temp);
-        return Err(anyhow::Error::from(e).context(format!("{}: cannot write", path.display())));
-    }
-    std::fs::rename(&temp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
 }
 
 #[cfg(test)]

@@ -1,0 +1,44 @@
+//! Text-to-image over a loaded pipeline: DDIM with classifier-free guidance, and PNG output.
+
+use super::ddim::Ddim;
+use crate::pipeline::Pipeline;
+use crate::rng::TrainRng;
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor};
+use std::path::Path;
+
+/// One image `(3, H, W)` in [0, 1] from `pipe`: DDIM with classifier-free guidance (`guidance` > 1),
+/// starting from noise drawn from `rng`.
+pub fn generate(pipe: &Pipeline, prompt: &str, negative: &str, size: usize, steps: usize, guidance: f64, rng: &mut TrainRng) -> Result<Tensor> {
+    let (cond, uncond) = (pipe.embed(prompt)?, pipe.embed(negative)?);
+    let context = Tensor::cat(&[&uncond, &cond], 0)?.to_dtype(pipe.compute_dtype)?;
+    let ddim = Ddim::new(&pipe.scheduler, steps)?;
+    let z = pipe.vae.config.latent_channels;
+    let mut latents = rng.normal(&[1, z, size / 8, size / 8], &pipe.device)?;
+    for &t in &ddim.timesteps {
+        let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(pipe.compute_dtype)?;
+        let ts = Tensor::new(&[t as f32, t as f32], &pipe.device)?;
+        let out = pipe.inference.unet.forward(&input, &ts, &context)?.to_dtype(DType::F32)?;
+        let (u, c) = (out.narrow(0, 0, 1)?, out.narrow(0, 1, 1)?);
+        let guided = (&u + ((c - &u)? * guidance)?)?;
+        latents = ddim.step(&guided, t, &latents)?;
+    }
+    let z = (latents / pipe.vae.config.scaling_factor)?.to_dtype(pipe.compute_dtype)?;
+    let image = pipe.inference.vae.decode(&z)?.to_dtype(DType::F32)?;
+    Ok(((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.squeeze(0)?)
+}
+
+/// Saves a `(3, H, W)` [0, 1] tensor as a PNG (atomically: temp file + rename).
+pub fn save_png(image: &Tensor, path: &Path) -> Result<()> {
+    let (_, h, w) = image.dims3()?;
+    let data: Vec<f32> = image.permute((1, 2, 0))?.flatten_all()?.to_vec1()?;
+    let bytes: Vec<u8> = data.iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect();
+    let img = image::RgbImage::from_raw(w as u32, h as u32, bytes).context("image buffer size")?;
+    let temp = path.with_extension("png.tmp");
+    if let Err(e) = img.save_with_format(&temp, image::ImageFormat::Png) {
+        let _ = std::fs::remove_file(&temp);
+        return Err(anyhow::Error::from(e).context(format!("{}: cannot write", path.display())));
+    }
+    std::fs::rename(&temp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
+}
+
