@@ -3,7 +3,8 @@
 
 use super::layers::{softmax_last, LayerNorm, Linear};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Init, VarBuilder};
+use super::builder::Builder;
+use candle_nn::Init;
 use serde::Deserialize;
 
 /// The fields of `text_encoder/config.json` the model needs.
@@ -69,7 +70,7 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<EncoderLayer> {
+    fn new(vb: Builder, c: &ClipTextConfig) -> Result<EncoderLayer> {
         let (d, attn) = (c.hidden_size, vb.pp("self_attn"));
         Ok(EncoderLayer {
             layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), d, c.layer_norm_eps)?,
@@ -112,7 +113,8 @@ pub struct ClipTextModel {
 
 impl ClipTextModel {
     /// Builds the model under `text_model.` in `vb` (the transformers key layout).
-    pub fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<ClipTextModel> {
+    pub fn new<'a>(vb: impl Into<Builder<'a>>, c: &ClipTextConfig) -> Result<ClipTextModel> {
+        let vb: Builder = vb.into();
         let vb = vb.pp("text_model");
         let emb = vb.pp("embeddings");
         let init = Init::Randn { mean: 0.0, stdev: 0.02 };
@@ -146,6 +148,7 @@ fn causal_mask(l: usize, dtype: DType, device: &candle_core::Device) -> Result<T
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_nn::VarBuilder;
     use crate::models::testing::{assert_every_var_has_a_gradient, finite_difference_check};
     use candle_core::Device;
     use candle_nn::VarMap;

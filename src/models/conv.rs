@@ -37,18 +37,21 @@ impl CustomOp2 for Conv2dStride1 {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let need_x = x.track_op();
+        let (need_x, need_w) = (x.track_op(), w.track_op());
         let (x, w, grad) = (x.detach(), w.detach(), grad.detach());
-        let k = w.dim(2)?;
-        let grad_x = if need_x {
-            let reversed = Tensor::new((0..k as u32).rev().collect::<Vec<_>>(), w.device())?;
-            let flipped = w.index_select(&reversed, 2)?.index_select(&reversed, 3)?.transpose(0, 1)?.contiguous()?;
-            Some(grad.conv2d(&flipped, k - 1 - self.padding, 1, 1, 1)?)
-        } else {
-            None
-        };
-        Ok((grad_x, Some(weight_gradient(&x, &grad, k, self.padding)?)))
+        let grad_x = if need_x { Some(input_gradient(&grad, &w, self.padding)?) } else { None };
+        let grad_w = if need_w { Some(weight_gradient(&x, &grad, w.dim(2)?, self.padding)?) } else { None };
+        Ok((grad_x, grad_w))
     }
+}
+
+/// `dX` of a stride-1 conv: the output gradient convolved with the spatially flipped,
+/// in/out-swapped kernel.
+pub fn input_gradient(grad: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
+    let k = w.dim(2)?;
+    let reversed = Tensor::new((0..k as u32).rev().collect::<Vec<_>>(), w.device())?;
+    let flipped = w.index_select(&reversed, 2)?.index_select(&reversed, 3)?.transpose(0, 1)?.contiguous()?;
+    grad.conv2d(&flipped, k - 1 - padding, 1, 1, 1)
 }
 
 /// `dW (O, I, k, k)` as one GEMM: `gᵀ (O, B·H·W) × im2col(x) (B·H·W, I·k·k)`. Candle's own

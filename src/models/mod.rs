@@ -1,11 +1,14 @@
 //! Differentiable Stable Diffusion models for training (Candle), loading diffusers weights.
 
 pub mod attention;
+pub mod builder;
 pub mod checkpoint;
 pub mod clip;
 pub mod conv;
 pub mod forward;
+pub mod frozen;
 pub mod layers;
+pub mod lora;
 pub mod normalize;
 pub mod precomputed;
 pub mod resnet;

@@ -3,7 +3,7 @@
 
 use super::layers::{Conv2d, GroupNorm, Linear};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::VarBuilder;
+use super::builder::Builder;
 
 pub struct ResnetBlock {
     norm1: GroupNorm,
@@ -16,7 +16,7 @@ pub struct ResnetBlock {
 
 impl ResnetBlock {
     /// `temb`: the time-embedding width (UNet), or `None` (VAE).
-    pub fn new(vb: VarBuilder, groups: usize, eps: f64, cin: usize, cout: usize, temb: Option<usize>) -> Result<ResnetBlock> {
+    pub fn new(vb: Builder, groups: usize, eps: f64, cin: usize, cout: usize, temb: Option<usize>) -> Result<ResnetBlock> {
         Ok(ResnetBlock {
             norm1: GroupNorm::new(vb.pp("norm1"), groups, cin, eps)?,
             conv1: Conv2d::new(vb.pp("conv1"), cin, cout, 3, 1, 1)?,

@@ -7,7 +7,7 @@ use super::layers::{upsample_nearest_2x, Conv2d, GroupNorm, LayerNorm, Linear};
 use super::resnet::ResnetBlock;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Module, Result, Tensor, Var, D};
-use candle_nn::VarBuilder;
+use super::builder::Builder;
 use serde::Deserialize;
 use std::sync::{Arc, RwLock};
 
@@ -81,7 +81,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> Result<Attention> {
+    fn new(vb: Builder, dim: usize, context_dim: usize, heads: usize) -> Result<Attention> {
         Ok(Attention {
             to_q: Linear::new(vb.pp("to_q"), dim, dim, false)?,
             to_k: Linear::new(vb.pp("to_k"), context_dim, dim, false)?,
@@ -117,7 +117,7 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn new(vb: VarBuilder, dim: usize, ctx: usize, heads: usize) -> Result<TransformerBlock> {
+    fn new(vb: Builder, dim: usize, ctx: usize, heads: usize) -> Result<TransformerBlock> {
         Ok(TransformerBlock {
             norm1: LayerNorm::new(vb.pp("norm1"), dim, 1e-5)?,
             attn1: Attention::new(vb.pp("attn1"), dim, dim, heads)?,
@@ -155,7 +155,7 @@ enum Projection {
 }
 
 impl SpatialTransformer {
-    fn new(vb: VarBuilder, c: &UNetConfig, dim: usize, heads: usize) -> Result<SpatialTransformer> {
+    fn new(vb: Builder, c: &UNetConfig, dim: usize, heads: usize) -> Result<SpatialTransformer> {
         let proj = |name: &str| -> Result<Projection> {
             Ok(if c.use_linear_projection {
                 Projection::Linear(Linear::new(vb.pp(name), dim, dim, true)?)
@@ -220,7 +220,8 @@ fn attention_segment(a: SpatialTransformer) -> Segment {
 }
 
 impl UNet {
-    pub fn new(vb: VarBuilder, c: &UNetConfig) -> Result<UNet> {
+    pub fn new<'a>(vb: impl Into<Builder<'a>>, c: &UNetConfig) -> Result<UNet> {
+        let vb: Builder = vb.into();
         let ch = &c.block_out_channels;
         let n = ch.len();
         let cross = |t: &str| t.starts_with("CrossAttn");
@@ -350,6 +351,7 @@ impl UNet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_nn::VarBuilder;
     use crate::models::testing::{assert_every_var_has_a_gradient, finite_difference_check};
     use candle_core::Device;
     use candle_nn::VarMap;

@@ -5,7 +5,7 @@
 use super::layers::{softmax_last, upsample_nearest_2x, Conv2d, GroupNorm, Linear};
 use super::resnet::ResnetBlock;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::VarBuilder;
+use super::builder::Builder;
 use serde::Deserialize;
 
 #[derive(Clone, Debug, Deserialize)]
@@ -36,7 +36,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(vb: VarBuilder, groups: usize, c: usize) -> Result<Attention> {
+    fn new(vb: Builder, groups: usize, c: usize) -> Result<Attention> {
         Ok(Attention {
             group_norm: GroupNorm::new(vb.pp("group_norm"), groups, c, EPS)?,
             to_q: Linear::new(vb.pp("to_q"), c, c, true)?,
@@ -62,7 +62,7 @@ struct Mid {
 }
 
 impl Mid {
-    fn new(vb: VarBuilder, groups: usize, c: usize) -> Result<Mid> {
+    fn new(vb: Builder, groups: usize, c: usize) -> Result<Mid> {
         let res = |j: usize| ResnetBlock::new(vb.pp("resnets").pp(j), groups, EPS, c, c, None);
         Ok(Mid { resnets: [res(0)?, res(1)?], attention: Attention::new(vb.pp("attentions").pp(0), groups, c)? })
     }
@@ -90,7 +90,8 @@ pub struct Vae {
 }
 
 impl Vae {
-    pub fn new(vb: VarBuilder, c: &VaeConfig) -> Result<Vae> {
+    pub fn new<'a>(vb: impl Into<Builder<'a>>, c: &VaeConfig) -> Result<Vae> {
+        let vb: Builder = vb.into();
         let (ch, g, n, z) = (&c.block_out_channels, c.norm_num_groups, c.block_out_channels.len(), c.latent_channels);
         let enc = vb.pp("encoder");
         let mut enc_blocks = Vec::new();
