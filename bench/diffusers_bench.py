@@ -1,14 +1,16 @@
 """The PyTorch diffusers side of `dreambridge bench`: the same work on the same shapes.
 
     python bench/diffusers_bench.py train    [--device cuda] [--resolution 512] [--steps 10] [--warmup 3]
-                                             [--mixed-precision bf16|no] [--gradient-checkpointing] [--json F]
+                                             [--mixed-precision bf16|no] [--gradient-checkpointing] [--lora-rank R] [--json F]
     python bench/diffusers_bench.py generate [--device cuda] [--resolution 512] [--steps 50] [--images 2]
                                              [--mixed-precision bf16|no] [--json F]
 
 train: UNet2DConditionModel from bench/sd15/unet.json (random init, f32 master weights, SDPA
 attention), one instance + one class sample, per-sample timesteps, bf16 autocast, MSE +
 prior-preservation MSE, backward, clip_grad_norm_(1.0), torch.optim.AdamW(lr 5e-6, wd 1e-2),
-zero_grad — what diffusers' examples/dreambooth/train_dreambooth.py does per step.
+zero_grad — what diffusers' examples/dreambooth/train_dreambooth.py does per step. With --lora-rank,
+what train_dreambooth_lora.py does: the UNet frozen and cast to the compute dtype, a PEFT LoRA
+(gaussian init, alpha = rank) on to_q/to_k/to_v/to_out.0, the adapters in f32, AdamW on them only.
 generate: StableDiffusionPipeline from the three configs (weights in the compute dtype), DDIM,
 guidance 7.5; prompt encoding is inside the timed region.
 
@@ -93,11 +95,23 @@ def bench_train(a, device, dtype):
     memory = PeakMemory(device)
     unet = UNet2DConditionModel.from_config(config("unet")).to(device)
     unet.set_attn_processor(AttnProcessor2_0())  # torch SDPA (flash / memory-efficient kernels)
+    lr = 5e-6
+    if a.lora_rank:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.to(dtype)
+        unet.add_adapter(LoraConfig(r=a.lora_rank, lora_alpha=a.lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # diffusers' cast_training_params
+        lr = 5e-4
     if a.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    params = list(unet.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-6, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     side = a.resolution // 8
     latents = torch.randn(2, 4, side, side, device=device)
@@ -129,6 +143,7 @@ def bench_train(a, device, dtype):
         "resolution": a.resolution,
         "batch": 2,
         "parameters": sum(p.numel() for p in params),
+        "lora_rank": a.lora_rank,
         "gradient_checkpointing": a.gradient_checkpointing,
         "steps": a.steps,
         "step": step,
@@ -207,6 +222,7 @@ def main():
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
     p.add_argument("--allow-tf32", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--lora-rank", type=int)
     p.add_argument("--json")
     a = p.parse_args()
     device = torch.device(a.device)
@@ -218,7 +234,8 @@ def main():
         a.warmup = 3 if a.warmup is None else a.warmup
         report = {"model": "sd15", "train": bench_train(a, device, dtype)}
         r = report["train"]
-        print(f"diffusers train step  {r['device']} {r['compute_dtype']} {r['resolution']}px batch 2 ({r['parameters']} params"
+        print(f"diffusers train step  {r['device']} {r['compute_dtype']} {r['resolution']}px batch 2 ("
+              f"{'LoRA rank %d, ' % r['lora_rank'] if r['lora_rank'] else ''}{r['parameters']} params"
               f"{', gradient checkpointing' if r['gradient_checkpointing'] else ''}): {r['step']['median_ms']:.1f} ms/step median "
               f"({r['step']['mean_ms']:.1f} mean, {r['step']['min_ms']:.1f} min) over {r['steps']} steps, {r['images_per_s']:.2f} images/s, "
               f"peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_kind']}); loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}")

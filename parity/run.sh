@@ -24,7 +24,7 @@ make_venv() { # name, pip requirements...
 }
 make_venv keras "tensorflow-cpu==2.14.1" "keras-cv==0.6.4" "h5py==3.16.0"
 make_venv keras3 "tensorflow-cpu==2.17.1" "keras-cv==0.9.0" "h5py==3.16.0"
-make_venv torch "torch==2.15.0" "diffusers==0.42.1" "transformers==5.23.0" "safetensors==0.8.0" "accelerate==1.15.0" "h5py==3.16.0"
+make_venv torch "torch==2.15.0" "diffusers==0.42.1" "transformers==5.23.0" "safetensors==0.8.0" "accelerate==1.15.0" "h5py==3.16.0" "peft==0.21.2"
 [ "${1:-}" = "--setup" ] && exit 0
 
 start=$(date +%s)
@@ -73,6 +73,9 @@ step "Training models (Candle) against diffusers/transformers"
 
 step "dreambridge train output in diffusers"
 "$P/.venv-torch/bin/python" "$P/train_output.py" "$DB"
+
+step "LoRA files: dreambridge's in diffusers (load_lora_weights, fuse_lora), peft's in dreambridge"
+"$P/.venv-torch/bin/python" "$P/lora_parity.py" "$DB"
 
 step "Hub: the loopback emulator against the official huggingface_hub client"
 "$P/.venv-torch/bin/python" "$P/hub_fidelity.py" "$DB"

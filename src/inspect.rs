@@ -47,6 +47,14 @@ fn inspect_safetensors(path: &Path) -> Result<String> {
     let file = StFile::open(path)?;
     let mut out = String::new();
     writeln!(out, "format: safetensors, {} tensors", file.keys().len())?;
+    if crate::lora::read::is_lora(&file.keys()) {
+        match crate::lora::read::read(path) {
+            Ok(set) => out.push_str(&crate::lora::describe::describe(&set)),
+            Err(e) => writeln!(out, "LoRA: unreadable ({})", crate::output::one_line(&e))?,
+        }
+        tensor_table(&mut out, &file)?;
+        return Ok(out);
+    }
     // A VAE file holds two parts (encoder, decoder): every table whose tensors it holds is listed,
     // but tables over the same tensors (SD1/SD2 text towers) count once, the preferred one.
     let mut plans: Vec<Plan> = Vec::new();
@@ -65,12 +73,17 @@ fn inspect_safetensors(path: &Path) -> Result<String> {
     for m in matches {
         writeln!(out, "{m}")?;
     }
+    tensor_table(&mut out, &file)?;
+    Ok(out)
+}
+
+fn tensor_table(out: &mut String, file: &StFile) -> Result<()> {
     writeln!(out, "{:>4}  {:<70} {:<22} dtype", "#", "tensor", "shape")?;
     for (i, k) in file.keys().iter().enumerate() {
         let info = file.info(k)?;
         writeln!(out, "{i:>4}  {k:<70} {:<22} {}", format!("{:?}", info.shape), info.dtype)?;
     }
-    Ok(out)
+    Ok(())
 }
 
 fn describe_plan(plan: &Plan) -> String {
@@ -83,4 +96,19 @@ fn describe_plan(plan: &Plan) -> String {
         plan.tensors.len(),
         symbols.join(" ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::lora::read::tests::{ramp, write_file};
+
+    #[test]
+    fn lora_files_are_described() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k";
+        let path = write_file(dir.path(), "k.safetensors", &[(&format!("{k}.lora_down.weight"), ramp(&[4, 768], 0.0)), (&format!("{k}.lora_up.weight"), ramp(&[320, 4], 0.0))], &[]);
+        let report = super::inspect(&path, None).unwrap();
+        assert!(report.contains("LoRA: kohya format, 1 UNet modules") && report.contains("base model: SD1"), "{report}");
+        assert!(report.contains(&format!("{k}.lora_up.weight")) && !report.contains("detected: none"), "{report}");
+    }
 }

@@ -10,6 +10,7 @@ pub mod progress;
 pub mod inspect;
 pub mod sample;
 pub mod hub;
+pub mod lora;
 pub mod models;
 pub mod pipeline;
 pub mod rng;

@@ -1,6 +1,6 @@
 //! The `dreambridge` command line.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dreambridge::convert::to_diffusers::{keras_to_diffusers, KerasInputs, ToDiffusersOptions};
 use dreambridge::convert::to_keras::diffusers_to_keras;
@@ -28,6 +28,9 @@ enum Command {
     /// Benchmarks on SD 1.5 shapes (training step, text-to-image) and the GPU correctness check.
     #[command(subcommand)]
     Bench(dreambridge::bench::cli::BenchCommand),
+    /// LoRA files: fold into a base pipeline (merge) or change format (convert).
+    #[command(subcommand)]
+    Lora(dreambridge::lora::cli::LoraCommand),
     /// Download a Hub model repo into the Hub cache (Python-compatible) and print its folder.
     Download {
         /// Repository id, `namespace/name`.
@@ -42,6 +45,11 @@ enum Command {
         component: String,
         #[arg(long)]
         model: PathBuf,
+        /// LoRA files folded into the weights first; repeatable.
+        #[arg(long)]
+        lora: Vec<PathBuf>,
+        #[arg(long)]
+        lora_scale: Vec<f64>,
         #[arg(long)]
         inputs: PathBuf,
         #[arg(long)]
@@ -110,8 +118,9 @@ struct TrainCli {
     max_train_steps: usize,
     #[arg(long, default_value_t = 1)]
     gradient_accumulation_steps: usize,
-    #[arg(long, default_value_t = 5e-6)]
-    learning_rate: f64,
+    /// Default 5e-6, or 5e-4 with LoRA (as diffusers' scripts).
+    #[arg(long)]
+    learning_rate: Option<f64>,
     /// constant, constant_with_warmup, linear, cosine
     #[arg(long, default_value = "constant")]
     lr_scheduler: String,
@@ -166,6 +175,23 @@ struct TrainCli {
     /// Also write the KerasCV .h5 files (output_dir/keras).
     #[arg(long)]
     export_keras: bool,
+    /// Train LoRA adapters of this rank instead of the whole UNet (the base stays frozen).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    lora_rank: Option<u64>,
+    /// LoRA alpha (scale alpha/rank; default: the rank).
+    #[arg(long, requires = "lora_rank")]
+    lora_alpha: Option<f64>,
+    /// Dropout on the LoRA input.
+    #[arg(long, default_value_t = 0.0, requires = "lora_rank")]
+    lora_dropout: f64,
+    /// attn (to_q/k/v/out of the transformer blocks, as diffusers), transformer (kohya's set:
+    /// every Linear and 1x1 conv of the transformers) or transformer+conv (plus the resnets: LoCon).
+    #[arg(long, default_value = "attn", requires = "lora_rank")]
+    lora_targets: String,
+    /// diffusers (pytorch_lora_weights.safetensors), kohya (<output name>.safetensors, for
+    /// AUTOMATIC1111 and ComfyUI) or both.
+    #[arg(long, default_value = "diffusers", requires = "lora_rank")]
+    lora_format: String,
     /// Publish the result to this Hub repo.
     #[arg(long, value_name = "REPO")]
     push_to_hub: Option<String>,
@@ -197,6 +223,12 @@ struct GenerateArgs {
     /// auto (GPU when this is a CUDA build and one is present), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// A LoRA file (diffusers, PEFT or kohya format) to apply; repeatable.
+    #[arg(long)]
+    lora: Vec<PathBuf>,
+    /// Strength of each --lora (one for all, or one per file; default 1).
+    #[arg(long)]
+    lora_scale: Vec<f64>,
 }
 
 #[derive(Args)]
@@ -272,7 +304,7 @@ struct KerasToDiffusers {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Push(a) => {
-            let card = dreambridge::hub::model_card::CardInfo { repo_id: a.repo.clone(), base_model: a.base_model, instance_prompt: a.instance_prompt, license: a.license };
+            let card = dreambridge::hub::model_card::CardInfo { repo_id: a.repo.clone(), base_model: a.base_model, instance_prompt: a.instance_prompt, license: a.license, ..Default::default() };
             let opts = dreambridge::hub::push::PushOptions {
                 repo: a.repo.clone(),
                 endpoint: None,
@@ -289,8 +321,19 @@ fn run(cli: Cli) -> Result<()> {
                 a.repo, done.commit, done.uploaded_lfs, done.skipped_lfs, done.regular, done.unchanged
             );
         }
-        Command::Forward { component, model, inputs, out, device } => dreambridge::models::forward::run(&component, &model, &inputs, &out, &dreambridge::device::parse(&device)?)?,
+        Command::Forward { component, model, lora, lora_scale, inputs, out, device } => {
+            dreambridge::models::forward::run(&component, &model, &lora, &lora_scale, &inputs, &out, &dreambridge::device::parse(&device)?)?
+        }
         Command::Train(a) => {
+            let lora = match a.lora_rank {
+                Some(rank) => {
+                    anyhow::ensure!((0.0..1.0).contains(&a.lora_dropout), "--lora-dropout must be in [0, 1)");
+                    anyhow::ensure!(!a.export_keras, "--export-keras needs full weights: fold the LoRA in with `dreambridge lora merge`, then `convert diffusers-to-keras`");
+                    Some(dreambridge::train::command::LoraArgs { rank: rank as usize, alpha: a.lora_alpha, dropout: a.lora_dropout, targets: a.lora_targets.parse()?, format: a.lora_format.parse()? })
+                }
+                None => None,
+            };
+            let default_lr = if lora.is_some() { 5e-4 } else { 5e-6 };
             let args = dreambridge::train::command::TrainArgs {
                 pretrained_model: a.pretrained_model_name_or_path,
                 instance_data_dir: a.instance_data_dir,
@@ -306,7 +349,7 @@ fn run(cli: Cli) -> Result<()> {
                 train_batch_size: a.train_batch_size,
                 max_train_steps: a.max_train_steps,
                 gradient_accumulation_steps: a.gradient_accumulation_steps,
-                learning_rate: a.learning_rate,
+                learning_rate: a.learning_rate.unwrap_or(default_lr),
                 lr_scheduler: a.lr_scheduler,
                 lr_warmup_steps: a.lr_warmup_steps,
                 max_grad_norm: a.max_grad_norm,
@@ -329,9 +372,13 @@ fn run(cli: Cli) -> Result<()> {
                 allow_tf32: a.allow_tf32,
                 gradient_checkpointing: a.gradient_checkpointing,
                 stop: dreambridge::train::interrupt::StopRequest::on_signals()?,
+                lora,
             };
             let done = dreambridge::train::command::train(&args)?;
             println!("trained {} steps -> {}", done.losses.len(), done.output_dir.display());
+            for f in &done.lora_files {
+                println!("LoRA -> {}", f.display());
+            }
             if a.export_keras {
                 let keras = diffusers_to_keras(&done.output_dir, &done.output_dir.join("keras"), true, None)?;
                 println!("KerasCV files -> {}", keras.out.display());
@@ -346,7 +393,8 @@ fn run(cli: Cli) -> Result<()> {
             anyhow::ensure!(a.size % 8 == 0 && a.size >= 8, "--size must be a multiple of 8");
             let model = dreambridge::hub::download::local_or_hub(&a.model)?;
             let pipe = dreambridge::pipeline::Pipeline::load(&model, &dreambridge::device::parse(&a.device)?)?;
-            std::fs::create_dir_all(&a.out)?;
+            dreambridge::lora::merge::merge_files_into_vars(&a.lora, &a.lora_scale, Some(&pipe.unet_vars), Some(&pipe.text_vars))?;
+            std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create", a.out.display()))?;
             let mut rng = dreambridge::rng::TrainRng::new(a.seed);
             for i in 0..a.num_images {
                 let path = a.out.join(format!("image_{i}.png"));
@@ -357,6 +405,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Bench(cmd) => dreambridge::bench::cli::run(cmd)?,
+        Command::Lora(cmd) => dreambridge::lora::cli::run(cmd)?,
         Command::Download { repo, revision } => {
             println!("{}", dreambridge::hub::download::snapshot(&repo, revision.as_deref())?.display());
         }

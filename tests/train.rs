@@ -46,6 +46,7 @@ fn args(dir: &Path, out: &Path) -> TrainArgs {
         allow_tf32: false,
         gradient_checkpointing: false,
         stop: Default::default(),
+        lora: None,
     }
 }
 

@@ -50,6 +50,9 @@ pub struct TrainBench {
     warmup: usize,
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Train LoRA adapters of this rank (attention projections) over a frozen UNet.
+    #[arg(long)]
+    lora_rank: Option<usize>,
     /// Skip the GPU correctness check that runs first on a GPU.
     #[arg(long)]
     skip_check: bool,
@@ -128,7 +131,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 "small" => super::sd15::small_unet()?,
                 other => anyhow::bail!("--model `{other}`: expected sd15 or small"),
             };
-            let o = TrainBenchOptions { unet, resolution: a.resolution, tokens: 77, warmup_steps: a.warmup, steps: a.steps, compute_dtype: dtype, gradient_checkpointing: a.gradient_checkpointing };
+            let o = TrainBenchOptions { unet, resolution: a.resolution, tokens: 77, warmup_steps: a.warmup, steps: a.steps, compute_dtype: dtype, gradient_checkpointing: a.gradient_checkpointing, lora_rank: a.lora_rank };
             let pb = bar(a.warmup + a.steps, "training steps");
             let report = train_step::run(&o, &dev, |i, _| pb.set_position(i as u64))?;
             pb.finish_and_clear();

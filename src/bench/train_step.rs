@@ -9,9 +9,13 @@ use crate::train::loss::{dreambooth_loss, LossConfig};
 use crate::train::optim::{clip_factor, grad_norm, AdamW, AdamWParams};
 use crate::rng::TrainRng;
 use crate::pipeline::schedule::{NoiseSchedule, ScheduleConfig};
+use crate::models::builder::Builder;
+use crate::models::lora::{AdapterPlan, LoraConfig, Targets};
 use anyhow::Result;
-use candle_core::{DType, Device, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -25,6 +29,9 @@ pub struct TrainBenchOptions {
     pub steps: usize,
     pub compute_dtype: DType,
     pub gradient_checkpointing: bool,
+    /// Train rank-r LoRA adapters on the attention projections (diffusers' LoRA script) over
+    /// a frozen UNet held in the compute dtype, instead of the whole UNet.
+    pub lora_rank: Option<usize>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -34,7 +41,9 @@ pub struct TrainBenchReport {
     pub resolution: usize,
     /// Samples per step: one instance and one class image.
     pub batch: usize,
+    /// Trained parameters (the adapters' with LoRA).
     pub parameters: usize,
+    pub lora_rank: Option<usize>,
     pub gradient_checkpointing: bool,
     pub steps: usize,
     pub step: Timing,
@@ -52,11 +61,12 @@ pub struct TrainBenchReport {
 impl TrainBenchReport {
     pub fn summary(&self) -> String {
         format!(
-            "train step  {} {} {}px batch {} ({} params{}): {:.1} ms/step median ({:.1} mean, {:.1} min; forward {:.1}, backward {:.1}, clip + AdamW {:.1}) over {} steps, {:.2} images/s, peak memory {:.2} GiB ({}); loss {:.4} -> {:.4}",
+            "train step  {} {} {}px batch {} ({}{} params{}): {:.1} ms/step median ({:.1} mean, {:.1} min; forward {:.1}, backward {:.1}, clip + AdamW {:.1}) over {} steps, {:.2} images/s, peak memory {:.2} GiB ({}); loss {:.4} -> {:.4}",
             self.device,
             self.compute_dtype,
             self.resolution,
             self.batch,
+            self.lora_rank.map_or(String::new(), |r| format!("LoRA rank {r}, ")),
             self.parameters,
             if self.gradient_checkpointing { ", gradient checkpointing" } else { "" },
             self.step.median_ms,
@@ -81,8 +91,15 @@ pub fn run(o: &TrainBenchOptions, dev: &Device, mut progress: impl FnMut(usize, 
     anyhow::ensure!(o.resolution % 8 == 0 && o.resolution >= 64, "resolution must be a multiple of 8, at least 64");
     anyhow::ensure!(o.steps > 0, "at least one timed step");
     let memory = PeakMemory::start(dev)?;
-    let varmap = VarMap::new();
-    let unet = UNet::new(VarBuilder::from_varmap(&varmap, DType::F32, dev), &o.unet)?;
+    let mut varmap = VarMap::new();
+    let mut unet = UNet::new(VarBuilder::from_varmap(&varmap, DType::F32, dev), &o.unet)?;
+    if let Some(rank) = o.lora_rank {
+        let base: HashMap<String, Tensor> = varmap.data().lock().unwrap().iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().to_dtype(o.compute_dtype)?))).collect::<Result<_>>()?;
+        let config = LoraConfig { rank, alpha: rank as f64, targets: Targets::Attn, dropout: 0.0, seed: 0 };
+        let plan = Arc::new(AdapterPlan::train(config, DType::F32));
+        unet = UNet::new(Builder::with_adapters(VarBuilder::from_tensors(base, o.compute_dtype, dev), plan.clone()), &o.unet)?;
+        varmap = plan.vars().expect("a training plan").clone();
+    }
     let vars: Vec<(String, Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let all: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
     if o.gradient_checkpointing {
@@ -137,6 +154,7 @@ pub fn run(o: &TrainBenchOptions, dev: &Device, mut progress: impl FnMut(usize, 
         resolution: o.resolution,
         batch: b,
         parameters,
+        lora_rank: o.lora_rank,
         gradient_checkpointing: o.gradient_checkpointing,
         steps: o.steps,
         step,
@@ -165,6 +183,7 @@ mod tests {
             steps: 2,
             compute_dtype: DType::F32,
             gradient_checkpointing: false,
+            lora_rank: None,
         };
         let mut calls = 0;
         let r = run(&o, &Device::Cpu, |_, _| calls += 1).unwrap();
@@ -172,5 +191,8 @@ mod tests {
         assert!(r.step.median_ms > 0.0 && r.images_per_s > 0.0 && r.peak_memory_bytes > 0);
         assert!(r.first_loss.is_finite() && r.last_loss.is_finite());
         assert!(r.parameters > 100_000, "{}", r.parameters);
+        let lora = run(&TrainBenchOptions { lora_rank: Some(4), ..o.clone() }, &Device::Cpu, |_, _| {}).unwrap();
+        assert!(lora.parameters < r.parameters / 10 && lora.parameters > 0, "{} adapter parameters", lora.parameters);
+        assert!(lora.summary().contains("LoRA rank 4"));
     }
 }

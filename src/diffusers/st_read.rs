@@ -34,6 +34,11 @@ impl StFile {
         keys
     }
 
+    /// The header's `__metadata__` string map (empty when the file has none).
+    pub fn metadata(&self) -> std::collections::BTreeMap<String, String> {
+        self.metadata.metadata().iter().flatten().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
     pub fn contains(&self, key: &str) -> bool {
         self.metadata.info(key).is_some()
     }

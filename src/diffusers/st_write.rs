@@ -6,6 +6,7 @@
 use crate::tensor::{DType, RawTensor};
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
@@ -32,8 +33,17 @@ pub struct StWriter {
 impl StWriter {
     /// Writes the header for `tensors` (data order = this order) with metadata `{"format": "pt"}`.
     pub fn create(path: &Path, tensors: Vec<PendingTensor>) -> Result<StWriter> {
+        StWriter::create_with_metadata(path, tensors, &BTreeMap::new())
+    }
+
+    /// As [`StWriter::create`], with `metadata` added to `{"format": "pt"}` (a `format` entry
+    /// in it replaces that one).
+    pub fn create_with_metadata(path: &Path, tensors: Vec<PendingTensor>, metadata: &BTreeMap<String, String>) -> Result<StWriter> {
+        let mut meta = Map::new();
+        meta.insert("format".into(), json!("pt"));
+        meta.extend(metadata.iter().map(|(k, v)| (k.clone(), json!(v))));
         let mut header = Map::new();
-        header.insert("__metadata__".into(), json!({"format": "pt"}));
+        header.insert("__metadata__".into(), Value::Object(meta));
         let mut offset = 0usize;
         for t in &tensors {
             let len = t.byte_len();
@@ -113,6 +123,19 @@ mod tests {
         let err = w.write_next("w", &t).and_then(|()| w.finish()).unwrap_err();
         let text = format!("{err:#}");
         assert!(text.starts_with("/dev/full: cannot write: No space left on device"), "{text}");
+    }
+
+    #[test]
+    fn extra_metadata_for_lora_files_is_kept_beside_the_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let t = RawTensor { dtype: DType::F32, shape: vec![], data: vec![0; 4] };
+        let meta = BTreeMap::from([("ss_network_dim".to_string(), "4".to_string())]);
+        let mut w = StWriter::create_with_metadata(&path, vec![PendingTensor { key: "a".into(), dtype: DType::F32, shape: vec![] }], &meta).unwrap();
+        w.write_next("a", &t).unwrap();
+        w.finish().unwrap();
+        let got = StFile::open(&path).unwrap().metadata();
+        assert_eq!(got, BTreeMap::from([("format".to_string(), "pt".to_string()), ("ss_network_dim".to_string(), "4".to_string())]));
     }
 
     #[test]

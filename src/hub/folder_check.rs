@@ -57,8 +57,18 @@ pub fn missing_for_from_pretrained(dir: &Path) -> Result<Vec<String>> {
     Ok(missing)
 }
 
-/// Refuses a folder `from_pretrained` could not load, naming every missing piece.
+/// A LoRA folder (what `load_lora_weights` reads): no pipeline index, and the adapter weights
+/// diffusers looks for first.
+pub fn is_lora_folder(dir: &Path) -> bool {
+    !dir.join("model_index.json").exists() && dir.join(crate::lora::DIFFUSERS_FILE_NAME).is_file()
+}
+
+/// Refuses a folder `from_pretrained` (or, for a LoRA folder, `load_lora_weights`) could not
+/// load, naming every missing piece.
 pub fn check(dir: &Path) -> Result<()> {
+    if is_lora_folder(dir) {
+        return Ok(());
+    }
     let missing = missing_for_from_pretrained(dir)?;
     if !missing.is_empty() {
         bail!("{}: not a loadable diffusers pipeline; missing: {}", dir.display(), missing.join(", "));

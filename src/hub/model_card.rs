@@ -8,6 +8,8 @@ pub struct CardInfo {
     pub base_model: Option<String>,
     pub instance_prompt: Option<String>,
     pub license: Option<String>,
+    /// A LoRA repo (adapter weights for `base_model`), as diffusers' LoRA script publishes.
+    pub lora: bool,
 }
 
 /// JSON string quoting is valid YAML and escapes whatever the user typed.
@@ -28,7 +30,8 @@ pub fn model_card(info: &CardInfo, images: &[String]) -> String {
         y += &format!("instance_prompt: {}\n", q(p));
     }
     y += "tags:\n";
-    for t in ["text-to-image", "dreambooth", "diffusers-training", "stable-diffusion", "stable-diffusion-diffusers", "dreambridge"] {
+    let lora: &[&str] = if info.lora { &["lora"] } else { &[] };
+    for t in ["text-to-image", "dreambooth", "diffusers-training", "stable-diffusion", "stable-diffusion-diffusers"].iter().chain(lora).chain(&["dreambridge"]) {
         y += &format!("- {t}\n");
     }
     if !images.is_empty() {
@@ -38,8 +41,9 @@ pub fn model_card(info: &CardInfo, images: &[String]) -> String {
         }
     }
     y += "---\n\n";
-    y += &format!("# DreamBooth - {}\n\n", info.repo_id);
+    y += &format!("# {}DreamBooth - {}\n\n", if info.lora { "LoRA " } else { "" }, info.repo_id);
     match (&info.base_model, &info.instance_prompt) {
+        (Some(b), Some(p)) if info.lora => y += &format!("These are LoRA adaption weights for {b}, trained on {} with DreamBooth.\n", q(p)),
         (Some(b), Some(p)) => y += &format!("These are DreamBooth weights for {b}, trained on {}.\n", q(p)),
         (Some(b), None) => y += &format!("Weights derived from {b}.\n"),
         _ => y += "A Stable Diffusion pipeline in the diffusers layout.\n",
@@ -48,7 +52,14 @@ pub fn model_card(info: &CardInfo, images: &[String]) -> String {
         y += &format!("\n![]({img})\n");
     }
     y += "\n## Usage\n\n```python\nfrom diffusers import StableDiffusionPipeline\n\n";
-    y += &format!("pipe = StableDiffusionPipeline.from_pretrained({})\n```\n", q(&info.repo_id));
+    match (&info.base_model, info.lora) {
+        (Some(b), true) => {
+            y += &format!("pipe = StableDiffusionPipeline.from_pretrained({})\n", q(b));
+            y += &format!("pipe.load_lora_weights({})\n```\n", q(&info.repo_id));
+            y += "\nThe kohya-format file (if present) loads in AUTOMATIC1111 and ComfyUI.\n";
+        }
+        _ => y += &format!("pipe = StableDiffusionPipeline.from_pretrained({})\n```\n", q(&info.repo_id)),
+    }
     y += "\nPublished with dreambridge.\n";
     y
 }
@@ -64,6 +75,7 @@ mod tests {
             base_model: Some("runwayml/stable-diffusion-v1-5".into()),
             instance_prompt: Some("a photo of sks \"dog\"".into()),
             license: None,
+            lora: false,
         };
         let card = model_card(&info, &["image_0.png".into()]);
         let front = card.split("---\n").nth(1).unwrap();
@@ -77,5 +89,8 @@ mod tests {
         ] {
             assert!(front.contains(line), "missing `{line}` in\n{front}");
         }
+        assert!(!front.contains("- lora"));
+        let lora = model_card(&CardInfo { lora: true, ..info }, &[]);
+        assert!(lora.contains("- lora\n") && lora.contains("# LoRA DreamBooth - me/dog") && lora.contains("pipe.load_lora_weights(\"me/dog\")"), "{lora}");
     }
 }

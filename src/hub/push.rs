@@ -92,7 +92,7 @@ fn write_card_if_missing(dir: &Path, opts: &PushOptions) -> Result<()> {
         .filter(|n| n.ends_with(".png") || n.ends_with(".jpg"))
         .collect();
     images.sort();
-    let info = CardInfo { repo_id: opts.repo.clone(), ..opts.card.clone() };
+    let info = CardInfo { repo_id: opts.repo.clone(), lora: opts.card.lora || folder_check::is_lora_folder(dir), ..opts.card.clone() };
     let temp = dir.join(".README.md.dreambridge-tmp");
     std::fs::write(&temp, model_card(&info, &images)).with_context(|| format!("{}: cannot write", temp.display()))?;
     std::fs::rename(&temp, &path)?;

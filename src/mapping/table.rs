@@ -370,7 +370,7 @@ mod tests {
 
     #[test]
     fn every_table_expands_to_the_documented_tensor_counts() {
-        // Counts from shared/docs/kerascv-mapping.md §1.4 at real size.
+        // Weighted layers and tensors of the real KerasCV models, counted at real size.
         let expected = [
             ("unet-sd1", 0, 49, 686),
             ("unet-sd2", 0, 49, 686),

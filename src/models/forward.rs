@@ -19,7 +19,8 @@ fn config<T: serde::de::DeserializeOwned>(dir: &Path, component: Component) -> R
 
 /// Inputs: unet `sample`, `timesteps`, `context`; text-encoder `input_ids`; vae-encode `image`
 /// (output: latent mean); vae-decode `latents`. Output: `out` (f32).
-pub fn run(component: &str, model: &Path, inputs: &Path, out: &Path, dev: &Device) -> Result<()> {
+/// `loras` (with `scales`, as `merge_files_into_vars` takes them) are folded into the weights.
+pub fn run(component: &str, model: &Path, loras: &[std::path::PathBuf], scales: &[f64], inputs: &Path, out: &Path, dev: &Device) -> Result<()> {
     let dev = dev.clone();
     let x = candle_core::safetensors::load(inputs, &dev).with_context(|| inputs.display().to_string())?;
     let get = |k: &str| x.get(k).with_context(|| format!("{}: no `{k}`", inputs.display()));
@@ -29,11 +30,13 @@ pub fn run(component: &str, model: &Path, inputs: &Path, out: &Path, dev: &Devic
         "unet" => {
             let net = UNet::new(vb, &config::<UNetConfig>(model, Component::Unet)?)?;
             load_into(&varmap, &find_weights(model, Component::Unet)?, "")?;
+            crate::lora::merge::merge_files_into_vars(loras, scales, Some(&varmap), None)?;
             net.forward(&get("sample")?.to_dtype(DType::F32)?, &get("timesteps")?.to_dtype(DType::F32)?, get("context")?)?
         }
         "text-encoder" => {
             let net = ClipTextModel::new(vb, &config::<ClipTextConfig>(model, Component::TextEncoder)?)?;
             load_into(&varmap, &find_weights(model, Component::TextEncoder)?, "text_model.")?;
+            crate::lora::merge::merge_files_into_vars(loras, scales, None, Some(&varmap))?;
             net.forward(&get("input_ids")?.to_dtype(DType::U32)?, DType::F32)?
         }
         "vae-encode" | "vae-decode" => {

@@ -1,5 +1,5 @@
 //! Differentiable building blocks. Candle's fused `layer_norm` and `softmax_last_dim` record no
-//! backward and silently cut gradients (shared/docs/candle.md §2.3); these use primitives or our
+//! backward and silently cut gradients (a gradient test shows it); these use primitives or our
 //! own ops with analytic backward passes (normalize, attention, conv), each tested against autograd.
 //! Weights stay in their Var's dtype (f32 master weights) and are cast to the input's dtype at use,
 //! so the cast itself backpropagates to the master weight. Frozen weights (plain tensors, LoRA

@@ -1,6 +1,7 @@
 //! A loaded Stable Diffusion pipeline: our Candle models on a diffusers folder's weights, its
 //! tokenizer and scheduler config. Training, generation and the benchmarks all build on it.
 
+pub mod adapters;
 pub mod prompt;
 pub mod schedule;
 
@@ -43,6 +44,10 @@ pub struct Pipeline {
     /// Dtype the models compute in when generating (weights stay f32); F32 unless changed.
     pub compute_dtype: DType,
     pub inference: InferenceModels,
+    pub unet_config: UNetConfig,
+    pub text_config: ClipTextConfig,
+    /// Set by [`Pipeline::attach_lora`]: the adapters, whose Vars `unet_vars`/`text_vars` then hold.
+    pub lora: Option<adapters::PipelineLora>,
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
@@ -75,6 +80,9 @@ impl Pipeline {
             scheduler,
             device: device.clone(),
             compute_dtype: DType::F32,
+            unet_config: unet_cfg.clone(),
+            text_config: text_cfg.clone(),
+            lora: None,
         })
     }
 

@@ -145,7 +145,7 @@ mod tests {
     fn scaled_linear_matches_sd_values() {
         let c: ScheduleConfig = serde_json::from_str("{}").unwrap();
         let s = NoiseSchedule::new(&c).unwrap();
-        // KerasCV's _ALPHAS_CUMPROD (shared/docs/kerascv-mapping.md §5): first 0.99915, last 0.0046601.
+        // KerasCV's hard-coded _ALPHAS_CUMPROD table: first 0.99915, last 0.0046601.
         assert!((s.alphas_cumprod[0] - 0.99915).abs() < 1e-6);
         assert!((s.alphas_cumprod[999] - 0.0046601).abs() < 1e-6);
     }

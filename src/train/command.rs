@@ -8,6 +8,7 @@
 
 use super::data::{image_files, load_image, Crop};
 use super::interrupt::StopRequest;
+use crate::models::lora::{LoraConfig, Targets};
 use super::loss::LossConfig;
 use super::optim::AdamWParams;
 use crate::rng::TrainRng;
@@ -70,11 +71,55 @@ pub struct TrainArgs {
     pub gradient_checkpointing: bool,
     /// Set by SIGINT/SIGTERM (see [`StopRequest::on_signals`]): stop after the current step.
     pub stop: StopRequest,
+    /// Train LoRA adapters instead of the whole UNet (and text encoder).
+    pub lora: Option<LoraArgs>,
+}
+
+/// `--lora-*`: LoRA DreamBooth as diffusers' `train_dreambooth_lora.py` (rank 4, alpha = rank).
+#[derive(Clone, Debug)]
+pub struct LoraArgs {
+    pub rank: usize,
+    /// `None`: the rank (scale 1, diffusers' convention).
+    pub alpha: Option<f64>,
+    pub dropout: f64,
+    pub targets: Targets,
+    pub format: LoraFormat,
+}
+
+impl LoraArgs {
+    pub fn config(&self, seed: u64) -> LoraConfig {
+        LoraConfig { rank: self.rank, alpha: self.alpha.unwrap_or(self.rank as f64), targets: self.targets, dropout: self.dropout, seed }
+    }
+}
+
+/// Which LoRA files the run writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraFormat {
+    /// `pytorch_lora_weights.safetensors`, for diffusers' `load_lora_weights`.
+    Diffusers,
+    /// `<output folder name>.safetensors` in kohya's format, for AUTOMATIC1111 and ComfyUI.
+    Kohya,
+    Both,
+}
+
+impl std::str::FromStr for LoraFormat {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<LoraFormat> {
+        Ok(match s {
+            "diffusers" => LoraFormat::Diffusers,
+            "kohya" => LoraFormat::Kohya,
+            "both" => LoraFormat::Both,
+            other => bail!("--lora-format `{other}`: expected diffusers, kohya or both"),
+        })
+    }
 }
 
 pub struct Trained {
     pub output_dir: PathBuf,
     pub losses: Vec<f32>,
+    /// The LoRA files written (LoRA runs).
+    pub lora_files: Vec<PathBuf>,
 }
 
 pub fn train(a: &TrainArgs) -> Result<Trained> {
@@ -82,11 +127,12 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
     crate::device::allow_tf32(a.allow_tf32);
     eprintln!("training on {}", crate::device::describe(&dev));
     ensure!(a.resolution % 8 == 0, "--resolution must be a multiple of 8");
-    if a.output_dir.join("model_index.json").exists() && !a.force && a.resume_from_checkpoint.is_none() {
-        bail!("{}: already holds a pipeline (use --force to replace it)", a.output_dir.display());
+    let done = a.output_dir.join("model_index.json").exists() || a.output_dir.join(crate::lora::DIFFUSERS_FILE_NAME).exists();
+    if done && !a.force && a.resume_from_checkpoint.is_none() {
+        bail!("{}: already holds a trained model (use --force to replace it)", a.output_dir.display());
     }
     let base = crate::hub::download::local_or_hub(&a.pretrained_model)?;
-    let pipe = Pipeline::load(&base, &dev).with_context(|| format!("loading {}", base.display()))?;
+    let mut pipe = Pipeline::load(&base, &dev).with_context(|| format!("loading {}", base.display()))?;
 
     let class_dir = if a.with_prior_preservation {
         let dir = a.class_data_dir.clone().context("--with-prior-preservation needs --class-data-dir")?;
@@ -104,6 +150,14 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
         None => Vec::new(),
     };
     a.stop.check(0)?;
+    if let Some(lora) = &a.lora {
+        // After the class images and the cache, which come from the base alone. The frozen base is
+        // held in the compute dtype; the adapters stay f32.
+        pipe.attach_lora(&lora.config(a.seed), a.train_text_encoder, compute_dtype(&a.mixed_precision, &dev)?)?;
+        let count = |vars: &candle_nn::VarMap| vars.all_vars().iter().map(|v| v.elem_count()).sum::<usize>();
+        let text = if a.train_text_encoder { format!(" + {} in the text encoder", count(&pipe.text_vars)) } else { String::new() };
+        eprintln!("LoRA rank {} ({}): {} adapter parameters in the UNet{text}", lora.rank, lora.targets.name(), count(&pipe.unet_vars));
+    }
 
     let schedule = NoiseSchedule::new(&pipe.scheduler.schedule)?;
     let config = TrainConfig {
@@ -131,6 +185,7 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
         trainer = trainer.with_text_encoder(&pipe.text, &pipe.text_vars)?;
     }
     trainer.stop = a.stop.clone();
+    trainer.adapters = pipe.lora.iter().flat_map(|l| l.plans().cloned()).collect();
     if let Some(spec) = &a.resume_from_checkpoint {
         trainer.resume(spec)?;
         eprintln!("resumed at step {}", trainer.step);
@@ -159,8 +214,14 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
     if let Some(e) = validation_error {
         return Err(e.context("validation images"));
     }
-    write_pipeline(&pipe, &base, a)?;
-    Ok(Trained { output_dir: a.output_dir.clone(), losses })
+    let lora_files = match &a.lora {
+        Some(lora) => write_lora(&pipe, lora, a)?,
+        None => {
+            write_pipeline(&pipe, &base, a)?;
+            Vec::new()
+        }
+    };
+    Ok(Trained { output_dir: a.output_dir.clone(), losses, lora_files })
 }
 
 /// `--mixed-precision` (no, fp16, bf16) as the UNet compute dtype on `dev`.
@@ -280,9 +341,50 @@ fn build_pipeline(pipe: &Pipeline, base: &Path, a: &TrainArgs, staging: &Path) -
         base_model: Some(a.pretrained_model.display().to_string()),
         instance_prompt: Some(a.instance_prompt.clone()),
         license: None,
+        lora: false,
     };
     let card_path = staging.join("README.md");
     std::fs::write(&card_path, model_card(&card, &[])).with_context(|| format!("{}: cannot write", card_path.display()))
+}
+
+/// The trained adapters as LoRA files in the output folder (diffusers' and/or kohya's format) and
+/// a LoRA model card as diffusers' LoRA script writes it.
+fn write_lora(pipe: &Pipeline, lora: &LoraArgs, a: &TrainArgs) -> Result<Vec<PathBuf>> {
+    let set = pipe.lora_set()?;
+    std::fs::create_dir_all(&a.output_dir).with_context(|| format!("{}: cannot create", a.output_dir.display()))?;
+    let mut files = Vec::new();
+    if lora.format != LoraFormat::Kohya {
+        let path = a.output_dir.join(crate::lora::DIFFUSERS_FILE_NAME);
+        crate::lora::write::write_diffusers(&set, &path)?;
+        files.push(path);
+    }
+    if lora.format != LoraFormat::Diffusers {
+        let name = a.output_dir.file_name().map_or("lora".into(), |n| n.to_string_lossy().to_string());
+        let info = crate::lora::write::KohyaInfo {
+            output_name: name.clone(),
+            base_model: Some(a.pretrained_model.display().to_string()),
+            sd_version: if pipe.unet_config.cross_attention_dim >= 1024 { 2 } else { 1 },
+            v_prediction: pipe.scheduler.schedule.prediction_type == "v_prediction",
+            resolution: Some(a.resolution),
+            learning_rate: Some(a.learning_rate),
+            steps: Some(a.max_train_steps),
+        };
+        let path = a.output_dir.join(format!("{name}.safetensors"));
+        crate::lora::write::write_kohya(&set, &path, &info)?;
+        files.push(path);
+    }
+    let card = CardInfo {
+        repo_id: a.output_dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(),
+        base_model: Some(a.pretrained_model.display().to_string()),
+        instance_prompt: Some(a.instance_prompt.clone()),
+        license: None,
+        lora: true,
+    };
+    let card_path = a.output_dir.join("README.md");
+    let temp = a.output_dir.join(".README.md.dreambridge-tmp");
+    std::fs::write(&temp, model_card(&card, &[])).with_context(|| format!("{}: cannot write", card_path.display()))?;
+    std::fs::rename(&temp, &card_path).with_context(|| format!("{}: cannot rename into place", card_path.display()))?;
+    Ok(files)
 }
 
 /// Writes a VarMap's tensors (f32, keys = diffusers/transformers names) as a safetensors file,

@@ -66,6 +66,9 @@ pub struct Trainer<'a> {
     pub skipped_steps: usize,
     /// Checked after every step: set, the run checkpoints and returns [`Interrupted`].
     pub stop: StopRequest,
+    /// LoRA adapter plans, told the micro-batch index before each forward (it seeds dropout, so a
+    /// resumed run draws the same masks).
+    pub adapters: Vec<std::sync::Arc<crate::models::lora::AdapterPlan>>,
 }
 
 impl<'a> Trainer<'a> {
@@ -74,7 +77,7 @@ impl<'a> Trainer<'a> {
         let optimizer = AdamW::new(vars, config.adam)?;
         let rng = TrainRng::new(config.seed);
         let scaler = (config.compute_dtype == candle_core::DType::F16).then(LossScaler::default);
-        Ok(Trainer { unet, varmap, text: None, schedule, config, optimizer, rng, step: 0, scaler, skipped_steps: 0, stop: StopRequest::default() })
+        Ok(Trainer { unet, varmap, text: None, schedule, config, optimizer, rng, step: 0, scaler, skipped_steps: 0, stop: StopRequest::default(), adapters: Vec::new() })
     }
 
     /// Trains the text encoder too: prompt embeddings are recomputed each step, with gradients.
@@ -154,7 +157,10 @@ impl<'a> Trainer<'a> {
         while self.step < end {
             let mut total: Option<GradStore> = None;
             let mut loss_sum = 0f32;
-            for _ in 0..c.gradient_accumulation_steps {
+            for micro in 0..c.gradient_accumulation_steps {
+                for plan in &self.adapters {
+                    plan.set_draw((self.step * c.gradient_accumulation_steps + micro) as u64);
+                }
                 let (latents, noise, context, t) = self.micro_batch(instances, classes)?;
                 let loss = (dreambooth_loss(self.unet, self.schedule, &latents, &context, &noise, &t, &c.loss)? / c.gradient_accumulation_steps as f64)?;
                 loss_sum += loss.to_scalar::<f32>()?;

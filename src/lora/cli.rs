@@ -1,0 +1,149 @@
+//! `dreambridge lora merge` and `dreambridge lora convert`.
+
+use super::describe::shape_version;
+use super::write::{write_diffusers, write_kohya, KohyaInfo};
+use super::{merge, read, LoraSet};
+use anyhow::{bail, ensure, Result};
+use clap::Subcommand;
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand)]
+pub enum LoraCommand {
+    /// Fuse LoRA files into a diffusers pipeline's UNet and text encoder, as a new pipeline folder.
+    Merge {
+        /// Base pipeline: a diffusers folder or Hub repo id.
+        #[arg(long)]
+        base: PathBuf,
+        /// A LoRA file (kohya, diffusers or PEFT keys); repeat for several.
+        #[arg(long = "lora", required = true)]
+        loras: Vec<PathBuf>,
+        /// Strength: one for every --lora, or one per --lora in order (default 1.0).
+        #[arg(long = "scale", allow_negative_numbers = true)]
+        scales: Vec<f64>,
+        /// Output pipeline folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing output folder.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Rewrite a LoRA file in diffusers keys or kohya keys (AUTOMATIC1111, ComfyUI).
+    Convert {
+        input: PathBuf,
+        output: PathBuf,
+        #[arg(long, value_enum)]
+        to: LoraFormat,
+        /// SD version for the kohya metadata (default: as the file's metadata or shapes say, else 1).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+        sd_version: Option<u8>,
+        /// Mark the kohya file as v-prediction (SD 2 768-v).
+        #[arg(long)]
+        v_prediction: bool,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoraFormat {
+    Diffusers,
+    Kohya,
+}
+
+pub fn run(cmd: LoraCommand) -> Result<()> {
+    match cmd {
+        LoraCommand::Merge { base, loras, scales, out, force } => {
+            let scales = scales_for(loras.len(), &scales)?;
+            let sets: Vec<(LoraSet, f64)> = loras.iter().map(|p| read::read(p)).zip(scales.iter().copied()).map(|(s, m)| s.map(|s| (s, m))).collect::<Result<_>>()?;
+            let base = crate::hub::download::local_or_hub(&base)?;
+            let modules: usize = sets.iter().map(|(s, _)| s.modules.len()).sum();
+            let done = merge::merge_pipeline(&base, &sets, &out, force)?;
+            let scales: Vec<String> = scales.iter().map(|s| s.to_string()).collect();
+            println!("wrote {}: {} LoRA file(s), {modules} modules fused into {} (scale {})", done.display(), loras.len(), base.display(), scales.join(", "));
+        }
+        LoraCommand::Convert { input, output, to, sd_version, v_prediction, force } => {
+            let n = convert(&input, &output, to, sd_version, v_prediction, force)?;
+            let keys = match to {
+                LoraFormat::Diffusers => "diffusers",
+                LoraFormat::Kohya => "kohya",
+            };
+            println!("wrote {}: {n} modules in {keys} keys", output.display());
+        }
+    }
+    Ok(())
+}
+
+/// One multiplier per LoRA from `--scale` values: none (1.0), one for all, or one each.
+pub fn scales_for(loras: usize, scales: &[f64]) -> Result<Vec<f64>> {
+    Ok(match scales.len() {
+        0 => vec![1.0; loras],
+        1 => vec![scales[0]; loras],
+        n if n == loras => scales.to_vec(),
+        n => bail!("{n} --scale values for {loras} --lora files (give one, or one per --lora)"),
+    })
+}
+
+/// Reads `input` and writes it to `output` in `to`'s keys; returns the module count.
+pub fn convert(input: &Path, output: &Path, to: LoraFormat, sd_version: Option<u8>, v_prediction: bool, force: bool) -> Result<usize> {
+    let same = output.exists() && std::fs::canonicalize(output).ok() == std::fs::canonicalize(input).ok();
+    ensure!(!same, "{}: the output would overwrite the input", output.display());
+    ensure!(force || !output.exists(), "{}: already exists (use --force to replace it)", output.display());
+    let set = read::read(input)?;
+    match to {
+        LoraFormat::Diffusers => write_diffusers(&set, output)?,
+        LoraFormat::Kohya => {
+            let stem = output.file_stem().map_or("lora".into(), |s| s.to_string_lossy().to_string());
+            let (mut info, declared) = KohyaInfo::from_metadata(&set.metadata, &stem);
+            info.sd_version = match sd_version.or(declared).or_else(|| shape_version(&set)) {
+                Some(v) => v,
+                None => {
+                    // What A1111 assumes of a file that does not say.
+                    eprintln!("{}: neither the metadata nor the shapes tell SD1 from SD2; marked SD1 (pass --sd-version 2 for SD2)", input.display());
+                    1
+                }
+            };
+            info.v_prediction |= v_prediction;
+            write_kohya(&set, output, &info)?;
+        }
+    }
+    Ok(set.modules.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::read::tests::{ramp, write_file};
+    use crate::lora::Format;
+
+    #[test]
+    fn lora_scales_one_for_all_or_one_each() {
+        assert_eq!(scales_for(2, &[]).unwrap(), vec![1.0, 1.0]);
+        assert_eq!(scales_for(2, &[0.5]).unwrap(), vec![0.5, 0.5]);
+        assert_eq!(scales_for(2, &[0.5, -1.0]).unwrap(), vec![0.5, -1.0]);
+        assert!(scales_for(3, &[0.5, 1.0]).unwrap_err().to_string().contains("2 --scale values for 3"));
+    }
+
+    #[test]
+    fn lora_convert_refuses_overwrites_and_detects_the_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k";
+        let input = write_file(dir.path(), "in.safetensors", &[(&format!("{q}.lora.down.weight"), ramp(&[2, 1024], 0.0)), (&format!("{q}.lora.up.weight"), ramp(&[8, 2], 0.0))], &[]);
+        let err = convert(&input, &input, LoraFormat::Kohya, None, false, true).unwrap_err().to_string();
+        assert!(err.contains("overwrite the input"), "{err}");
+        let out = dir.path().join("sks.safetensors");
+        assert_eq!(convert(&input, &out, LoraFormat::Kohya, None, true, false).unwrap(), 1);
+        let set = read::read(&out).unwrap();
+        assert_eq!(set.format, Format::Kohya);
+        assert_eq!((set.metadata["ss_v2"].as_str(), set.metadata["ss_base_model_version"].as_str(), set.metadata["ss_output_name"].as_str()), ("True", "sd_v2_v", "sks"));
+        let err = convert(&input, &out, LoraFormat::Diffusers, None, false, false).unwrap_err().to_string();
+        assert!(err.contains("--force"), "{err}");
+        convert(&out, &out.with_file_name("back.safetensors"), LoraFormat::Diffusers, None, false, false).unwrap();
+        assert_eq!(std::fs::read(&input).unwrap(), std::fs::read(out.with_file_name("back.safetensors")).unwrap());
+        // Nothing tells the version: marked SD1, as A1111 assumes.
+        let tiny = write_file(dir.path(), "tiny.safetensors", &[(&format!("{q}.lora.down.weight"), ramp(&[2, 32], 0.0)), (&format!("{q}.lora.up.weight"), ramp(&[8, 2], 0.0))], &[]);
+        let k = dir.path().join("tiny_k.safetensors");
+        convert(&tiny, &k, LoraFormat::Kohya, None, false, false).unwrap();
+        assert_eq!(read::read(&k).unwrap().metadata["ss_base_model_version"], "sd_v1");
+    }
+}
