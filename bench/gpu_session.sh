@@ -8,14 +8,14 @@
 #   bench/gpu_session.sh [--quick]         # results in $OUT (default bench/.cache/gpu)
 #
 # It runs the GPU correctness check, then dreambridge and diffusers on the same GPU: training steps
-# (bf16, then with gradient checkpointing) and text-to-image (50 DDIM steps), printing the ratios.
+# (bf16, then with gradient checkpointing, then LoRA rank 4) and text-to-image (50 DDIM steps), printing the ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--fetch-wheels" ]; then
     mkdir -p .whl
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl diffusers==0.42.1 peft==0.21.2 transformers==5.23.0 accelerate==1.15.0 importlib_metadata
     ls .whl
     exit 0
 fi
@@ -38,3 +38,5 @@ export DREAMBRIDGE=$DB PYTHON=python3 OUT
 bench/vs_diffusers.sh train --device cuda --mixed-precision bf16 --steps "$STEPS"
 bench/vs_diffusers.sh train --device cuda --mixed-precision bf16 --steps "$STEPS" --gradient-checkpointing
 bench/vs_diffusers.sh generate --device cuda --mixed-precision bf16 --images "$IMAGES"
+# Last, and not fatal: diffusers' LoRA side needs peft (and transformers) importable there.
+bench/vs_diffusers.sh train --device cuda --mixed-precision bf16 --steps "$STEPS" --lora-rank 4 || echo "LoRA comparison failed (is peft importable?)"

@@ -291,3 +291,27 @@ fn branch_subfolder_privacy_existing_card_and_push_after_convert() {
     let info = hub.json("/api/models/me/converted/revision/main");
     assert!(info["siblings"].as_array().unwrap().iter().any(|s| s["rfilename"] == "model_index.json"));
 }
+
+#[test]
+fn a_lora_folder_is_pushed_as_a_lora_repo() {
+    use dreambridge::lora::{Format, LoraModule, LoraSet, Part};
+    use dreambridge::tensor::{DType, RawTensor};
+    let hub = Hub::start();
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("sks-lora");
+    std::fs::create_dir(&folder).unwrap();
+    let f32s = |shape: Vec<usize>| RawTensor { dtype: DType::F32, data: (0..shape.iter().product::<usize>()).flat_map(|i| (i as f32 * 0.01).to_le_bytes()).collect(), shape };
+    let module = LoraModule { down: f32s(vec![4, 320]), up: f32s(vec![320, 4]), alpha: 4.0 };
+    let mut set = LoraSet { modules: Default::default(), format: Format::Diffusers, metadata: Default::default() };
+    set.modules.insert((Part::Unet, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q".into()), module);
+    dreambridge::lora::write::write_diffusers(&set, &folder.join("pytorch_lora_weights.safetensors")).unwrap();
+    let mut opts = hub.opts("me/sks-lora");
+    opts.card.instance_prompt = Some("a photo of sks dog".into());
+    opts.card.base_model = Some("runwayml/stable-diffusion-v1-5".into());
+    let done = push(&folder, &opts).unwrap();
+    assert_eq!(done.uploaded_lfs, 1);
+    let card = std::fs::read_to_string(folder.join("README.md")).unwrap();
+    assert!(card.contains("- lora\n") && card.contains("load_lora_weights(\"me/sks-lora\")"), "{card}");
+    let names: Vec<String> = hub.json("/api/models/me/sks-lora/revision/main")["siblings"].as_array().unwrap().iter().map(|s| s["rfilename"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["README.md", "pytorch_lora_weights.safetensors"]);
+}

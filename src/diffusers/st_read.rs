@@ -1,7 +1,7 @@
 //! Reads safetensors files through a memory map: one tensor at a time, no whole-file copy.
 
 use crate::tensor::{DType, RawTensor};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use safetensors::tensor::{Metadata, SafeTensors};
 use std::path::{Path, PathBuf};
 
@@ -46,6 +46,34 @@ impl StFile {
     pub fn info(&self, key: &str) -> Result<StInfo> {
         let info = self.metadata.info(key).with_context(|| format!("tensor `{key}`: not found"))?;
         Ok(StInfo { dtype: DType::from_safetensors(info.dtype).with_context(|| format!("tensor `{key}`"))?, shape: info.shape.clone() })
+    }
+
+    /// A one-element tensor of any numeric dtype as f64 (LoRA alphas: kohya writes floats,
+    /// diffusers' kohya conversion writes int64).
+    pub fn read_scalar(&self, key: &str) -> Result<f64> {
+        use safetensors::Dtype as D;
+        let info = self.metadata.info(key).with_context(|| format!("tensor `{key}`: not found"))?;
+        let count: usize = info.shape.iter().product();
+        ensure!(count == 1, "tensor `{key}`: expected a single value, got shape {:?}", info.shape);
+        let (start, end) = info.data_offsets;
+        let base = 8 + self.header_len;
+        ensure!(base + end <= self.map.len(), "tensor `{key}`: data runs past the end of the file (truncated?)");
+        let b = &self.map[base + start..base + end];
+        let fixed = |n: usize| -> Result<&[u8]> {
+            ensure!(b.len() == n, "tensor `{key}`: {} bytes for one {:?}", b.len(), info.dtype);
+            Ok(b)
+        };
+        Ok(match info.dtype {
+            D::F64 => f64::from_le_bytes(fixed(8)?.try_into()?),
+            D::F32 => f32::from_le_bytes(fixed(4)?.try_into()?) as f64,
+            D::F16 => half::f16::from_le_bytes(fixed(2)?.try_into()?).to_f64(),
+            D::BF16 => half::bf16::from_le_bytes(fixed(2)?.try_into()?).to_f64(),
+            D::I64 => i64::from_le_bytes(fixed(8)?.try_into()?) as f64,
+            D::I32 => i32::from_le_bytes(fixed(4)?.try_into()?) as f64,
+            D::I16 => i16::from_le_bytes(fixed(2)?.try_into()?) as f64,
+            D::U8 => fixed(1)?[0] as f64,
+            other => bail!("tensor `{key}`: unsupported dtype {other:?} for a scalar"),
+        })
     }
 
     pub fn read(&self, key: &str) -> Result<RawTensor> {

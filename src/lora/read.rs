@@ -159,6 +159,15 @@ pub fn read(path: &Path) -> Result<LoraSet> {
     };
     let mut found: BTreeMap<(Part, String), Found> = BTreeMap::new();
     for (key, slot) in slots {
+        if slot.kind == Kind::Alpha {
+            let alpha = file.read_scalar(&key).map_err(|e| at(&key, e))?;
+            let entry = found.entry((slot.part, slot.module)).or_default();
+            if let Some((other, _)) = &entry.alpha {
+                return Err(at(&key, anyhow!("the same factor as `{other}`")));
+            }
+            entry.alpha = Some((key, alpha));
+            continue;
+        }
         let tensor = file.read(&key).map_err(|e| at(&key, e))?;
         let entry = found.entry((slot.part, slot.module)).or_default();
         let taken = match slot.kind {
@@ -172,13 +181,7 @@ pub fn read(path: &Path) -> Result<LoraSet> {
         match slot.kind {
             Kind::Down => entry.down = Some((key, tensor.cast(DType::F32))),
             Kind::Up => entry.up = Some((key, tensor.cast(DType::F32))),
-            Kind::Alpha => {
-                let values = tensor.to_f32_values();
-                if values.len() != 1 {
-                    return Err(at(&key, anyhow!("alpha must be a single value, got shape {:?}", tensor.shape)));
-                }
-                entry.alpha = Some((key, values[0] as f64));
-            }
+            Kind::Alpha => unreachable!("alphas are read above"),
         }
     }
     let metadata = file.metadata();
