@@ -10,46 +10,13 @@ use dreambridge::pipeline::Pipeline;
 use dreambridge::train::command::{train, LoraArgs, LoraFormat, TrainArgs};
 use std::path::Path;
 
+/// The shared tiny run with LoRA rank 4 (attn targets, both formats, no checkpoint pruning).
 fn args(dir: &Path, out: &Path) -> TrainArgs {
     TrainArgs {
-        pretrained_model: dir.join("sample"),
-        instance_data_dir: dir.join("instance"),
-        instance_prompt: "a photo of sks dog".into(),
-        class_data_dir: Some(dir.join("class")),
-        class_prompt: Some("a photo of a dog".into()),
-        with_prior_preservation: true,
-        prior_loss_weight: 1.0,
-        num_class_images: 2,
-        resolution: 64,
-        center_crop: false,
-        random_flip: true,
-        train_batch_size: 1,
-        max_train_steps: 40,
-        gradient_accumulation_steps: 1,
         learning_rate: 3e-2,
-        lr_scheduler: "constant".into(),
-        lr_warmup_steps: 0,
-        max_grad_norm: 1.0,
-        adam_weight_decay: 1e-2,
-        snr_gamma: None,
-        noise_offset: 0.0,
-        seed: 3,
-        checkpointing_steps: 20,
         checkpoints_total_limit: None,
-        resume_from_checkpoint: None,
-        validation_prompt: Some("a photo of sks dog".into()),
-        validation_steps: 40,
-        num_validation_images: 1,
-        sample_steps: 2,
-        output_dir: out.to_owned(),
-        force: false,
-        mixed_precision: "no".into(),
-        train_text_encoder: false,
-        device: "cpu".into(),
-        allow_tf32: false,
-        gradient_checkpointing: false,
-        stop: Default::default(),
         lora: Some(LoraArgs { rank: 4, alpha: None, dropout: 0.0, targets: Targets::Attn, format: LoraFormat::Both }),
+        ..tiny_train_args(dir, out)
     }
 }
 

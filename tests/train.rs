@@ -5,57 +5,13 @@ mod common;
 use common::*;
 use dreambridge::pipeline::Pipeline;
 use dreambridge::train::command::{train, TrainArgs};
-use std::path::Path;
-
-fn args(dir: &Path, out: &Path) -> TrainArgs {
-    TrainArgs {
-        pretrained_model: dir.join("sample"),
-        instance_data_dir: dir.join("instance"),
-        instance_prompt: "a photo of sks dog".into(),
-        class_data_dir: Some(dir.join("class")),
-        class_prompt: Some("a photo of a dog".into()),
-        with_prior_preservation: true,
-        prior_loss_weight: 1.0,
-        num_class_images: 2,
-        resolution: 64,
-        center_crop: false,
-        random_flip: true,
-        train_batch_size: 1,
-        max_train_steps: 40,
-        gradient_accumulation_steps: 1,
-        learning_rate: 2e-3,
-        lr_scheduler: "constant".into(),
-        lr_warmup_steps: 0,
-        max_grad_norm: 1.0,
-        adam_weight_decay: 1e-2,
-        snr_gamma: None,
-        noise_offset: 0.0,
-        seed: 3,
-        checkpointing_steps: 20,
-        checkpoints_total_limit: Some(1),
-        resume_from_checkpoint: None,
-        validation_prompt: Some("a photo of sks dog".into()),
-        validation_steps: 40,
-        num_validation_images: 1,
-        sample_steps: 2,
-        output_dir: out.to_owned(),
-        force: false,
-        mixed_precision: "no".into(),
-        train_text_encoder: false,
-        device: "cpu".into(),
-        allow_tf32: false,
-        gradient_checkpointing: false,
-        stop: Default::default(),
-        lora: None,
-    }
-}
 
 #[test]
 fn trains_with_prior_preservation_and_writes_a_loadable_pipeline() {
     let dir = tempfile::tempdir().unwrap();
     training_inputs(dir.path());
     let out = dir.path().join("out");
-    let done = train(&args(dir.path(), &out)).unwrap();
+    let done = train(&tiny_train_args(dir.path(), &out)).unwrap();
     let l = &done.losses;
     assert_eq!(l.len(), 40);
     let (first, last) = (l[..10].iter().sum::<f32>() / 10.0, l[30..].iter().sum::<f32>() / 10.0);
@@ -74,8 +30,8 @@ fn trains_with_prior_preservation_and_writes_a_loadable_pipeline() {
     let keras = dreambridge::convert::to_keras::diffusers_to_keras(&out, &out.join("keras"), false, None).unwrap();
     assert_eq!(keras.files.len(), 4);
     // And a second run into the same folder is refused without --force.
-    assert!(train(&args(dir.path(), &out)).is_err());
-    let bf16 = TrainArgs { mixed_precision: "bf16".into(), output_dir: dir.path().join("bf16"), ..args(dir.path(), &out) };
+    assert!(train(&tiny_train_args(dir.path(), &out)).is_err());
+    let bf16 = TrainArgs { mixed_precision: "bf16".into(), output_dir: dir.path().join("bf16"), ..tiny_train_args(dir.path(), &out) };
     let err = format!("{:#}", train(&bf16).err().unwrap());
     assert!(err.contains("CUDA"), "{err}");
 }
@@ -91,7 +47,7 @@ fn text_encoder_training_updates_and_writes_the_text_encoder() {
         max_train_steps: 4,
         validation_prompt: None,
         checkpointing_steps: 2,
-        ..args(dir.path(), &out)
+        ..tiny_train_args(dir.path(), &out)
     };
     let plain = train(&a).unwrap().losses;
     let trained = Pipeline::load(&out, &candle_core::Device::Cpu).unwrap();
@@ -121,7 +77,7 @@ fn a_resume_after_class_image_generation_continues_the_same_trajectory() {
     let dir = tempfile::tempdir().unwrap();
     training_inputs(dir.path());
     let out = dir.path().join("out");
-    let a = TrainArgs { max_train_steps: 8, checkpointing_steps: 4, checkpoints_total_limit: None, validation_prompt: None, learning_rate: 1e-3, ..args(dir.path(), &out) };
+    let a = TrainArgs { max_train_steps: 8, checkpointing_steps: 4, checkpoints_total_limit: None, validation_prompt: None, learning_rate: 1e-3, ..tiny_train_args(dir.path(), &out) };
     assert!(!dir.path().join("class").exists());
     train(&a).unwrap();
     assert_eq!(std::fs::read_dir(dir.path().join("class")).unwrap().count(), 2, "run 1 generated the class images");

@@ -243,7 +243,7 @@ impl Adapter {
 mod tests {
     use super::*;
     use crate::models::builder::Builder;
-    use crate::models::testing::{assert_every_var_has_a_gradient, finite_difference_check, tiny_unet_config};
+    use crate::models::testing::{assert_every_var_has_a_gradient, finite_difference_check, tiny_unet_config, unet_inputs as inputs, unet_probe_loss as loss};
     use crate::models::unet::UNet;
     use candle_nn::VarBuilder;
 
@@ -259,22 +259,6 @@ mod tests {
         let plan = Arc::new(AdapterPlan::train(LoraConfig { rank: 2, alpha: 3.0, targets, dropout: 0.0, seed: 1 }, dtype));
         let vb = VarBuilder::from_tensors(base.clone(), dtype, &Device::Cpu);
         (UNet::new(Builder::with_adapters(vb, plan.clone()), &tiny_unet_config()).unwrap(), plan)
-    }
-
-    fn inputs(dtype: DType) -> (Tensor, Tensor, Tensor) {
-        let dev = Device::Cpu;
-        let n = |shape: &[usize], seed: f64| {
-            let count: usize = shape.iter().product();
-            Tensor::from_vec((0..count).map(|i| ((i as f64 + seed) * 0.7).sin()).collect::<Vec<f64>>(), shape, &dev).unwrap().to_dtype(dtype).unwrap()
-        };
-        (n(&[2, 4, 8, 8], 0.0), Tensor::new(&[10f32, 900.0], &dev).unwrap(), n(&[2, 5, 12], 3.0))
-    }
-
-    fn loss(model: &UNet, dtype: DType) -> Result<Tensor> {
-        let (x, t, ctx) = inputs(dtype);
-        let out = model.forward(&x, &t, &ctx)?;
-        let w = Tensor::arange(0f32, out.elem_count() as f32, &Device::Cpu)?.reshape(out.shape())?.to_dtype(dtype)?;
-        (&out * (w * 0.013)?.cos()?)?.sum_all()? + out.sqr()?.sum_all()?
     }
 
     /// Gives every adapter factor small non-zero values (a trained state).

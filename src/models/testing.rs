@@ -1,7 +1,8 @@
 //! Gradient checks shared by the model tests.
 
+use crate::models::unet::UNet;
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarMap;
 
 /// Every Var of `varmap` has a finite gradient that is not all zeros; returns how many Vars.
@@ -50,4 +51,24 @@ pub fn tiny_unet_config() -> crate::models::unet::UNetConfig {
         "cross_attention_dim": 12, "attention_head_dim": 2, "norm_num_groups": 4
     }))
     .unwrap()
+}
+
+/// Fixed inputs for a tiny UNet (cross-attention width 12): latents `(2, 4, 8, 8)`, per-sample
+/// timesteps 10 and 900, context `(2, 5, 12)`.
+pub fn unet_inputs(dtype: DType) -> (Tensor, Tensor, Tensor) {
+    let dev = Device::Cpu;
+    let n = |shape: &[usize], seed: f64| {
+        let count: usize = shape.iter().product();
+        let v: Vec<f64> = (0..count).map(|i| ((i as f64 + seed) * 0.7).sin()).collect();
+        Tensor::from_vec(v, shape, &dev).unwrap().to_dtype(dtype).unwrap()
+    };
+    (n(&[2, 4, 8, 8], 0.0), Tensor::new(&[10f32, 900.0], &dev).unwrap(), n(&[2, 5, 12], 3.0))
+}
+
+/// A scalar of the UNet's output on [`unet_inputs`] that every output element feeds, unevenly.
+pub fn unet_probe_loss(model: &UNet, dtype: DType) -> Result<Tensor> {
+    let (x, t, ctx) = unet_inputs(dtype);
+    let out = model.forward(&x, &t, &ctx)?;
+    let w = Tensor::arange(0f32, out.elem_count() as f32, &Device::Cpu)?.reshape(out.shape())?.to_dtype(dtype)?;
+    (&out * (w * 0.013)?.cos()?)?.sum_all()? + out.sqr()?.sum_all()?
 }

@@ -352,7 +352,7 @@ impl UNet {
 mod tests {
     use super::*;
     use candle_nn::VarBuilder;
-    use crate::models::testing::{assert_every_var_has_a_gradient, finite_difference_check};
+    use crate::models::testing::{assert_every_var_has_a_gradient, finite_difference_check, unet_inputs as inputs, unet_probe_loss as loss};
     use candle_core::Device;
     use candle_nn::VarMap;
 
@@ -363,23 +363,6 @@ mod tests {
             "cross_attention_dim": 12, "attention_head_dim": 2, "norm_num_groups": 4, "use_linear_projection": linear
         }))
         .unwrap()
-    }
-
-    fn inputs(dtype: DType) -> (Tensor, Tensor, Tensor) {
-        let dev = Device::Cpu;
-        let n = |shape: &[usize], seed: f64| {
-            let count: usize = shape.iter().product();
-            let v: Vec<f64> = (0..count).map(|i| ((i as f64 + seed) * 0.7).sin()).collect();
-            Tensor::from_vec(v, shape, &dev).unwrap().to_dtype(dtype).unwrap()
-        };
-        (n(&[2, 4, 8, 8], 0.0), Tensor::new(&[10f32, 900.0], &dev).unwrap(), n(&[2, 5, 12], 3.0))
-    }
-
-    fn loss(model: &UNet, dtype: DType) -> Result<Tensor> {
-        let (x, t, ctx) = inputs(dtype);
-        let out = model.forward(&x, &t, &ctx)?;
-        let w = Tensor::arange(0f32, out.elem_count() as f32, &Device::Cpu)?.reshape(out.shape())?.to_dtype(dtype)?;
-        (&out * (w * 0.013)?.cos()?)?.sum_all()? + out.sqr()?.sum_all()?
     }
 
     #[test]

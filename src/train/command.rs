@@ -336,15 +336,19 @@ fn build_pipeline(pipe: &Pipeline, base: &Path, a: &TrainArgs, staging: &Path) -
     if trained_text {
         write_vars(&pipe.text_vars, &staging.join("text_encoder").join(Component::TextEncoder.weights_name(false)))?;
     }
-    let card = CardInfo {
+    let card_path = staging.join("README.md");
+    std::fs::write(&card_path, model_card(&card_info(a), &[])).with_context(|| format!("{}: cannot write", card_path.display()))
+}
+
+/// The model card of the run's output (a LoRA card for LoRA runs).
+fn card_info(a: &TrainArgs) -> CardInfo {
+    CardInfo {
         repo_id: a.output_dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(),
         base_model: Some(a.pretrained_model.display().to_string()),
         instance_prompt: Some(a.instance_prompt.clone()),
         license: None,
-        lora: false,
-    };
-    let card_path = staging.join("README.md");
-    std::fs::write(&card_path, model_card(&card, &[])).with_context(|| format!("{}: cannot write", card_path.display()))
+        lora: a.lora.is_some(),
+    }
 }
 
 /// The trained adapters as LoRA files in the output folder (diffusers' and/or kohya's format) and
@@ -373,16 +377,9 @@ fn write_lora(pipe: &Pipeline, lora: &LoraArgs, a: &TrainArgs) -> Result<Vec<Pat
         crate::lora::write::write_kohya(&set, &path, &info)?;
         files.push(path);
     }
-    let card = CardInfo {
-        repo_id: a.output_dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(),
-        base_model: Some(a.pretrained_model.display().to_string()),
-        instance_prompt: Some(a.instance_prompt.clone()),
-        license: None,
-        lora: true,
-    };
     let card_path = a.output_dir.join("README.md");
     let temp = a.output_dir.join(".README.md.dreambridge-tmp");
-    std::fs::write(&temp, model_card(&card, &[])).with_context(|| format!("{}: cannot write", card_path.display()))?;
+    std::fs::write(&temp, model_card(&card_info(a), &[])).with_context(|| format!("{}: cannot write", card_path.display()))?;
     std::fs::rename(&temp, &card_path).with_context(|| format!("{}: cannot rename into place", card_path.display()))?;
     Ok(files)
 }

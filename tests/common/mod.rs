@@ -62,3 +62,48 @@ pub fn training_inputs(dir: &Path) {
 pub fn unet_weights(pipeline: &Path) -> Vec<(String, RawTensor)> {
     st_tensors(&pipeline.join("unet/diffusion_pytorch_model.safetensors"))
 }
+
+/// A tiny full-fine-tuning run of the sample (`dir/sample`) on `dir/instance`, with prior
+/// preservation (class images generated into `dir/class`), 40 steps, checkpoints at 20.
+pub fn tiny_train_args(dir: &Path, out: &Path) -> dreambridge::train::command::TrainArgs {
+    dreambridge::train::command::TrainArgs {
+        pretrained_model: dir.join("sample"),
+        instance_data_dir: dir.join("instance"),
+        instance_prompt: "a photo of sks dog".into(),
+        class_data_dir: Some(dir.join("class")),
+        class_prompt: Some("a photo of a dog".into()),
+        with_prior_preservation: true,
+        prior_loss_weight: 1.0,
+        num_class_images: 2,
+        resolution: 64,
+        center_crop: false,
+        random_flip: true,
+        train_batch_size: 1,
+        max_train_steps: 40,
+        gradient_accumulation_steps: 1,
+        learning_rate: 2e-3,
+        lr_scheduler: "constant".into(),
+        lr_warmup_steps: 0,
+        max_grad_norm: 1.0,
+        adam_weight_decay: 1e-2,
+        snr_gamma: None,
+        noise_offset: 0.0,
+        seed: 3,
+        checkpointing_steps: 20,
+        checkpoints_total_limit: Some(1),
+        resume_from_checkpoint: None,
+        validation_prompt: Some("a photo of sks dog".into()),
+        validation_steps: 40,
+        num_validation_images: 1,
+        sample_steps: 2,
+        output_dir: out.to_owned(),
+        force: false,
+        mixed_precision: "no".into(),
+        train_text_encoder: false,
+        device: "cpu".into(),
+        allow_tf32: false,
+        gradient_checkpointing: false,
+        stop: Default::default(),
+        lora: None,
+    }
+}
