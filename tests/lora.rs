@@ -198,3 +198,15 @@ fn generate_convert_merge_and_inspect_take_lora_files_and_refuse_misfits() {
     assert!(!ok && err.contains(&first), "{err}");
     assert!(!dir.path().join("merged2").exists(), "nothing half-merged is written");
 }
+
+#[test]
+fn fp16_lora_trains_with_accumulation_and_a_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    training_inputs(dir.path());
+    let out = dir.path().join("fp16");
+    let a = TrainArgs { mixed_precision: "fp16".into(), max_train_steps: 3, validation_prompt: None, gradient_accumulation_steps: 2, lr_scheduler: "cosine".into(), ..args(dir.path(), &out) };
+    let done = train(&a).unwrap();
+    assert!(done.losses.iter().all(|l| l.is_finite()), "{:?}", done.losses);
+    let set = read(&out.join("pytorch_lora_weights.safetensors")).unwrap();
+    assert!(set.modules.values().any(|m| m.up.to_f32_values().iter().any(|v| *v != 0.0)), "the adapters moved");
+}
