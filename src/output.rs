@@ -115,6 +115,31 @@ pub fn one_line(e: &anyhow::Error) -> String {
     parts.join(": ")
 }
 
+/// Writes one file atomically: `write` fills a hidden temp file beside `path`, which is then
+/// renamed into place (and the folder synced). On failure the temp file goes and the error names
+/// `path`, not the temp file; an existing `path` is untouched.
+pub fn atomic_file(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = path.file_name().with_context(|| format!("{}: not a file name", path.display()))?.to_string_lossy();
+    let temp = path.with_file_name(format!(".{name}.dreambridge-tmp-{}", std::process::id()));
+    let work = || -> Result<()> {
+        write(&temp)?;
+        std::fs::rename(&temp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+        if let Some(parent) = path.parent() {
+            sync_dir(if parent.as_os_str().is_empty() { Path::new(".") } else { parent });
+        }
+        Ok(())
+    };
+    work().map_err(|e| {
+        let _ = std::fs::remove_file(&temp);
+        let message = named_by_destination(&e, &temp, path);
+        if message.contains(&*path.to_string_lossy()) {
+            anyhow::anyhow!("{message}")
+        } else {
+            anyhow::anyhow!("{}: {message}", path.display())
+        }
+    })
+}
+
 /// Copies one file; a failure names the destination and the source.
 pub fn copy_file(from: &Path, to: &Path) -> Result<()> {
     std::fs::copy(from, to).with_context(|| format!("{}: cannot copy from {}", to.display(), from.display()))?;

@@ -64,6 +64,11 @@ impl RawTensor {
         }
     }
 
+    /// An f32 tensor of `shape` holding `values`.
+    pub fn from_f32(shape: &[usize], values: &[f32]) -> RawTensor {
+        RawTensor { dtype: DType::F32, shape: shape.to_vec(), data: bytemuck::cast_slice(values).to_vec() }
+    }
+
     /// The same tensor in `dtype` (round to nearest when narrowing; a no-op when equal).
     pub fn cast(self, dtype: DType) -> RawTensor {
         if dtype == self.dtype {

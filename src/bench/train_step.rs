@@ -12,9 +12,8 @@ use crate::pipeline::schedule::{NoiseSchedule, ScheduleConfig};
 use crate::models::builder::Builder;
 use crate::models::lora::{AdapterPlan, LoraConfig, Targets};
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Var};
 use candle_nn::{VarBuilder, VarMap};
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -94,7 +93,7 @@ pub fn run(o: &TrainBenchOptions, dev: &Device, mut progress: impl FnMut(usize, 
     let mut varmap = VarMap::new();
     let mut unet = UNet::new(VarBuilder::from_varmap(&varmap, DType::F32, dev), &o.unet)?;
     if let Some(rank) = o.lora_rank {
-        let base: HashMap<String, Tensor> = varmap.data().lock().unwrap().iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().to_dtype(o.compute_dtype)?))).collect::<Result<_>>()?;
+        let base = crate::models::weights::frozen(&varmap, o.compute_dtype)?;
         let config = LoraConfig { rank, alpha: rank as f64, targets: Targets::Attn, dropout: 0.0, seed: 0 };
         let plan = Arc::new(AdapterPlan::train(config, DType::F32));
         unet = UNet::new(Builder::with_adapters(VarBuilder::from_tensors(base, o.compute_dtype, dev), plan.clone()), &o.unet)?;

@@ -34,11 +34,6 @@ pub fn save_png(image: &Tensor, path: &Path) -> Result<()> {
     let data: Vec<f32> = image.permute((1, 2, 0))?.flatten_all()?.to_vec1()?;
     let bytes: Vec<u8> = data.iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect();
     let img = image::RgbImage::from_raw(w as u32, h as u32, bytes).context("image buffer size")?;
-    let temp = path.with_extension("png.tmp");
-    if let Err(e) = img.save_with_format(&temp, image::ImageFormat::Png) {
-        let _ = std::fs::remove_file(&temp);
-        return Err(anyhow::Error::from(e).context(format!("{}: cannot write", path.display())));
-    }
-    std::fs::rename(&temp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
+    crate::output::atomic_file(path, |temp| Ok(img.save_with_format(temp, image::ImageFormat::Png)?))
 }
 

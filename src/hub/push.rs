@@ -93,8 +93,5 @@ fn write_card_if_missing(dir: &Path, opts: &PushOptions) -> Result<()> {
         .collect();
     images.sort();
     let info = CardInfo { repo_id: opts.repo.clone(), lora: opts.card.lora || folder_check::is_lora_folder(dir), ..opts.card.clone() };
-    let temp = dir.join(".README.md.dreambridge-tmp");
-    std::fs::write(&temp, model_card(&info, &images)).with_context(|| format!("{}: cannot write", temp.display()))?;
-    std::fs::rename(&temp, &path)?;
-    Ok(())
+    crate::output::atomic_file(&path, |temp| Ok(std::fs::write(temp, model_card(&info, &images))?))
 }

@@ -32,7 +32,7 @@ pub enum LoraCommand {
         input: PathBuf,
         output: PathBuf,
         #[arg(long, value_enum)]
-        to: LoraFormat,
+        to: ConvertTo,
         /// SD version for the kohya metadata (default: as the file's metadata or shapes say, else 1).
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
         sd_version: Option<u8>,
@@ -46,7 +46,8 @@ pub enum LoraCommand {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LoraFormat {
+/// The format `lora convert --to` writes.
+pub enum ConvertTo {
     Diffusers,
     Kohya,
 }
@@ -65,8 +66,8 @@ pub fn run(cmd: LoraCommand) -> Result<()> {
         LoraCommand::Convert { input, output, to, sd_version, v_prediction, force } => {
             let n = convert(&input, &output, to, sd_version, v_prediction, force)?;
             let keys = match to {
-                LoraFormat::Diffusers => "diffusers",
-                LoraFormat::Kohya => "kohya",
+                ConvertTo::Diffusers => "diffusers",
+                ConvertTo::Kohya => "kohya",
             };
             println!("wrote {}: {n} modules in {keys} keys", output.display());
         }
@@ -85,14 +86,14 @@ pub fn scales_for(loras: usize, scales: &[f64]) -> Result<Vec<f64>> {
 }
 
 /// Reads `input` and writes it to `output` in `to`'s keys; returns the module count.
-pub fn convert(input: &Path, output: &Path, to: LoraFormat, sd_version: Option<u8>, v_prediction: bool, force: bool) -> Result<usize> {
+pub fn convert(input: &Path, output: &Path, to: ConvertTo, sd_version: Option<u8>, v_prediction: bool, force: bool) -> Result<usize> {
     let same = output.exists() && std::fs::canonicalize(output).ok() == std::fs::canonicalize(input).ok();
     ensure!(!same, "{}: the output would overwrite the input", output.display());
     ensure!(force || !output.exists(), "{}: already exists (use --force to replace it)", output.display());
     let set = read::read(input)?;
     match to {
-        LoraFormat::Diffusers => write_diffusers(&set, output)?,
-        LoraFormat::Kohya => {
+        ConvertTo::Diffusers => write_diffusers(&set, output)?,
+        ConvertTo::Kohya => {
             let stem = output.file_stem().map_or("lora".into(), |s| s.to_string_lossy().to_string());
             let (mut info, declared) = KohyaInfo::from_metadata(&set.metadata, &stem);
             info.sd_version = match sd_version.or(declared).or_else(|| shape_version(&set)) {
@@ -129,21 +130,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k";
         let input = write_file(dir.path(), "in.safetensors", &[(&format!("{q}.lora.down.weight"), ramp(&[2, 1024], 0.0)), (&format!("{q}.lora.up.weight"), ramp(&[8, 2], 0.0))], &[]);
-        let err = convert(&input, &input, LoraFormat::Kohya, None, false, true).unwrap_err().to_string();
+        let err = convert(&input, &input, ConvertTo::Kohya, None, false, true).unwrap_err().to_string();
         assert!(err.contains("overwrite the input"), "{err}");
         let out = dir.path().join("sks.safetensors");
-        assert_eq!(convert(&input, &out, LoraFormat::Kohya, None, true, false).unwrap(), 1);
+        assert_eq!(convert(&input, &out, ConvertTo::Kohya, None, true, false).unwrap(), 1);
         let set = read::read(&out).unwrap();
         assert_eq!(set.format, Format::Kohya);
         assert_eq!((set.metadata["ss_v2"].as_str(), set.metadata["ss_base_model_version"].as_str(), set.metadata["ss_output_name"].as_str()), ("True", "sd_v2_v", "sks"));
-        let err = convert(&input, &out, LoraFormat::Diffusers, None, false, false).unwrap_err().to_string();
+        let err = convert(&input, &out, ConvertTo::Diffusers, None, false, false).unwrap_err().to_string();
         assert!(err.contains("--force"), "{err}");
-        convert(&out, &out.with_file_name("back.safetensors"), LoraFormat::Diffusers, None, false, false).unwrap();
+        convert(&out, &out.with_file_name("back.safetensors"), ConvertTo::Diffusers, None, false, false).unwrap();
         assert_eq!(std::fs::read(&input).unwrap(), std::fs::read(out.with_file_name("back.safetensors")).unwrap());
         // Nothing tells the version: marked SD1, as A1111 assumes.
         let tiny = write_file(dir.path(), "tiny.safetensors", &[(&format!("{q}.lora.down.weight"), ramp(&[2, 32], 0.0)), (&format!("{q}.lora.up.weight"), ramp(&[8, 2], 0.0))], &[]);
         let k = dir.path().join("tiny_k.safetensors");
-        convert(&tiny, &k, LoraFormat::Kohya, None, false, false).unwrap();
+        convert(&tiny, &k, ConvertTo::Kohya, None, false, false).unwrap();
         assert_eq!(read::read(&k).unwrap().metadata["ss_base_model_version"], "sd_v1");
     }
 }

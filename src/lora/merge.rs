@@ -6,7 +6,7 @@ use crate::diffusers::layout::find_weights;
 use crate::diffusers::st_read::StFile;
 use crate::diffusers::st_write::{PendingTensor, StWriter};
 use crate::output::{copy_tree, one_line, Staging};
-use crate::tensor::{DType, RawTensor};
+use crate::tensor::RawTensor;
 use anyhow::{anyhow, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
@@ -141,7 +141,7 @@ fn rewrite(file: &StFile, dest: &Path, adds: &Additions) -> Result<()> {
                     sum = (sum + delta(m, &t.shape, *multiplier)?)?;
                 }
                 let values = sum.flatten_all()?.to_vec1::<f32>()?;
-                RawTensor { dtype: DType::F32, shape: t.shape.clone(), data: bytemuck::cast_slice(&values).to_vec() }.cast(t.dtype)
+                RawTensor::from_f32(&t.shape, &values).cast(t.dtype)
             }
         };
         w.write_next(k, &t)?;

@@ -278,7 +278,7 @@ pub(crate) mod tests {
     pub fn ramp(shape: &[usize], start: f32) -> RawTensor {
         let n: usize = shape.iter().product();
         let values: Vec<f32> = (0..n).map(|i| (start + i as f32) * 0.01).collect();
-        RawTensor { dtype: DType::F32, shape: shape.to_vec(), data: bytemuck::cast_slice(&values).to_vec() }
+        RawTensor::from_f32(shape, &values)
     }
 
     pub fn scalar(v: f32) -> RawTensor {

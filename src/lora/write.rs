@@ -3,12 +3,12 @@
 
 use super::{names, LoraModule, LoraSet, Part};
 use crate::diffusers::st_write::{PendingTensor, StWriter};
-use crate::output::{named_by_destination, sync_dir};
+use crate::output::atomic_file;
 use crate::tensor::{DType, RawTensor};
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{ensure, Result};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Writes the keys diffusers' `train_dreambooth_lora.py` saves (`unet.<m>.lora.down.weight`,
 /// `text_encoder.<m>.lora_linear_layer.down.weight`, ...) in f32. diffusers reads no alpha, so a
@@ -182,41 +182,19 @@ fn data_hash(tensors: &BTreeMap<String, RawTensor>) -> String {
 /// `up` times `s`, in f32.
 fn scaled(up: &RawTensor, s: f64) -> RawTensor {
     let values: Vec<f32> = up.to_f32_values().iter().map(|v| (*v as f64 * s) as f32).collect();
-    RawTensor { dtype: DType::F32, shape: up.shape.clone(), data: bytemuck::cast_slice(&values).to_vec() }
+    RawTensor::from_f32(&up.shape, &values)
 }
 
-/// Writes `tensors` (f32, in key order) to a hidden file beside `path`, syncs it and renames it
-/// into place; on failure the hidden file goes and the error names `path`.
+/// Writes `tensors` (f32, in key order) with `metadata`, atomically (see [`atomic_file`]).
 pub fn write_atomic(path: &Path, tensors: &BTreeMap<String, RawTensor>, metadata: &BTreeMap<String, String>) -> Result<()> {
-    let temp = temp_beside(path)?;
-    let work = || -> Result<()> {
+    atomic_file(path, |temp| {
         let pending = tensors.iter().map(|(k, t)| PendingTensor { key: k.clone(), dtype: DType::F32, shape: t.shape.clone() }).collect();
-        let mut w = StWriter::create_with_metadata(&temp, pending, metadata)?;
+        let mut w = StWriter::create_with_metadata(temp, pending, metadata)?;
         for (k, t) in tensors {
             w.write_next(k, &t.clone().cast(DType::F32))?;
         }
-        w.finish()?;
-        std::fs::rename(&temp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
-        if let Some(parent) = path.parent() {
-            sync_dir(if parent.as_os_str().is_empty() { Path::new(".") } else { parent });
-        }
-        Ok(())
-    };
-    work().map_err(|e| {
-        let _ = std::fs::remove_file(&temp);
-        let message = named_by_destination(&e, &temp, path);
-        if message.contains(&*path.to_string_lossy()) {
-            anyhow!("{message}")
-        } else {
-            anyhow!("{}: {message}", path.display())
-        }
+        w.finish()
     })
-}
-
-/// `.<name>.dreambridge-tmp-<pid>` in `path`'s folder.
-fn temp_beside(path: &Path) -> Result<PathBuf> {
-    let name = path.file_name().with_context(|| format!("{}: not a file name", path.display()))?.to_string_lossy();
-    Ok(path.with_file_name(format!(".{name}.dreambridge-tmp-{}", std::process::id())))
 }
 
 #[cfg(test)]

@@ -6,6 +6,13 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_nn::VarMap;
 use std::path::Path;
 
+/// The Vars' values as plain tensors in `dtype` (sharing storage when the dtype is the same):
+/// frozen weights, which get no gradient.
+pub fn frozen(vars: &VarMap, dtype: candle_core::DType) -> candle_core::Result<std::collections::HashMap<String, candle_core::Tensor>> {
+    let data = vars.data().lock().unwrap();
+    data.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().to_dtype(dtype)?))).collect()
+}
+
 /// Sets every Var of `varmap` from `file`; keys may lack `strip_prefix` in the file (transformers 5
 /// writes CLIP keys without `text_model.`). Every Var must be found with its shape.
 pub fn load_into(varmap: &VarMap, file: &Path, strip_prefix: &str) -> Result<()> {

@@ -9,11 +9,11 @@ use crate::models::lora::{AdapterPlan, LoraConfig};
 use crate::models::unet::UNet;
 use crate::lora::{Format, LoraModule, LoraSet, Part};
 use crate::models::lora::{DOWN, UP};
-use crate::tensor::{DType as RawDType, RawTensor};
+use crate::models::weights::frozen;
+use crate::tensor::RawTensor;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Tensor};
-use candle_nn::{VarBuilder, VarMap};
-use std::collections::HashMap;
+use candle_nn::VarBuilder;
 use std::sync::Arc;
 
 /// The adapters attached to a pipeline.
@@ -29,12 +29,6 @@ impl PipelineLora {
     pub fn plans(&self) -> impl Iterator<Item = &Arc<AdapterPlan>> {
         std::iter::once(&self.unet).chain(self.text.as_ref())
     }
-}
-
-/// The Vars' values as plain tensors in `dtype`: no longer trainable, no gradient.
-fn frozen(vars: &VarMap, dtype: DType) -> Result<HashMap<String, Tensor>> {
-    let data = vars.data().lock().unwrap();
-    data.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().to_dtype(dtype)?))).collect()
 }
 
 impl Pipeline {
@@ -80,7 +74,7 @@ impl Pipeline {
                 let raw = |t: &Tensor, name: &str| -> Result<RawTensor> {
                     let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                     ensure!(values.iter().all(|v| v.is_finite()), "adapter `{module}.{name}` holds NaN or infinite values; not written");
-                    Ok(RawTensor { dtype: RawDType::F32, shape: t.dims().to_vec(), data: bytemuck::cast_slice(&values).to_vec() })
+                    Ok(RawTensor::from_f32(t.dims(), &values))
                 };
                 let m = LoraModule { down: raw(down.as_tensor(), DOWN)?, up: raw(up.as_tensor(), UP)?, alpha: lora.config.alpha };
                 set.modules.insert((part, module.to_string()), m);

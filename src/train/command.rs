@@ -377,10 +377,7 @@ fn write_lora(pipe: &Pipeline, lora: &LoraArgs, a: &TrainArgs) -> Result<Vec<Pat
         crate::lora::write::write_kohya(&set, &path, &info)?;
         files.push(path);
     }
-    let card_path = a.output_dir.join("README.md");
-    let temp = a.output_dir.join(".README.md.dreambridge-tmp");
-    std::fs::write(&temp, model_card(&card_info(a), &[])).with_context(|| format!("{}: cannot write", card_path.display()))?;
-    std::fs::rename(&temp, &card_path).with_context(|| format!("{}: cannot rename into place", card_path.display()))?;
+    crate::output::atomic_file(&a.output_dir.join("README.md"), |temp| Ok(std::fs::write(temp, model_card(&card_info(a), &[]))?))?;
     Ok(files)
 }
 
@@ -396,8 +393,7 @@ fn write_vars(vars: &candle_nn::VarMap, path: &Path) -> Result<()> {
         let t: Tensor = vars[*n].as_tensor().to_dtype(candle_core::DType::F32)?;
         let values = t.flatten_all()?.to_vec1::<f32>()?;
         ensure!(values.iter().all(|v| v.is_finite()), "{}: tensor `{n}` holds NaN or infinite values; not written", path.display());
-        let data = bytemuck::cast_slice(&values).to_vec();
-        w.write_next(n, &RawTensor { dtype: RawDType::F32, shape: t.dims().to_vec(), data })?;
+        w.write_next(n, &RawTensor::from_f32(t.dims(), &values))?;
     }
     w.finish()
 }
