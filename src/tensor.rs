@@ -47,6 +47,33 @@ impl std::fmt::Display for DType {
     }
 }
 
+/// A tensor's element type and shape, as a file's header states them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorInfo {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+/// Named tensors read one at a time: a safetensors file, a torch pickle, or a view of either
+/// under another layout's names. Errors name the tensor; callers add the file.
+pub trait TensorSource {
+    /// The file the tensors come from (for messages).
+    fn origin(&self) -> &std::path::Path;
+    /// Tensor names, sorted.
+    fn keys(&self) -> Vec<String>;
+    fn contains(&self, key: &str) -> bool;
+    fn info(&self, key: &str) -> Result<TensorInfo>;
+    fn read(&self, key: &str) -> Result<RawTensor>;
+    /// How messages name `key` (a view names the file's own key beside diffusers').
+    fn describe(&self, key: &str) -> String {
+        format!("`{key}`")
+    }
+    /// The file's string metadata (safetensors `__metadata__`); empty where there is none.
+    fn metadata(&self) -> std::collections::BTreeMap<String, String> {
+        Default::default()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct RawTensor {
     pub dtype: DType,

@@ -2,10 +2,9 @@
 //! the table, and the model's symbols (widths, vocabulary, depth) bound. Detection = the table
 //! that matches.
 
-use crate::diffusers::st_read::StFile;
 use crate::keras::{KerasFile, KerasFormat};
 use crate::mapping::{all_tables, Expr, Layout, Op, Symbols, Table, TensorSpec};
-use crate::tensor::DType;
+use crate::tensor::{DType, TensorSource};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
 /// One tensor of a matched checkpoint.
@@ -137,24 +136,26 @@ impl Plan {
         Ok(Plan { table: table.clone(), layout, symbols, tensors })
     }
 
-    /// Matches the diffusers tensors of `table`'s part of a component file.
-    pub fn for_diffusers(file: &StFile, table: &Table) -> Result<Plan> {
+    /// Matches the diffusers tensors of `table`'s part of a component file (or of any source
+    /// that shows diffusers' names, such as a single-file checkpoint's view).
+    pub fn for_diffusers(file: &dyn TensorSource, table: &Table) -> Result<Plan> {
         let mut repeats = 0;
         if table.repeat_symbol().is_some() {
             while find_key(file, table, &table.repeat_probe_key(repeats).expect("table repeats")).is_some() {
                 repeats += 1;
             }
-            ensure!(repeats > 0, "no `{}`", table.repeat_probe_key(0).unwrap());
+            ensure!(repeats > 0, "no {}", file.describe(&table.repeat_probe_key(0).unwrap()));
         }
         let layout = table.expand(repeats)?;
         let mut symbols = table.initial_symbols(repeats);
         let mut tensors = Vec::new();
         for spec in &layout.tensors {
-            let key = find_key(file, table, &spec.key).with_context(|| format!("tensor `{}`: missing", spec.key))?;
-            let info = file.info(&key)?;
+            let key = find_key(file, table, &spec.key).with_context(|| format!("tensor {}: missing", file.describe(&spec.key)))?;
+            let info = file.info(&key).with_context(|| format!("tensor {}", file.describe(&key)))?;
             let squeeze = spec.op == Op::Conv1x1Linear && info.shape.len() == 4 && info.shape[2..] == [1, 1];
             let shape = if squeeze { info.shape[..2].to_vec() } else { info.shape.clone() };
-            let diffusers_shape = unify_shape(spec, &shape, Side::Diffusers, &mut symbols).with_context(|| format!("tensor `{key}`"))?;
+            let diffusers_shape =
+                unify_shape(spec, &shape, Side::Diffusers, &mut symbols).with_context(|| format!("tensor {}", file.describe(&key)))?;
             tensors.push(PlannedTensor {
                 keras_shape: spec.op.keras_shape(&diffusers_shape),
                 spec: spec.clone(),
@@ -183,7 +184,7 @@ fn plan_keras_tensor(file: &KerasFile, spec: &TensorSpec, path: &str, symbols: &
 }
 
 /// Finds the key in a diffusers file, trying the table's prefix-less form and older spellings.
-fn find_key(file: &StFile, table: &Table, key: &str) -> Option<String> {
+fn find_key(file: &dyn TensorSource, table: &Table, key: &str) -> Option<String> {
     let mut candidates = vec![key.to_string()];
     if let Some(bare) = key.strip_prefix(&table.key_prefix).filter(|_| !table.key_prefix.is_empty()) {
         candidates.push(bare.to_string());

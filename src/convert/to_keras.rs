@@ -6,7 +6,7 @@ use crate::diffusers::st_read::StFile;
 use crate::keras::LegacyWriter;
 use crate::output::Staging;
 use crate::progress::Progress;
-use crate::tensor::RawTensor;
+use crate::tensor::{RawTensor, TensorSource};
 use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -27,9 +27,19 @@ pub struct ToKerasResult {
     pub files: Vec<(String, String)>,
 }
 
-pub fn diffusers_to_keras(model: &Path, out: &Path, force: bool, sd_version: Option<u8>) -> Result<ToKerasResult> {
+/// One component of a diffusers folder matched against its tables (two for the VAE: encoder,
+/// decoder).
+pub struct FolderPart {
+    pub component: Component,
+    pub file: std::sync::Arc<StFile>,
+    pub plans: Vec<Plan>,
+}
+
+/// Matches every component folder of `model` (unet/, text_encoder/, vae/) that exists; the SD
+/// version found first (or given) applies to the rest.
+pub fn plan_diffusers_folder(model: &Path, sd_version: Option<u8>) -> Result<Vec<FolderPart>> {
     ensure!(model.is_dir(), "{}: not a folder", model.display());
-    let mut jobs: Vec<(StFile, Plan)> = Vec::new();
+    let mut parts = Vec::new();
     let mut version = sd_version;
     for component in Component::ALL {
         if !model.join(component.dir()).is_dir() {
@@ -42,6 +52,7 @@ pub fn diffusers_to_keras(model: &Path, out: &Path, force: bool, sd_version: Opt
             Component::TextEncoder => &["text-encoder"],
             Component::Vae => &["vae-encoder", "vae-decoder"],
         };
+        let mut plans = Vec::new();
         for prefix in prefixes {
             let plan = detect(
                 |t| {
@@ -55,14 +66,22 @@ pub fn diffusers_to_keras(model: &Path, out: &Path, force: bool, sd_version: Opt
             )
             .with_context(|| path.display().to_string())?;
             version = version.or(plan.table.sd_version());
-            jobs.push((StFile::open(&path)?, plan));
+            plans.push(plan);
         }
+        parts.push(FolderPart { component, file: std::sync::Arc::new(file), plans });
     }
-    ensure!(!jobs.is_empty(), "{}: no unet/, text_encoder/ or vae/ folder", model.display());
+    ensure!(!parts.is_empty(), "{}: no unet/, text_encoder/ or vae/ folder", model.display());
+    Ok(parts)
+}
+
+pub fn diffusers_to_keras(model: &Path, out: &Path, force: bool, sd_version: Option<u8>) -> Result<ToKerasResult> {
+    let parts = plan_diffusers_folder(model, sd_version)?;
+    let jobs: Vec<(&StFile, &Plan)> = parts.iter().flat_map(|p| p.plans.iter().map(move |plan| (&*p.file, plan))).collect();
     let staging = Staging::new(out, force, &[model])?;
     let fill = || -> Result<Vec<(String, String)>> {
         let mut files = Vec::new();
         for (file, plan) in &jobs {
+            let (file, plan) = (*file, *plan);
             let name = keras_file_name(&plan.table.kind);
             let path = staging.path(name)?;
             write_h5(&path, file, plan).with_context(|| format!("{}: writing from {}", path.display(), file.path.display()))?;
@@ -77,7 +96,7 @@ pub fn diffusers_to_keras(model: &Path, out: &Path, force: bool, sd_version: Opt
 
 /// Writes one Keras-2 legacy file: group per layer named by its Keras-3 key, weights named
 /// `<group>/<sub-layer path>/<variable>:0` as Keras would.
-fn write_h5(path: &Path, file: &StFile, plan: &Plan) -> Result<()> {
+pub(crate) fn write_h5(path: &Path, file: &dyn TensorSource, plan: &Plan) -> Result<()> {
     let groups: Vec<String> = plan.layout.layers.iter().map(|l| l.keras3_key.clone()).collect();
     let writer = LegacyWriter::create(path, &groups)?;
     let total: u64 = plan.tensors.iter().map(|t| (t.diffusers_shape.iter().product::<usize>() * t.dtype.size()) as u64).sum();

@@ -1,6 +1,7 @@
 //! Reads safetensors files through a memory map: one tensor at a time, no whole-file copy.
 
-use crate::tensor::{DType, RawTensor};
+use crate::tensor::{DType, RawTensor, TensorSource};
+pub use crate::tensor::TensorInfo as StInfo;
 use anyhow::{bail, ensure, Context, Result};
 use safetensors::tensor::{Metadata, SafeTensors};
 use std::path::{Path, PathBuf};
@@ -12,18 +13,12 @@ pub struct StFile {
     metadata: Metadata,
 }
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct StInfo {
-    pub dtype: DType,
-    pub shape: Vec<usize>,
-}
-
 impl StFile {
     pub fn open(path: &Path) -> Result<StFile> {
         let file = std::fs::File::open(path).context("cannot open")?;
         // SAFETY: the map is read-only and the file is not modified while dreambridge runs.
         let map = unsafe { memmap2::Mmap::map(&file) }.context("cannot map")?;
-        let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| anyhow::anyhow!("not a valid safetensors file: {e}"))?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| anyhow::anyhow!("not a valid safetensors file ({e}; truncated?)"))?;
         Ok(StFile { path: path.to_owned(), map, header_len, metadata })
     }
 
@@ -85,5 +80,26 @@ impl StFile {
             bail!("tensor `{key}`: data runs past the end of the file (truncated?)");
         }
         Ok(RawTensor { dtype, shape: info.shape.clone(), data: self.map[base + start..base + end].to_vec() })
+    }
+}
+
+impl TensorSource for StFile {
+    fn origin(&self) -> &Path {
+        &self.path
+    }
+    fn keys(&self) -> Vec<String> {
+        StFile::keys(self)
+    }
+    fn contains(&self, key: &str) -> bool {
+        StFile::contains(self, key)
+    }
+    fn info(&self, key: &str) -> Result<StInfo> {
+        StFile::info(self, key)
+    }
+    fn read(&self, key: &str) -> Result<RawTensor> {
+        StFile::read(self, key)
+    }
+    fn metadata(&self) -> std::collections::BTreeMap<String, String> {
+        StFile::metadata(self)
     }
 }
