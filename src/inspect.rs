@@ -4,14 +4,72 @@ use crate::convert::plan::{detect, Plan};
 use crate::diffusers::st_read::StFile;
 use crate::keras::{KerasFile, KerasFormat};
 use crate::mapping::all_tables;
+use crate::single_file::convert::describe_prediction;
+use crate::single_file::{open_tensors, ReadOptions, SingleFile};
+use crate::tensor::TensorSource;
+use std::sync::Arc;
 use anyhow::{Context, Result};
 use std::fmt::Write;
 use std::path::Path;
 
 pub fn inspect(path: &Path, sd_version: Option<u8>) -> Result<String> {
-    let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
-    let report = if is_safetensors { inspect_safetensors(path) } else { inspect_keras(path, sd_version) };
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let report = match ext {
+        "safetensors" => inspect_safetensors(path, sd_version),
+        "ckpt" | "pt" | "pth" => inspect_single_file(path, sd_version, open_tensors(path)?),
+        _ => inspect_keras(path, sd_version),
+    };
     report.with_context(|| path.display().to_string())
+}
+
+/// A file in the original LDM single-file layout: its SD version, prediction type and parts.
+fn inspect_single_file(path: &Path, sd_version: Option<u8>, source: Arc<dyn TensorSource>) -> Result<String> {
+    let mut out = String::new();
+    let format = if ckpt_like(path) { "torch checkpoint archive (read without running pickled code)" } else { "safetensors" };
+    writeln!(out, "format: {format}, {} tensors", source.keys().len())?;
+    let opts = ReadOptions { sd_version, ..Default::default() };
+    match SingleFile::open(path, &opts) {
+        Ok(f) => {
+            writeln!(
+                out,
+                "layout: Stable Diffusion single file (original LDM layout of AUTOMATIC1111 / ComfyUI), SD {}.x, prediction {}",
+                f.sd_version,
+                describe_prediction(&f.prediction)
+            )?;
+            for (component, part) in f.parts() {
+                for plan in &part.plans {
+                    writeln!(out, "  {component} (`{}*`): {}", part.view.table.prefix, describe_plan(plan).trim_start_matches("detected: "))?;
+                }
+                if !part.view.ignored.is_empty() {
+                    writeln!(out, "  {component}: {} tensors diffusers does not load (e.g. `{}`)", part.view.ignored.len(), part.view.ignored[0])?;
+                }
+                if !part.view.unknown.is_empty() {
+                    writeln!(out, "  {component}: {} unknown tensors (e.g. `{}`)", part.view.unknown.len(), part.view.unknown[0])?;
+                }
+            }
+            for (component, what) in [("text_encoder", "text encoder"), ("vae", "VAE")] {
+                if !f.parts().iter().any(|(c, _)| *c == component) {
+                    writeln!(out, "  no {what}")?;
+                }
+            }
+            if f.ema_keys > 0 {
+                writeln!(out, "EMA weights: {} tensors under `model_ema.` (convert with --ema to use them)", f.ema_keys)?;
+            }
+            if f.other_keys > 0 {
+                writeln!(out, "other tensors: {} (schedule buffers, EMA copies and the like)", f.other_keys)?;
+            }
+        }
+        Err(e) => writeln!(out, "layout: Stable Diffusion single file, not convertible: {}", crate::output::one_line(&e))?,
+    }
+    tensor_table(&mut out, &*source)?;
+    Ok(out)
+}
+
+fn ckpt_like(path: &Path) -> bool {
+    std::fs::File::open(path).ok().and_then(|mut f| {
+        let mut head = [0u8; 4];
+        std::io::Read::read_exact(&mut f, &mut head).ok().map(|_| crate::single_file::ckpt::looks_like_torch_zip(&head))
+    }) == Some(true)
 }
 
 fn inspect_keras(path: &Path, sd_version: Option<u8>) -> Result<String> {
@@ -43,8 +101,11 @@ fn inspect_keras(path: &Path, sd_version: Option<u8>) -> Result<String> {
     Ok(out)
 }
 
-fn inspect_safetensors(path: &Path) -> Result<String> {
+fn inspect_safetensors(path: &Path, sd_version: Option<u8>) -> Result<String> {
     let file = StFile::open(path)?;
+    if file.keys().iter().any(|k| k.starts_with("model.diffusion_model.")) {
+        return inspect_single_file(path, sd_version, Arc::new(file));
+    }
     let mut out = String::new();
     writeln!(out, "format: safetensors, {} tensors", file.keys().len())?;
     if crate::lora::read::is_lora(&file.keys()) {
@@ -77,11 +138,13 @@ fn inspect_safetensors(path: &Path) -> Result<String> {
     Ok(out)
 }
 
-fn tensor_table(out: &mut String, file: &StFile) -> Result<()> {
+fn tensor_table(out: &mut String, file: &dyn TensorSource) -> Result<()> {
     writeln!(out, "{:>4}  {:<70} {:<22} dtype", "#", "tensor", "shape")?;
     for (i, k) in file.keys().iter().enumerate() {
-        let info = file.info(k)?;
-        writeln!(out, "{i:>4}  {k:<70} {:<22} {}", format!("{:?}", info.shape), info.dtype)?;
+        match file.info(k) {
+            Ok(info) => writeln!(out, "{i:>4}  {k:<70} {:<22} {}", format!("{:?}", info.shape), info.dtype)?,
+            Err(e) => writeln!(out, "{i:>4}  {k:<70} ({})", crate::output::one_line(&e))?,
+        }
     }
     Ok(())
 }

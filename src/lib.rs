@@ -11,6 +11,7 @@ pub mod inspect;
 pub mod sample;
 pub mod hub;
 pub mod lora;
+pub mod single_file;
 pub mod models;
 pub mod pipeline;
 pub mod rng;

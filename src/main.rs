@@ -16,7 +16,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Convert between KerasCV .h5 files and a diffusers pipeline folder.
+    /// Convert between KerasCV .h5 files, diffusers pipeline folders and single-file checkpoints.
     #[command(subcommand)]
     Convert(Direction),
     /// Publish a diffusers pipeline folder to the Hub in one commit (HF_ENDPOINT, HF_TOKEN honoured).
@@ -68,6 +68,39 @@ enum Command {
 
 #[derive(Subcommand)]
 enum Direction {
+    /// diffusers folder -> one single-file checkpoint in the original SD layout (A1111, ComfyUI).
+    DiffusersToSingleFile {
+        /// The diffusers pipeline folder (or Hub repo id).
+        #[arg(long)]
+        model: PathBuf,
+        /// The .safetensors file to write (a v-prediction model also gets `<name>.yaml` beside it).
+        #[arg(long)]
+        out: PathBuf,
+        /// Write fp16 tensors.
+        #[arg(long)]
+        half: bool,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// One single-file checkpoint (.safetensors, or a .ckpt/.pt read without running pickled code) -> diffusers folder.
+    SingleFileToDiffusers(SingleFileToDiffusers),
+    /// KerasCV .h5 files -> one single-file checkpoint, directly (parts not given come from --base).
+    KerasToSingleFile(KerasToSingleFile),
+    /// One single-file checkpoint -> KerasCV legacy .h5 files (diffusion_model.h5, text_encoder.h5, image_encoder.h5, decoder.h5).
+    SingleFileToKeras {
+        /// The checkpoint: a local file, `hf://owner/repo/file[@rev]` or a Hub resolve URL.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Output folder for the .h5 files.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        read: SingleFileRead,
+        /// Replace an existing output folder.
+        #[arg(long)]
+        force: bool,
+    },
     /// KerasCV .h5 / .weights.h5 files -> diffusers folder (runs the embedded sample when no file is given).
     KerasToDiffusers(KerasToDiffusers),
     /// diffusers folder -> KerasCV legacy .h5 files (diffusion_model.h5, text_encoder.h5, image_encoder.h5, decoder.h5).
@@ -264,6 +297,82 @@ struct PushArgs {
     license: Option<String>,
 }
 
+/// How a single file is read.
+#[derive(Args, Clone)]
+struct SingleFileRead {
+    /// Use the UNet's EMA weights (`model_ema.*`) instead of the live ones.
+    #[arg(long)]
+    ema: bool,
+    /// Force the Stable Diffusion version (1 or 2) instead of detecting it.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+    sd_version: Option<u8>,
+    /// Force the prediction type instead of detecting it (sidecar .yaml, v_pred key, metadata, weights).
+    #[arg(long, value_enum)]
+    prediction_type: Option<dreambridge::single_file::detect::PredictionType>,
+}
+
+impl SingleFileRead {
+    fn options(&self) -> dreambridge::single_file::ReadOptions {
+        dreambridge::single_file::ReadOptions { ema: self.ema, sd_version: self.sd_version, prediction: self.prediction_type }
+    }
+}
+
+#[derive(Args)]
+struct SingleFileToDiffusers {
+    /// The checkpoint: a local file, `hf://owner/repo/file[@rev]` or a Hub resolve URL.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Output pipeline folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// A diffusers folder (or Hub repo id) giving configs, tokenizer, scheduler and any part the file lacks
+    /// (default: the embedded SD1/SD2 configs, derived from the weights).
+    #[arg(long)]
+    base: Option<PathBuf>,
+    #[command(flatten)]
+    read: SingleFileRead,
+    /// Write fp16 weights with diffusers' `fp16` variant names.
+    #[arg(long)]
+    half: bool,
+    /// Replace an existing output folder.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct KerasToSingleFile {
+    /// KerasCV DiffusionModel / DiffusionModelV2 weights.
+    #[arg(long)]
+    unet: Option<PathBuf>,
+    /// KerasCV TextEncoder / TextEncoderV2 weights.
+    #[arg(long)]
+    text_encoder: Option<PathBuf>,
+    /// KerasCV ImageEncoder (VAE encoder) weights.
+    #[arg(long)]
+    vae_encoder: Option<PathBuf>,
+    /// KerasCV Decoder (VAE decoder) weights.
+    #[arg(long)]
+    vae_decoder: Option<PathBuf>,
+    /// A diffusers folder, Hub repo id or single file supplying the parts not given.
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// The .safetensors file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Write fp16 tensors.
+    #[arg(long)]
+    half: bool,
+    /// Replace an existing file.
+    #[arg(long)]
+    force: bool,
+    /// Force the Stable Diffusion version (1 or 2) instead of detecting it.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+    sd_version: Option<u8>,
+    /// The model's prediction type (default: the base's, else epsilon).
+    #[arg(long, value_enum)]
+    prediction_type: Option<dreambridge::single_file::detect::PredictionType>,
+}
+
 #[derive(Args)]
 struct KerasToDiffusers {
     /// KerasCV DiffusionModel / DiffusionModelV2 weights.
@@ -437,6 +546,44 @@ fn run(cli: Cli) -> Result<()> {
                 println!("pushed {repo} as commit {}", pushed.commit);
             }
         }
+        Command::Convert(Direction::DiffusersToSingleFile { model, out, half, force }) => {
+            use dreambridge::single_file::convert::{diffusers_to_single_file, ExportOptions};
+            let model = dreambridge::hub::download::local_or_hub(&model)?;
+            let done = diffusers_to_single_file(&model, &ExportOptions { out, half, force })?;
+            print_exported(&done);
+        }
+        Command::Convert(Direction::KerasToSingleFile(a)) => {
+            use dreambridge::single_file::convert::{keras_to_single_file, ExportOptions};
+            let inputs = KerasInputs { unet: a.unet, text_encoder: a.text_encoder, vae_encoder: a.vae_encoder, vae_decoder: a.vae_decoder };
+            let base = a.base.as_deref().map(dreambridge::hub::download::local_file_or_hub).transpose()?;
+            let opts = ExportOptions { out: a.out, half: a.half, force: a.force };
+            let done = keras_to_single_file(&inputs, base.as_deref(), a.sd_version, a.prediction_type, &opts)?;
+            print_exported(&done);
+        }
+        Command::Convert(Direction::SingleFileToDiffusers(a)) => {
+            use dreambridge::single_file::convert::{describe_prediction, single_file_to_diffusers, ToFolderOptions};
+            let checkpoint = dreambridge::hub::download::local_file_or_hub(&a.checkpoint)?;
+            let base = a.base.as_deref().map(dreambridge::hub::download::local_or_hub).transpose()?;
+            let opts = ToFolderOptions { read: a.read.options(), base, out: a.out, half: a.half, force: a.force };
+            let done = single_file_to_diffusers(&checkpoint, &opts)?;
+            println!(
+                "converted SD {} single file ({}; prediction {}) -> {}",
+                done.sd_version,
+                done.from_file.join(", "),
+                describe_prediction(&done.prediction),
+                done.out.display()
+            );
+            if !done.from_base.is_empty() {
+                println!("from --base: {}", done.from_base.join(", "));
+            }
+        }
+        Command::Convert(Direction::SingleFileToKeras { checkpoint, out, read, force }) => {
+            let checkpoint = dreambridge::hub::download::local_file_or_hub(&checkpoint)?;
+            let done = dreambridge::single_file::convert::single_file_to_keras(&checkpoint, &read.options(), &out, force)?;
+            for (kind, name) in &done.files {
+                println!("{kind} -> {}", done.out.join(name).display());
+            }
+        }
         Command::Convert(Direction::DiffusersToKeras { model, out, force, sd_version }) => {
             let done = diffusers_to_keras(&model, &out, force, sd_version)?;
             for (kind, name) in &done.files {
@@ -445,6 +592,19 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_exported(done: &dreambridge::single_file::convert::Exported) {
+    println!(
+        "wrote {} tensors (SD {}, {}) -> {}",
+        done.tensors,
+        done.sd_version,
+        done.prediction.diffusers_name(),
+        done.out.display()
+    );
+    if let Some(yaml) = &done.sidecar {
+        println!("config for v-prediction -> {}", yaml.display());
+    }
 }
 
 fn main() -> ExitCode {

@@ -35,3 +35,89 @@ pub fn local_or_hub(spec: &Path) -> Result<PathBuf> {
     eprintln!("{text}: fetching from the Hub");
     snapshot(&text, None)
 }
+
+/// A file in a Hub repo, as users write it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HubFile {
+    /// Set when the spec was a URL (its scheme and host); otherwise HF_ENDPOINT applies.
+    pub endpoint: Option<String>,
+    pub repo_id: String,
+    pub revision: String,
+    pub path: String,
+}
+
+/// Parses `hf://owner/repo/path/in/repo[@revision]` and
+/// `https://<endpoint>/owner/repo/resolve/<revision>/<path>` (`blob/` too, as copied from a browser).
+pub fn parse_hub_file(spec: &str) -> Option<HubFile> {
+    if let Some(rest) = spec.strip_prefix("hf://") {
+        let (rest, revision) = match rest.rsplit_once('@') {
+            Some((r, rev)) if !rev.contains('/') => (r, rev.to_string()),
+            _ => (rest, "main".to_string()),
+        };
+        let mut parts = rest.splitn(3, '/');
+        let (owner, name, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if owner.is_empty() || name.is_empty() || path.is_empty() {
+            return None;
+        }
+        return Some(HubFile { endpoint: None, repo_id: format!("{owner}/{name}"), revision, path: path.to_string() });
+    }
+    let (scheme, rest) = spec.split_once("://").filter(|(s, _)| *s == "http" || *s == "https")?;
+    let (host, rest) = rest.split_once('/')?;
+    let parts: Vec<&str> = rest.splitn(5, '/').collect();
+    match parts.as_slice() {
+        [owner, name, "resolve" | "blob", revision, path] if !path.is_empty() => Some(HubFile {
+            endpoint: Some(format!("{scheme}://{host}")),
+            repo_id: format!("{owner}/{name}"),
+            revision: revision.to_string(),
+            path: path.split('?').next().unwrap_or(path).to_string(),
+        }),
+        _ => None,
+    }
+}
+
+/// Downloads one Hub file into the cache (resumable, progress shown) and returns its path.
+pub fn hub_file(file: &HubFile) -> Result<PathBuf> {
+    let token = resolve_token(None).ok().map(|t| t.secret().to_string());
+    let mut builder = ApiBuilder::from_env().with_token(token).with_progress(std::io::stderr().is_terminal());
+    if let Some(endpoint) = &file.endpoint {
+        builder = builder.with_endpoint(endpoint.clone());
+    }
+    let api = builder.build()?;
+    let repo = api.repo(Repo::with_revision(file.repo_id.clone(), RepoType::Model, file.revision.clone()));
+    repo.get(&file.path).with_context(|| format!("{}: downloading {} at {}", file.repo_id, file.path, file.revision))
+}
+
+/// A local path as is, a Hub file (`hf://…`, a resolve URL) downloaded, or a Hub repo id.
+pub fn local_file_or_hub(spec: &Path) -> Result<PathBuf> {
+    if spec.exists() {
+        return Ok(spec.to_owned());
+    }
+    match parse_hub_file(&spec.to_string_lossy()) {
+        Some(file) => {
+            eprintln!("{}: fetching {} from the Hub", file.repo_id, file.path);
+            hub_file(&file)
+        }
+        None => local_or_hub(spec),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_file_specs_parse() {
+        let f = parse_hub_file("hf://chansung/dreambooth-dog/ckpt/unet.h5@v2").unwrap();
+        assert_eq!((f.repo_id.as_str(), f.revision.as_str(), f.path.as_str(), f.endpoint), ("chansung/dreambooth-dog", "v2", "ckpt/unet.h5", None));
+        let f = parse_hub_file("hf://a/b/model.safetensors").unwrap();
+        assert_eq!(f.revision, "main");
+        let f = parse_hub_file("https://huggingface.co/chansung/dreambooth-dog/resolve/main/dreambooth_dog.h5").unwrap();
+        assert_eq!(f.endpoint.as_deref(), Some("https://huggingface.co"));
+        assert_eq!((f.repo_id.as_str(), f.path.as_str()), ("chansung/dreambooth-dog", "dreambooth_dog.h5"));
+        let f = parse_hub_file("http://127.0.0.1:9000/o/r/blob/abc123/sub/x.ckpt?download=true").unwrap();
+        assert_eq!((f.revision.as_str(), f.path.as_str()), ("abc123", "sub/x.ckpt"));
+        assert_eq!(parse_hub_file("hf://a/b"), None);
+        assert_eq!(parse_hub_file("https://example.com/a/b/tree/main/x"), None);
+        assert_eq!(parse_hub_file("owner/repo"), None);
+    }
+}

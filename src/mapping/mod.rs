@@ -1,7 +1,10 @@
-//! The KerasCV ⇄ diffusers mapping: tables from `mappings/`, shape expressions and layout ops.
+//! The layout mappings against diffusers' names, tables from `mappings/`: KerasCV (per-tensor
+//! tables with shape expressions and layout ops) and renaming layouts such as the original LDM
+//! single file.
 
 pub mod expr;
 pub mod op;
+pub mod rename;
 pub mod table;
 
 pub use expr::{Expr, Symbols};
