@@ -122,7 +122,8 @@ enum Direction {
 
 #[derive(Args)]
 struct TrainCli {
-    /// Base model: diffusers folder or Hub repo id.
+    /// Base model: diffusers folder, Hub repo id, or a single-file checkpoint (.safetensors/.ckpt,
+    /// local or `hf://owner/repo/file`, or a Hub resolve URL).
     #[arg(long)]
     pretrained_model_name_or_path: PathBuf,
     #[arg(long)]
@@ -208,6 +209,10 @@ struct TrainCli {
     /// Also write the KerasCV .h5 files (output_dir/keras).
     #[arg(long)]
     export_keras: bool,
+    /// Also write the trained model as one file for AUTOMATIC1111 / ComfyUI
+    /// (output_dir/<name>.safetensors in the original layout; with LoRA, the kohya LoRA file).
+    #[arg(long)]
+    save_single_file: bool,
     /// Train LoRA adapters of this rank instead of the whole UNet (the base stays frozen).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     lora_rank: Option<u64>,
@@ -232,7 +237,7 @@ struct TrainCli {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// Diffusers pipeline folder or Hub repo id.
+    /// Diffusers pipeline folder, Hub repo id, or a single-file checkpoint (local, `hf://…` or a resolve URL).
     #[arg(long)]
     model: PathBuf,
     #[arg(long)]
@@ -482,11 +487,15 @@ fn run(cli: Cli) -> Result<()> {
                 gradient_checkpointing: a.gradient_checkpointing,
                 stop: dreambridge::train::interrupt::StopRequest::on_signals()?,
                 lora,
+                save_single_file: a.save_single_file,
             };
             let done = dreambridge::train::command::train(&args)?;
             println!("trained {} steps -> {}", done.losses.len(), done.output_dir.display());
             for f in &done.lora_files {
                 println!("LoRA -> {}", f.display());
+            }
+            if let Some(f) = &done.single_file {
+                println!("single file -> {}", f.display());
             }
             if a.export_keras {
                 let keras = diffusers_to_keras(&done.output_dir, &done.output_dir.join("keras"), true, None)?;
@@ -500,7 +509,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Generate(a) => {
             anyhow::ensure!(a.size % 8 == 0 && a.size >= 8, "--size must be a multiple of 8");
-            let model = dreambridge::hub::download::local_or_hub(&a.model)?;
+            let model = dreambridge::single_file::base::resolve_base(&a.model)?;
             let pipe = dreambridge::pipeline::Pipeline::load(&model, &dreambridge::device::parse(&a.device)?)?;
             dreambridge::lora::merge::merge_files_into_vars(&a.lora, &a.lora_scale, Some(&pipe.unet_vars), Some(&pipe.text_vars))?;
             std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create", a.out.display()))?;

@@ -314,3 +314,50 @@ fn inspect_names_the_layout_and_version() {
     assert!(report.contains("torch checkpoint archive") && report.contains("original LDM layout") && report.contains("SD 2.x"), "{report}");
     assert!(report.contains("unet-sd2") && report.contains("text-encoder-sd2") && report.contains("no VAE"), "{report}");
 }
+
+#[test]
+fn train_and_generate_take_a_single_file_base_and_train_saves_one() {
+    let dir = tempfile::tempdir().unwrap();
+    training_inputs(dir.path());
+    let file = dir.path().join("base.safetensors");
+    export(&dir.path().join("sample"), &file, false);
+    std::env::set_var("DREAMBRIDGE_CACHE", dir.path().join("cache"));
+    let out = dir.path().join("run");
+    let mut args = tiny_train_args(dir.path(), &out);
+    args.pretrained_model = file.clone();
+    (args.max_train_steps, args.with_prior_preservation, args.validation_prompt) = (2, false, None);
+    args.save_single_file = true;
+    let done = dreambridge::train::command::train(&args).unwrap();
+    // The base's diffusers form is cached once and reused.
+    let cached: Vec<_> = std::fs::read_dir(dir.path().join("cache/single-file")).unwrap().collect();
+    assert_eq!(cached.len(), 1);
+    let single = done.single_file.unwrap();
+    assert_eq!(single, out.join("run.safetensors"));
+    // The saved file is the trained pipeline: back to diffusers, its UNet is the output's.
+    let back = dir.path().join("back");
+    to_folder(&single, &back);
+    assert_eq!(st_tensors(&back.join(WEIGHTS[0])), st_tensors(&out.join(WEIGHTS[0])));
+    assert_ne!(st_tensors(&back.join(WEIGHTS[0])), st_tensors(&dir.path().join("sample").join(WEIGHTS[0])), "trained");
+    // LoRA runs write the kohya file for A1111/ComfyUI.
+    let lora_out = dir.path().join("lora-run");
+    let mut args = tiny_train_args(dir.path(), &lora_out);
+    args.pretrained_model = file.clone();
+    (args.max_train_steps, args.with_prior_preservation, args.validation_prompt) = (1, false, None);
+    args.save_single_file = true;
+    args.lora = Some(dreambridge::train::command::LoraArgs {
+        rank: 2,
+        alpha: None,
+        dropout: 0.0,
+        targets: "attn".parse().unwrap(),
+        format: dreambridge::train::command::LoraFormat::Diffusers,
+    });
+    let done = dreambridge::train::command::train(&args).unwrap();
+    assert!(done.lora_files.contains(&lora_out.join("lora-run.safetensors")), "{:?}", done.lora_files);
+    // generate reads the single file too.
+    let images = dir.path().join("images");
+    let (ok, err) = run(&[
+        "generate", "--model", file.to_str().unwrap(), "--prompt", "a dog", "--size", "64", "--steps", "2", "--out", images.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(images.join("image_0.png").is_file());
+}

@@ -6,6 +6,7 @@
 //! same KerasCV/diffusers tables as any diffusers file, which checks every tensor and binds the
 //! model's widths for its config.
 
+pub mod base;
 pub mod ckpt;
 pub mod convert;
 pub mod detect;

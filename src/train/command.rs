@@ -73,6 +73,9 @@ pub struct TrainArgs {
     pub stop: StopRequest,
     /// Train LoRA adapters instead of the whole UNet (and text encoder).
     pub lora: Option<LoraArgs>,
+    /// Also write the trained model as one file for AUTOMATIC1111 / ComfyUI: the whole model in
+    /// the original single-file layout, or (LoRA runs) the kohya LoRA file.
+    pub save_single_file: bool,
 }
 
 /// `--lora-*`: LoRA DreamBooth as diffusers' `train_dreambooth_lora.py` (rank 4, alpha = rank).
@@ -120,6 +123,17 @@ pub struct Trained {
     pub losses: Vec<f32>,
     /// The LoRA files written (LoRA runs).
     pub lora_files: Vec<PathBuf>,
+    /// The whole model as one file (`--save-single-file`, full fine-tuning).
+    pub single_file: Option<PathBuf>,
+}
+
+/// `<output>/<output folder name>.safetensors`: the trained pipeline in the original layout.
+fn write_single_file(a: &TrainArgs) -> Result<PathBuf> {
+    let name = a.output_dir.file_name().map_or("model".into(), |n| n.to_string_lossy().to_string());
+    let out = a.output_dir.join(format!("{name}.safetensors"));
+    let opts = crate::single_file::convert::ExportOptions { out: out.clone(), half: false, force: true };
+    crate::single_file::convert::diffusers_to_single_file(&a.output_dir, &opts).context("--save-single-file")?;
+    Ok(out)
 }
 
 pub fn train(a: &TrainArgs) -> Result<Trained> {
@@ -131,7 +145,7 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
     if done && !a.force && a.resume_from_checkpoint.is_none() {
         bail!("{}: already holds a trained model (use --force to replace it)", a.output_dir.display());
     }
-    let base = crate::hub::download::local_or_hub(&a.pretrained_model)?;
+    let base = crate::single_file::base::resolve_base(&a.pretrained_model)?;
     let mut pipe = Pipeline::load(&base, &dev).with_context(|| format!("loading {}", base.display()))?;
 
     let class_dir = if a.with_prior_preservation {
@@ -214,14 +228,21 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
     if let Some(e) = validation_error {
         return Err(e.context("validation images"));
     }
-    let lora_files = match &a.lora {
-        Some(lora) => write_lora(&pipe, lora, a)?,
+    let (lora_files, single_file) = match &a.lora {
+        Some(lora) => {
+            let mut lora = lora.clone();
+            if a.save_single_file && lora.format == LoraFormat::Diffusers {
+                lora.format = LoraFormat::Both;
+            }
+            (write_lora(&pipe, &lora, a)?, None)
+        }
         None => {
             write_pipeline(&pipe, &base, a)?;
-            Vec::new()
+            let single = a.save_single_file.then(|| write_single_file(a)).transpose()?;
+            (Vec::new(), single)
         }
     };
-    Ok(Trained { output_dir: a.output_dir.clone(), losses, lora_files })
+    Ok(Trained { output_dir: a.output_dir.clone(), losses, lora_files, single_file })
 }
 
 /// `--mixed-precision` (no, fp16, bf16) as the UNet compute dtype on `dev`.

@@ -105,5 +105,6 @@ pub fn tiny_train_args(dir: &Path, out: &Path) -> dreambridge::train::command::T
         gradient_checkpointing: false,
         stop: Default::default(),
         lora: None,
+        save_single_file: false,
     }
 }
