@@ -315,3 +315,39 @@ fn a_lora_folder_is_pushed_as_a_lora_repo() {
     let names: Vec<String> = hub.json("/api/models/me/sks-lora/revision/main")["siblings"].as_array().unwrap().iter().map(|s| s["rfilename"].as_str().unwrap().to_string()).collect();
     assert_eq!(names, ["README.md", "pytorch_lora_weights.safetensors"]);
 }
+
+#[test]
+fn single_files_on_the_hub_convert_by_hf_uri_and_resolve_url() {
+    let hub = Hub::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = pipeline(dir.path());
+    let file = pipe.join("sd1.safetensors"); // as `train --save-single-file` leaves it
+    let (ok, err) = run(&["convert", "diffusers-to-single-file", "--model", pipe.to_str().unwrap(), "--out", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let pushed = push(&pipe, &hub.opts("me/sf")).unwrap();
+    let home = dir.path().join("hf_home");
+    let convert = |spec: &str, out: &str| {
+        cli()
+            .args(["convert", "single-file-to-diffusers", "--checkpoint", spec, "--out", dir.path().join(out).to_str().unwrap()])
+            .env("HF_ENDPOINT", &hub.url)
+            .env("HF_HOME", &home)
+            .env("HF_TOKEN", TOKEN)
+            .output()
+            .unwrap()
+    };
+    for (spec, out) in [
+        ("hf://me/sf/sd1.safetensors".to_string(), "a"),
+        (format!("hf://me/sf/sd1.safetensors@{}", pushed.commit), "b"),
+        (format!("{}/me/sf/resolve/main/sd1.safetensors", hub.url), "c"),
+    ] {
+        let done = convert(&spec, out);
+        assert!(done.status.success(), "{spec}: {}", String::from_utf8_lossy(&done.stderr));
+        let unet = "unet/diffusion_pytorch_model.safetensors";
+        assert_eq!(st_tensors(&dir.path().join(out).join(unet)), st_tensors(&pipe.join(unet)), "{spec}");
+    }
+    assert!(home.join("hub/models--me--sf/snapshots").join(&pushed.commit).join("sd1.safetensors").is_file());
+    let missing = convert("hf://me/sf/nope.safetensors", "d");
+    let err = String::from_utf8_lossy(&missing.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(!missing.status.success() && last.starts_with("error: me/sf: downloading nope.safetensors") && last.contains("404"), "{err}");
+}
