@@ -53,9 +53,16 @@ cat "$TMP/sd15.safetensors" > /dev/null
 read -r cp2_s cp2_kb < <(measure sh -c 'cp "$1" "$2" && sync "$2"' sh "$TMP/sd15.safetensors" "$TMP/copy")
 rm -f "$TMP/copy"
 read -r im_s im_kb < <(measure $DB convert single-file-to-diffusers --checkpoint "$TMP/sd15.safetensors" --base "$PIPE" --out "$TMP/back")
-for w in unet/diffusion_pytorch_model.safetensors text_encoder/model.safetensors vae/diffusion_pytorch_model.safetensors; do
-    cmp -s "$PIPE/$w" "$TMP/back/$w" || { echo "round trip differs: $w" >&2; exit 1; }
-done
+parity/.venv-torch/bin/python - "$PIPE" "$TMP/back" <<'PY' # every tensor back bit for bit
+import sys, torch
+from safetensors.torch import load_file
+for w in ["unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"]:
+    # transformers 5 saves CLIP keys without `text_model.`; dreambridge writes them with it.
+    bare = lambda d: {k.removeprefix("text_model."): v for k, v in d.items()}
+    a, b = bare(load_file(f"{sys.argv[1]}/{w}")), bare(load_file(f"{sys.argv[2]}/{w}"))
+    bad = [k for k in a if k not in b or not torch.equal(a[k], b[k])]
+    assert a.keys() == b.keys() and not bad, f"round trip differs: {w}: {bad[:3]}"
+PY
 awk -v cs="$cp_s" -v ck="$cp_kb" -v es="$ex_s" -v ek="$ex_kb" -v c2="$cp2_s" -v c2k="$cp2_kb" -v is="$im_s" -v ik="$im_kb" -v size="$size" 'BEGIN {
     printf "\n%-42s %10s %14s\n", "", "wall (s)", "peak RSS (MB)"
     printf "%-42s %10.2f %14.1f\n", "cat 3 weight files + sync (durable copy)", cs, ck / 1024

@@ -79,7 +79,21 @@ impl StFile {
         if base + end > self.map.len() {
             bail!("tensor `{key}`: data runs past the end of the file (truncated?)");
         }
-        Ok(RawTensor { dtype, shape: info.shape.clone(), data: self.map[base + start..base + end].to_vec() })
+        let data = self.map[base + start..base + end].to_vec();
+        self.release(base + start, end - start);
+        Ok(RawTensor { dtype, shape: info.shape.clone(), data })
+    }
+
+    /// Drops the mapped pages of a range already copied out, so streaming a file through the map
+    /// does not grow the resident set to the file's size (the page cache keeps them).
+    fn release(&self, offset: usize, len: usize) {
+        #[cfg(unix)]
+        // SAFETY: a read-only mapping of a file not modified while dreambridge runs, and no
+        // reference into the range outlives the copy above; discarded pages are read back from the
+        // file if touched again.
+        unsafe {
+            let _ = self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len);
+        }
     }
 }
 
