@@ -77,8 +77,13 @@ step "dreambridge train output in diffusers"
 step "LoRA files: dreambridge's in diffusers (load_lora_weights, fuse_lora), peft's in dreambridge"
 "$P/.venv-torch/bin/python" "$P/lora_parity.py" "$DB"
 
+step "Single-file checkpoints (original SD layout): dreambridge's in diffusers' from_single_file, torch-written ones in dreambridge"
+# Exits 1 when a check failed (the table shows which); the suite goes on to the report either way.
+"$P/.venv-torch/bin/python" "$P/single_file_parity.py" "$DB" || single_file_rc=$?
+
 step "Hub: the loopback emulator against the official huggingface_hub client"
 "$P/.venv-torch/bin/python" "$P/hub_fidelity.py" "$DB"
 
 echo
 "$P/.venv-torch/bin/python" "$P/report.py" "$W/results.jsonl" "$(( $(date +%s) - start ))"
+exit "${single_file_rc:-0}" # a crash that recorded no row still fails the suite

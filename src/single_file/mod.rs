@@ -29,21 +29,50 @@ pub const LAYOUT: &str = "ldm";
 /// The three diffusers components of a single file, in the order they are written.
 pub const COMPONENTS: [&str; 3] = ["unet", "text_encoder", "vae"];
 
+/// True when `head` (the first 9 bytes) starts a safetensors file: a little-endian header length,
+/// then the JSON header's `{`. Checked first: the length's low byte can be anything, 0x80 (a
+/// pickle's first byte) included.
+pub fn looks_like_safetensors(head: &[u8]) -> bool {
+    head.len() == 9 && head[8] == b'{' && u64::from_le_bytes(head[..8].try_into().unwrap()) < (1 << 32)
+}
+
 /// Opens a `.safetensors` file or a torch zip checkpoint, by content (not by extension).
 pub fn open_tensors(path: &Path) -> Result<Arc<dyn TensorSource>> {
     let mut head = [0u8; 9];
-    let n = std::fs::File::open(path).context("cannot open")?.read(&mut head).context("cannot read")?;
+    let mut file = std::fs::File::open(path).context("cannot open")?;
+    let mut n = 0;
+    while n < head.len() {
+        match file.read(&mut head[n..]).context("cannot read")? {
+            0 => break,
+            k => n += k,
+        }
+    }
     let head = &head[..n];
+    if looks_like_safetensors(head) {
+        return Ok(Arc::new(crate::diffusers::st_read::StFile::open(path)?));
+    }
     if ckpt::looks_like_torch_zip(head) {
         return Ok(Arc::new(ckpt::Checkpoint::open(path)?));
     }
     if ckpt::looks_like_legacy_pickle(head) {
         bail!("a bare pickle (torch's format before 1.6) is not read; re-save it with a current torch.save or as safetensors");
     }
-    if n == 9 && head[8] == b'{' {
-        return Ok(Arc::new(crate::diffusers::st_read::StFile::open(path)?));
-    }
     bail!("neither a safetensors file nor a torch checkpoint archive")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safetensors_headers_of_any_length_are_not_taken_for_pickles() {
+        // A header length of 0x1eb80 starts the file with 0x80, a pickle's protocol byte.
+        let mut head = 0x1eb80u64.to_le_bytes().to_vec();
+        head.push(b'{');
+        assert!(looks_like_safetensors(&head) && ckpt::looks_like_legacy_pickle(&head));
+        assert!(!looks_like_safetensors(b"PK\x03\x04\x14\x00\x00\x00\x00"));
+        assert!(!looks_like_safetensors(b"{\"a\": 1}"));
+    }
 }
 
 /// How to read a single file.
