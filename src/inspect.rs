@@ -78,7 +78,9 @@ fn inspect_keras(path: &Path, sd_version: Option<u8>) -> Result<String> {
     let version = file.keras_version.as_deref().unwrap_or("unknown");
     match file.format {
         KerasFormat::Legacy => writeln!(out, "format: Keras legacy .h5 (keras_version {version}), {} weighted layers", file.layers.len())?,
-        KerasFormat::Keras3 => writeln!(out, "format: Keras 3 .weights.h5")?,
+        KerasFormat::Keras3 => writeln!(out, "format: Keras 3 .weights.h5{}", if path.extension().is_some_and(|e| e == "keras") { " (in a .keras archive)" } else { "" })?,
+        KerasFormat::TfCheckpoint => writeln!(out, "format: TensorFlow checkpoint (tensor bundle + object graph), {} weighted layers", file.layers.len())?,
+        KerasFormat::SavedModel => writeln!(out, "format: TensorFlow SavedModel (variables bundle + object graph), {} weighted layers", file.layers.len())?,
     }
     let detected = detect(|t| Plan::for_keras(&file, t), sd_version, None);
     match &detected {
@@ -87,7 +89,7 @@ fn inspect_keras(path: &Path, sd_version: Option<u8>) -> Result<String> {
     }
     writeln!(out, "{:>4}  {:<70} {:<22} {:<8} diffusers key", "#", "tensor", "shape", "dtype")?;
     let paths: Vec<String> = match file.format {
-        KerasFormat::Legacy => file.layers.iter().flat_map(|l| l.weights.clone()).collect(),
+        KerasFormat::Legacy | KerasFormat::TfCheckpoint | KerasFormat::SavedModel => file.layers.iter().flat_map(|l| l.weights.clone()).collect(),
         KerasFormat::Keras3 => match &detected {
             Ok(plan) => plan.tensors.iter().map(|t| t.source.clone()).collect(),
             Err(_) => file.keras3_datasets()?.into_iter().map(|(p, _)| p).collect(),

@@ -346,16 +346,16 @@ struct SingleFileToDiffusers {
 
 #[derive(Args)]
 struct KerasToSingleFile {
-    /// KerasCV DiffusionModel / DiffusionModelV2 weights.
+    /// KerasCV DiffusionModel / DiffusionModelV2 weights (.h5, .weights.h5, .keras, TF checkpoint, SavedModel folder; or hf://owner/repo/file, a resolve URL, a Hub repo id).
     #[arg(long)]
     unet: Option<PathBuf>,
-    /// KerasCV TextEncoder / TextEncoderV2 weights.
+    /// KerasCV TextEncoder / TextEncoderV2 weights (any form --unet takes).
     #[arg(long)]
     text_encoder: Option<PathBuf>,
-    /// KerasCV ImageEncoder (VAE encoder) weights.
+    /// KerasCV ImageEncoder (VAE encoder) weights (any form --unet takes).
     #[arg(long)]
     vae_encoder: Option<PathBuf>,
-    /// KerasCV Decoder (VAE decoder) weights.
+    /// KerasCV Decoder (VAE decoder) weights (any form --unet takes).
     #[arg(long)]
     vae_decoder: Option<PathBuf>,
     /// A diffusers folder, Hub repo id or single file supplying the parts not given.
@@ -380,16 +380,16 @@ struct KerasToSingleFile {
 
 #[derive(Args)]
 struct KerasToDiffusers {
-    /// KerasCV DiffusionModel / DiffusionModelV2 weights.
+    /// KerasCV DiffusionModel / DiffusionModelV2 weights (.h5, .weights.h5, .keras, TF checkpoint, SavedModel folder; or hf://owner/repo/file, a resolve URL, a Hub repo id).
     #[arg(long)]
     unet: Option<PathBuf>,
-    /// KerasCV TextEncoder / TextEncoderV2 weights.
+    /// KerasCV TextEncoder / TextEncoderV2 weights (any form --unet takes).
     #[arg(long)]
     text_encoder: Option<PathBuf>,
-    /// KerasCV ImageEncoder (VAE encoder) weights.
+    /// KerasCV ImageEncoder (VAE encoder) weights (any form --unet takes).
     #[arg(long)]
     vae_encoder: Option<PathBuf>,
-    /// KerasCV Decoder (VAE decoder) weights.
+    /// KerasCV Decoder (VAE decoder) weights (any form --unet takes).
     #[arg(long)]
     vae_decoder: Option<PathBuf>,
     /// A diffusers pipeline folder, or a Hub repo id, supplying the parts not given (tokenizer, scheduler, ...).
@@ -398,6 +398,12 @@ struct KerasToDiffusers {
     /// Publish the result to this Hub repo (`namespace/name`) after converting.
     #[arg(long, value_name = "REPO")]
     push_to_hub: Option<String>,
+    /// Textual inversion: the token of each text-encoder row beyond CLIP's 49408, in row order (repeatable).
+    #[arg(long)]
+    placeholder_token: Vec<String>,
+    /// Also write the learned rows as diffusers learned-embeds files (`{token: [dim]}`, for `load_textual_inversion`).
+    #[arg(long, value_name = "FILE")]
+    learned_embeds: Option<PathBuf>,
     /// Convert the embedded tiny SD1 sample (the default when no file is given).
     #[arg(long)]
     sample: bool,
@@ -529,7 +535,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Inspect { file, sd_version } => print!("{}", dreambridge::inspect::inspect(&file, sd_version)?),
         Command::Convert(Direction::KerasToDiffusers(a)) => {
-            let given = KerasInputs { unet: a.unet, text_encoder: a.text_encoder, vae_encoder: a.vae_encoder, vae_decoder: a.vae_decoder };
+            let raw_specs = (a.unet.clone(), a.text_encoder.clone(), a.vae_encoder.clone(), a.vae_decoder.clone());
+            let fetch = |p: Option<PathBuf>| p.as_deref().map(dreambridge::hub::download::keras_input).transpose();
+            let given = KerasInputs { unet: fetch(a.unet)?, text_encoder: fetch(a.text_encoder)?, vae_encoder: fetch(a.vae_encoder)?, vae_decoder: fetch(a.vae_decoder)? };
             let nothing_given = given.unet.is_none() && given.text_encoder.is_none() && given.vae_encoder.is_none() && given.vae_decoder.is_none();
             let _sample_dir;
             let inputs = if a.sample || (nothing_given && a.base.is_none()) {
@@ -542,14 +550,32 @@ fn run(cli: Cli) -> Result<()> {
                 given
             };
             let base = a.base.as_deref().map(dreambridge::hub::download::local_or_hub).transpose()?;
-            let opts = ToDiffusersOptions { base, out: a.out, half: a.half, force: a.force, sd_version: a.sd_version };
+            let sources: Vec<String> = [&raw_specs.0, &raw_specs.1, &raw_specs.2, &raw_specs.3].into_iter().flatten().map(|p| p.display().to_string()).collect();
+            let opts = ToDiffusersOptions {
+                base,
+                out: a.out,
+                half: a.half,
+                force: a.force,
+                sd_version: a.sd_version,
+                placeholder_tokens: a.placeholder_token.clone(),
+                learned_embeds: a.learned_embeds,
+            };
             let done = keras_to_diffusers(&inputs, &opts)?;
             println!("converted {} -> {}", done.kinds.join(", "), done.out.display());
+            for f in &done.learned_embeds {
+                println!("learned embeds -> {}", f.display());
+            }
             if !done.complete_pipeline {
                 println!("note: not a complete pipeline (no model_index.json); give the missing parts or --base to get one");
             }
             if let Some(repo) = a.push_to_hub {
-                let card = dreambridge::hub::model_card::CardInfo { repo_id: repo.clone(), ..Default::default() };
+                let card = dreambridge::hub::model_card::CardInfo {
+                    repo_id: repo.clone(),
+                    base_model: a.base.as_ref().map(|b| b.display().to_string()),
+                    sources,
+                    placeholder_tokens: a.placeholder_token,
+                    ..Default::default()
+                };
                 let opts = dreambridge::hub::push::PushOptions { repo: repo.clone(), card, ..Default::default() };
                 let pushed = dreambridge::hub::push::push(&done.out, &opts)?;
                 println!("pushed {repo} as commit {}", pushed.commit);
@@ -563,7 +589,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Convert(Direction::KerasToSingleFile(a)) => {
             use dreambridge::single_file::convert::{keras_to_single_file, ExportOptions};
-            let inputs = KerasInputs { unet: a.unet, text_encoder: a.text_encoder, vae_encoder: a.vae_encoder, vae_decoder: a.vae_decoder };
+            let fetch = |p: Option<PathBuf>| p.as_deref().map(dreambridge::hub::download::keras_input).transpose();
+            let inputs = KerasInputs { unet: fetch(a.unet)?, text_encoder: fetch(a.text_encoder)?, vae_encoder: fetch(a.vae_encoder)?, vae_decoder: fetch(a.vae_decoder)? };
             let base = a.base.as_deref().map(dreambridge::hub::download::local_file_or_hub).transpose()?;
             let opts = ExportOptions { out: a.out, half: a.half, force: a.force };
             let done = keras_to_single_file(&inputs, base.as_deref(), a.sd_version, a.prediction_type, &opts)?;

@@ -76,8 +76,8 @@ impl Plan {
     /// Matches a Keras file (either format) against `table`.
     pub fn for_keras(file: &KerasFile, table: &Table) -> Result<Plan> {
         match file.format {
-            KerasFormat::Legacy => Self::for_legacy(file, table),
             KerasFormat::Keras3 => Self::for_keras3(file, table),
+            _ => Self::for_legacy(file, table),
         }
     }
 

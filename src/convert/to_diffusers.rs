@@ -33,6 +33,10 @@ pub struct ToDiffusersOptions {
     pub force: bool,
     /// Force the SD version instead of detecting it.
     pub sd_version: Option<u8>,
+    /// Textual inversion: the tokens of the text encoder's rows beyond CLIP's vocabulary, in order.
+    pub placeholder_tokens: Vec<String>,
+    /// Also write those rows as diffusers learned-embeds files (`{token: [dim]}`).
+    pub learned_embeds: Option<PathBuf>,
 }
 
 /// A KerasCV file matched against its table.
@@ -64,6 +68,8 @@ pub struct Converted {
     pub out: PathBuf,
     pub kinds: Vec<String>,
     pub complete_pipeline: bool,
+    /// Learned-embeds files written (textual inversion).
+    pub learned_embeds: Vec<PathBuf>,
 }
 
 pub fn keras_to_diffusers(inputs: &KerasInputs, opts: &ToDiffusersOptions) -> Result<Converted> {
@@ -81,6 +87,14 @@ pub fn keras_to_diffusers(inputs: &KerasInputs, opts: &ToDiffusersOptions) -> Re
             t.plan.symbols["d"]
         );
     }
+    let first_new_id = match &text {
+        Some(t) => Some(super::textual_inversion::check_tokens(t.plan.symbols["vocab"], &opts.placeholder_tokens).with_context(|| t.file.path.display().to_string())?),
+        None => {
+            ensure!(opts.placeholder_tokens.is_empty(), "--placeholder-token needs --text-encoder");
+            None
+        }
+    };
+    ensure!(opts.learned_embeds.is_none() || !opts.placeholder_tokens.is_empty(), "--learned-embeds needs --placeholder-token (and a textual-inversion text encoder)");
     let base = opts.base.as_deref();
     if let Some(b) = base {
         ensure!(b.join("model_index.json").is_file(), "{}: not a diffusers pipeline folder (no model_index.json)", b.display());
@@ -140,6 +154,9 @@ pub fn keras_to_diffusers(inputs: &KerasInputs, opts: &ToDiffusersOptions) -> Re
             }
             write_json(&staging, "scheduler/scheduler_config.json", &scheduler_config())?;
         }
+        if let Some(first) = first_new_id {
+            super::textual_inversion::add_tokens(&staging.path("tokenizer")?, &opts.placeholder_tokens, first)?;
+        }
         let complete = ["unet", "text_encoder", "vae"].iter().all(|c| written.contains(c)) || base.is_some();
         if complete && base.is_none() {
             write_json(&staging, "model_index.json", &model_index("DDIMScheduler"))?;
@@ -148,7 +165,13 @@ pub fn keras_to_diffusers(inputs: &KerasInputs, opts: &ToDiffusersOptions) -> Re
     };
     let filled = fill();
     let ((kinds, complete), out) = staging.finish(filled)?;
-    Ok(Converted { out, kinds, complete_pipeline: complete })
+    let mut learned_embeds = Vec::new();
+    if let (Some(path), Some(t), Some(first)) = (&opts.learned_embeds, &text, first_new_id) {
+        let row = t.plan.tensors.iter().find(|p| p.spec.key.ends_with("token_embedding.weight")).context("no token embedding")?;
+        let raw = t.file.read(&row.source)?;
+        learned_embeds = super::textual_inversion::write_learned_embeds(path, &opts.placeholder_tokens, first, &raw)?;
+    }
+    Ok(Converted { out, kinds, complete_pipeline: complete, learned_embeds })
 }
 
 fn write_json(staging: &Staging, relative: &str, value: &serde_json::Value) -> Result<()> {

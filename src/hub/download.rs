@@ -121,3 +121,40 @@ mod tests {
         assert_eq!(parse_hub_file("owner/repo"), None);
     }
 }
+
+/// A KerasCV input as users give it: a local file or folder; a Hub file (`hf://…`, a resolve
+/// URL); or a Hub repo id whose content is a SavedModel (as `push_to_hub_keras` writes it) or a
+/// single weights file (`.h5`, `.keras`).
+pub fn keras_input(spec: &Path) -> Result<PathBuf> {
+    if spec.exists() {
+        return Ok(spec.to_owned());
+    }
+    let text = spec.to_string_lossy().to_string();
+    if parse_hub_file(&text).is_some() {
+        return local_file_or_hub(spec);
+    }
+    let (repo, revision) = match text.rsplit_once('@') {
+        Some((r, rev)) => (r.to_string(), Some(rev.to_string())),
+        None => (text.clone(), None),
+    };
+    let looks_like_repo = repo.split('/').count() == 2 && !repo.starts_with('.') && !repo.starts_with('/');
+    anyhow::ensure!(looks_like_repo, "{text}: no such file or folder (nor a Hub file `hf://owner/repo/file` or repo id `owner/name`)");
+    eprintln!("{repo}: fetching from the Hub");
+    let folder = snapshot(&repo, revision.as_deref())?;
+    if folder.join("saved_model.pb").is_file() {
+        return Ok(folder);
+    }
+    let weights: Vec<PathBuf> = std::fs::read_dir(&folder)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "h5" || e == "keras"))
+        .collect();
+    match weights.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => anyhow::bail!("{repo}: neither a SavedModel (no saved_model.pb) nor a repo with a .h5 / .keras file"),
+        many => anyhow::bail!(
+            "{repo}: holds several weight files ({}); name one as hf://{repo}/<file>",
+            many.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().to_string()).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}

@@ -10,6 +10,10 @@ pub struct CardInfo {
     pub license: Option<String>,
     /// A LoRA repo (adapter weights for `base_model`), as diffusers' LoRA script publishes.
     pub lora: bool,
+    /// The files the weights were converted from (KerasCV `.h5` URLs, SavedModel repos, ...).
+    pub sources: Vec<String>,
+    /// Placeholder tokens added for textual inversion.
+    pub placeholder_tokens: Vec<String>,
 }
 
 /// JSON string quoting is valid YAML and escapes whatever the user typed.
@@ -47,6 +51,16 @@ pub fn model_card(info: &CardInfo, images: &[String]) -> String {
         (Some(b), Some(p)) => y += &format!("These are DreamBooth weights for {b}, trained on {}.\n", q(p)),
         (Some(b), None) => y += &format!("Weights derived from {b}.\n"),
         _ => y += "A Stable Diffusion pipeline in the diffusers layout.\n",
+    }
+    if !info.sources.is_empty() {
+        y += "\nConverted by dreambridge from:\n\n";
+        for s in &info.sources {
+            y += &format!("* `{s}`\n");
+        }
+    }
+    if !info.placeholder_tokens.is_empty() {
+        let tokens: Vec<String> = info.placeholder_tokens.iter().map(|t| format!("`{t}`")).collect();
+        y += &format!("\nTextual inversion: the tokenizer knows the placeholder token{} {}.\n", if tokens.len() == 1 { "" } else { "s" }, tokens.join(", "));
     }
     for img in images {
         y += &format!("\n![]({img})\n");

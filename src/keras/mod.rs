@@ -1,7 +1,10 @@
-//! KerasCV weight files: reading both Keras formats and writing the legacy one.
+//! KerasCV weight files: reading the Keras formats (and TensorFlow's checkpoint and SavedModel
+//! forms) and writing the legacy one.
 
 pub mod reader;
 pub mod strings;
+pub mod tf_bundle;
+pub mod tf_objects;
 pub mod writer;
 
 pub use reader::{DatasetInfo, KerasFile, KerasFormat, KerasLayer};

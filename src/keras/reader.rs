@@ -1,8 +1,11 @@
 //! Opens KerasCV weight files: Keras-2 legacy `.h5` (`save_weights`, or `model.save` with its
-//! `model_weights` group) and Keras-3 `.weights.h5`. Legacy files are read by the order of
-//! `layer_names` / `weight_names`, never by the (session-dependent) names themselves.
+//! `model_weights` group), Keras-3 `.weights.h5` and `.keras` archives, TensorFlow checkpoints
+//! (`ckpt.index` + data shards) and SavedModel folders (`saved_model.pb` + `variables/`). Legacy
+//! files are read by the order of `layer_names` / `weight_names`, never by the
+//! (session-dependent) names themselves; TF checkpoints by their object graph's layer order.
 
 use super::strings::{read_string, read_string_list};
+use super::tf_bundle::TfBundle;
 use crate::tensor::{DType, RawTensor};
 use anyhow::{bail, Context, Result};
 use hdf5::types::{FloatSize, TypeDescriptor};
@@ -15,8 +18,28 @@ const HDF5_SIGNATURE: &[u8; 8] = b"\x89HDF\r\n\x1a\n";
 pub enum KerasFormat {
     /// Keras 2 `save_weights("x.h5")`: ordered `layer_names` / `weight_names` attributes.
     Legacy,
-    /// Keras 3 `save_weights("x.weights.h5")`: `layers/<key>/.../vars/<n>` paths.
+    /// Keras 3 `save_weights("x.weights.h5")`: `layers/<key>/.../vars/<n>` paths (also inside
+    /// a `.keras` archive).
     Keras3,
+    /// TensorFlow checkpoint (`save_weights("ckpt")`, `ModelCheckpoint` without `.h5`).
+    TfCheckpoint,
+    /// TensorFlow SavedModel (`model.save(dir)`, `push_to_hub_keras`): its `variables/` bundle.
+    SavedModel,
+}
+
+impl KerasFormat {
+    /// Read by weighted-layer order (legacy `.h5`, TF checkpoints, SavedModels).
+    pub fn ordered(self) -> bool {
+        self != KerasFormat::Keras3
+    }
+}
+
+/// Where the tensors are.
+enum Backend {
+    /// An HDF5 file; for a `.keras` archive, its `model.weights.h5` extracted to a temp file
+    /// (kept until the file is dropped).
+    Hdf5(hdf5::File, #[allow(dead_code)] Option<tempfile::TempPath>),
+    Bundle(TfBundle),
 }
 
 /// A weighted layer of a legacy file: group name and dataset paths, in file order.
@@ -32,7 +55,7 @@ pub struct KerasFile {
     /// Weighted layers in `layer_names` order (legacy files only).
     pub layers: Vec<KerasLayer>,
     pub keras_version: Option<String>,
-    file: hdf5::File,
+    backend: Backend,
 }
 
 /// Shape and dtype of a dataset, without reading it.
@@ -43,7 +66,43 @@ pub struct DatasetInfo {
 }
 
 impl KerasFile {
+    /// Opens any of the supported forms, told apart by content and layout (see the module docs).
     pub fn open(path: &Path) -> Result<KerasFile> {
+        if let Some((prefix, format)) = bundle_prefix(path)? {
+            return Self::open_bundle(path, &prefix, format);
+        }
+        if path.extension().is_some_and(|e| e == "keras") {
+            return Self::open_keras_archive(path);
+        }
+        Self::open_hdf5(path, None)
+    }
+
+    fn open_bundle(path: &Path, prefix: &Path, format: KerasFormat) -> Result<KerasFile> {
+        let bundle = TfBundle::open(prefix)?;
+        let graph = bundle
+            .read_string(super::tf_objects::OBJECT_GRAPH_KEY)
+            .with_context(|| format!("{}: no object graph (a TF1-style checkpoint, which is not read)", prefix.display()))?;
+        let layers = super::tf_objects::weighted_layers(&graph)?;
+        Ok(KerasFile { path: path.to_owned(), format, layers, keras_version: None, backend: Backend::Bundle(bundle) })
+    }
+
+    /// A Keras 3 `.keras` archive: a zip holding `config.json` and `model.weights.h5`.
+    fn open_keras_archive(path: &Path) -> Result<KerasFile> {
+        let file = std::fs::File::open(path).context("cannot open")?;
+        let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| anyhow::anyhow!("not a readable .keras archive ({e}; truncated?)"))?;
+        let mut weights = zip.by_name("model.weights.h5").map_err(|_| anyhow::anyhow!("a .keras archive without model.weights.h5"))?;
+        let mut temp = tempfile::NamedTempFile::new().context("cannot create a temp file for model.weights.h5")?;
+        std::io::copy(&mut weights, temp.as_file_mut()).context("cannot extract model.weights.h5 (truncated?)")?;
+        let temp = temp.into_temp_path();
+        let mut opened = Self::open_hdf5(&temp, None).context("model.weights.h5")?;
+        opened.path = path.to_owned();
+        if let Backend::Hdf5(f, _) = opened.backend {
+            opened.backend = Backend::Hdf5(f, Some(temp));
+        }
+        Ok(opened)
+    }
+
+    fn open_hdf5(path: &Path, temp: Option<tempfile::TempPath>) -> Result<KerasFile> {
         check_signature(path)?;
         let file = hdf5::File::open(path).map_err(|e| anyhow::anyhow!("cannot open as HDF5 ({e}); is the file truncated?"))?;
         let root: hdf5::Group = if read_string_list(&file, "layer_names")?.is_none() && file.link_exists("model_weights") {
@@ -64,15 +123,26 @@ impl KerasFile {
                     layers.push(KerasLayer { name, weights });
                 }
             }
-            return Ok(KerasFile { path: path.to_owned(), format: KerasFormat::Legacy, layers, keras_version, file });
+            return Ok(KerasFile { path: path.to_owned(), format: KerasFormat::Legacy, layers, keras_version, backend: Backend::Hdf5(file, temp) });
         }
         if file.link_exists("layers") {
-            return Ok(KerasFile { path: path.to_owned(), format: KerasFormat::Keras3, layers: Vec::new(), keras_version, file });
+            return Ok(KerasFile { path: path.to_owned(), format: KerasFormat::Keras3, layers: Vec::new(), keras_version, backend: Backend::Hdf5(file, temp) });
         }
         bail!("not a Keras weights file: no `layer_names` attribute and no `layers` group")
     }
 
+    fn hdf5(&self) -> Result<&hdf5::File> {
+        match &self.backend {
+            Backend::Hdf5(f, _) => Ok(f),
+            Backend::Bundle(_) => bail!("not an HDF5 file"),
+        }
+    }
+
     pub fn has_dataset(&self, path: &str) -> bool {
+        let file = match &self.backend {
+            Backend::Hdf5(f, _) => f,
+            Backend::Bundle(b) => return b.entries.contains_key(path),
+        };
         // link_exists needs every parent to exist; walk down so a missing parent is just "absent".
         let mut prefix = String::new();
         for part in path.split('/') {
@@ -80,7 +150,7 @@ impl KerasFile {
                 prefix.push('/');
             }
             prefix.push_str(part);
-            if !self.file.link_exists(&prefix) {
+            if !file.link_exists(&prefix) {
                 return false;
             }
         }
@@ -88,13 +158,20 @@ impl KerasFile {
     }
 
     pub fn info(&self, path: &str) -> Result<DatasetInfo> {
-        let ds = self.file.dataset(path).with_context(|| format!("tensor `{path}`: not found"))?;
+        if let Backend::Bundle(b) = &self.backend {
+            let e = b.entries.get(path).with_context(|| format!("tensor `{path}`: not found"))?;
+            return Ok(DatasetInfo { dtype: b.dtype(path)?, shape: e.shape.clone() });
+        }
+        let ds = self.hdf5()?.dataset(path).with_context(|| format!("tensor `{path}`: not found"))?;
         Ok(DatasetInfo { dtype: float_dtype(&ds, path)?, shape: ds.shape() })
     }
 
     /// Reads one dataset as raw little-endian bytes in its own float type.
     pub fn read(&self, path: &str) -> Result<RawTensor> {
-        let ds = self.file.dataset(path).with_context(|| format!("tensor `{path}`: not found"))?;
+        if let Backend::Bundle(b) = &self.backend {
+            return b.read(path);
+        }
+        let ds = self.hdf5()?.dataset(path).with_context(|| format!("tensor `{path}`: not found"))?;
         let dtype = float_dtype(&ds, path)?;
         let fail = |e: hdf5::Error| anyhow::anyhow!("tensor `{path}`: cannot read data ({e}); is the file truncated?");
         // Native (little-endian) element bytes; libhdf5 converts big-endian files on read.
@@ -108,10 +185,43 @@ impl KerasFile {
     /// Every dataset under `layers/` (Keras 3) with its info, sorted by path.
     pub fn keras3_datasets(&self) -> Result<Vec<(String, DatasetInfo)>> {
         let mut out = Vec::new();
-        collect_datasets(&self.file.group("layers")?, "layers", &mut out)?;
+        collect_datasets(&self.hdf5()?.group("layers")?, "layers", &mut out)?;
         out.sort();
         out.into_iter().map(|p| Ok((p.clone(), self.info(&p)?))).collect()
     }
+}
+
+/// The bundle prefix and format when `path` names a TF checkpoint (`x.index`, a data shard, the
+/// prefix itself, or a folder with a `checkpoint` file) or a SavedModel folder.
+fn bundle_prefix(path: &Path) -> Result<Option<(PathBuf, KerasFormat)>> {
+    if path.is_dir() {
+        if path.join("saved_model.pb").is_file() || path.join("saved_model.pbtxt").is_file() {
+            return Ok(Some((path.join("variables/variables"), KerasFormat::SavedModel)));
+        }
+        let state = path.join("checkpoint");
+        if state.is_file() {
+            let text = std::fs::read_to_string(&state).with_context(|| format!("{}: cannot read", state.display()))?;
+            let latest = text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("model_checkpoint_path:"))
+                .map(|v| v.trim().trim_matches('"').to_string())
+                .with_context(|| format!("{}: no model_checkpoint_path", state.display()))?;
+            let prefix = if Path::new(&latest).is_absolute() { PathBuf::from(latest) } else { path.join(latest) };
+            return Ok(Some((prefix, KerasFormat::TfCheckpoint)));
+        }
+        bail!("a folder that is neither a SavedModel (no saved_model.pb) nor a TF checkpoint folder (no `checkpoint` file)");
+    }
+    let text = path.to_string_lossy();
+    if let Some(prefix) = text.strip_suffix(".index") {
+        return Ok(Some((PathBuf::from(prefix), KerasFormat::TfCheckpoint)));
+    }
+    if let Some(at) = text.rfind(".data-").filter(|at| text[at + 6..].contains("-of-")) {
+        return Ok(Some((PathBuf::from(&text[..at]), KerasFormat::TfCheckpoint)));
+    }
+    if !path.exists() && Path::new(&format!("{text}.index")).is_file() {
+        return Ok(Some((path.to_owned(), KerasFormat::TfCheckpoint)));
+    }
+    Ok(None)
 }
 
 fn collect_datasets(group: &hdf5::Group, path: &str, out: &mut Vec<String>) -> Result<()> {

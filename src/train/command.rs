@@ -369,6 +369,7 @@ fn card_info(a: &TrainArgs) -> CardInfo {
         instance_prompt: Some(a.instance_prompt.clone()),
         license: None,
         lora: a.lora.is_some(),
+        ..Default::default()
     }
 }
 
