@@ -351,3 +351,68 @@ fn single_files_on_the_hub_convert_by_hf_uri_and_resolve_url() {
     let last = err.lines().last().unwrap_or_default();
     assert!(!missing.status.success() && last.starts_with("error: me/sf: downloading nope.safetensors") && last.contains("404"), "{err}");
 }
+
+#[test]
+fn kerascv_weights_come_from_hub_files_urls_and_savedmodel_repos_and_the_space_flow_pushes() {
+    let hub = Hub::start();
+    let dir = tempfile::tempdir().unwrap();
+    // A repo with a diffusers base, a KerasCV UNet .h5 and a SavedModel (as push_to_hub_keras
+    // leaves it) at its root.
+    let pipe = pipeline(dir.path());
+    std::fs::copy(fixture("unet_sd2.h5"), pipe.join("unet_sd2.h5")).unwrap();
+    for e in std::fs::read_dir(fixture("saved_model_text_encoder_sd2")).unwrap().flatten() {
+        let to = pipe.join(e.file_name());
+        if e.path().is_dir() {
+            std::fs::create_dir_all(&to).unwrap();
+            for f in std::fs::read_dir(e.path()).unwrap().flatten() {
+                std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+            }
+        } else if e.file_name() != "README.md" {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
+    let pushed = push(&pipe, &hub.opts("me/kcv")).unwrap();
+    let home = dir.path().join("hf_home");
+    let run = |args: &[&str], token: bool| {
+        let mut c = cli();
+        c.args(args).env("HF_ENDPOINT", &hub.url).env("HF_HOME", &home).env_remove("HF_TOKEN");
+        if token {
+            c.env("HF_TOKEN", TOKEN);
+        }
+        let out = c.output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    // The old conversion Space's flow in one command: UNet by hf:// at a revision, text encoder
+    // from a SavedModel repo id, base repo, pushed with a card naming the sources.
+    let out = dir.path().join("out");
+    let unet_spec = format!("hf://me/kcv/unet_sd2.h5@{}", pushed.commit);
+    let (ok, err) = run(
+        &["convert", "keras-to-diffusers", "--unet", &unet_spec, "--text-encoder", "me/kcv", "--base", "me/kcv", "--out", out.to_str().unwrap(), "--push-to-hub", "me/converted"],
+        true,
+    );
+    assert!(ok, "{err}");
+    let local = dir.path().join("local");
+    let inputs = KerasInputs { unet: Some(fixture("unet_sd2.h5")), text_encoder: Some(fixture("text_encoder_sd2.h5")), ..Default::default() };
+    keras_to_diffusers(&inputs, &ToDiffusersOptions { out: local.clone(), sd_version: Some(2), ..Default::default() }).unwrap();
+    for f in ["unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"] {
+        assert_eq!(st_tensors(&out.join(f)), st_tensors(&local.join(f)), "{f}");
+    }
+    let card = hub.get("/me/converted/resolve/main/README.md").into_string().unwrap();
+    assert!(card.contains(&unet_spec) && card.contains("`me/kcv`") && card.contains("base_model: \"me/kcv\""), "{card}");
+    // A resolve URL works as well.
+    let url_out = dir.path().join("url");
+    let url = format!("{}/me/kcv/resolve/main/unet_sd2.h5", hub.url);
+    let (ok, err) = run(&["convert", "keras-to-diffusers", "--unet", &url, "--out", url_out.to_str().unwrap()], true);
+    assert!(ok, "{err}");
+    assert_eq!(st_tensors(&url_out.join("unet/diffusion_pytorch_model.safetensors")), st_tensors(&local.join("unet/diffusion_pytorch_model.safetensors")));
+    // A missing file, and a gated repo without a token: one clear line each, nothing written.
+    let none = dir.path().join("none");
+    let (ok, err) = run(&["convert", "keras-to-diffusers", "--unet", "hf://me/kcv/nope.h5", "--out", none.to_str().unwrap()], true);
+    let last = err.trim().lines().last().unwrap().to_string();
+    assert!(!ok && !none.exists() && last.contains("nope.h5") && last.contains("404"), "{err}");
+    hub.faults(json!({"rules": [{"path_contains": "/me/kcv/resolve", "action": "status", "status": 401, "count": 5}]}));
+    std::fs::remove_dir_all(&home).unwrap();
+    let (ok, err) = run(&["convert", "keras-to-diffusers", "--unet", "hf://me/kcv/unet_sd2.h5", "--out", none.to_str().unwrap()], false);
+    let last = err.trim().lines().last().unwrap().to_string();
+    assert!(!ok && !none.exists() && last.contains("gated or private") && last.contains("set HF_TOKEN"), "{err}");
+}

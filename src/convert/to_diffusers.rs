@@ -252,7 +252,8 @@ fn copy_rest_of_base(base: &Path, staging: &Staging, written: &BTreeSet<&str>, d
     for entry in std::fs::read_dir(base).with_context(|| format!("{}: cannot read", base.display()))? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().to_string();
-        if written.contains(name.as_str()) || name.starts_with('.') {
+        // The base's model card describes the base, not this conversion.
+        if written.contains(name.as_str()) || name.starts_with('.') || name == "README.md" {
             continue;
         }
         match (Component::from_name(&name), dtype) {

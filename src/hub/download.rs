@@ -13,7 +13,7 @@ pub fn snapshot(repo_id: &str, revision: Option<&str>) -> Result<PathBuf> {
     let token = resolve_token(None).ok().map(|t| t.secret().to_string());
     let api = ApiBuilder::from_env().with_token(token).with_progress(std::io::stderr().is_terminal()).build()?;
     let repo = api.repo(Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.unwrap_or("main").to_string()));
-    let info = repo.info().with_context(|| format!("{repo_id}: cannot read the repo's file list"))?;
+    let info = repo.info().map_err(|e| access_hint(e.into())).with_context(|| format!("{repo_id}: cannot read the repo's file list"))?;
     let mut snapshot = None;
     for sibling in &info.siblings {
         let path = repo.get(&sibling.rfilename).with_context(|| format!("{repo_id}: downloading {}", sibling.rfilename))?;
@@ -84,7 +84,17 @@ pub fn hub_file(file: &HubFile) -> Result<PathBuf> {
     }
     let api = builder.build()?;
     let repo = api.repo(Repo::with_revision(file.repo_id.clone(), RepoType::Model, file.revision.clone()));
-    repo.get(&file.path).with_context(|| format!("{}: downloading {} at {}", file.repo_id, file.path, file.revision))
+    repo.get(&file.path).map_err(|e| access_hint(e.into())).with_context(|| format!("{}: downloading {} at {}", file.repo_id, file.path, file.revision))
+}
+
+/// A 401/403 from the Hub means a gated or private repo: say what to do about it.
+fn access_hint(e: anyhow::Error) -> anyhow::Error {
+    let text = e.to_string();
+    if text.contains("status code 401") || text.contains("status code 403") {
+        let how = if std::env::var_os("HF_TOKEN").is_some() { "HF_TOKEN is set but not accepted for it" } else { "set HF_TOKEN to a token with access" };
+        return e.context(format!("the repo is gated or private ({how}; accept its terms on the Hub first if it is gated)"));
+    }
+    e
 }
 
 /// A local path as is, a Hub file (`hf://…`, a resolve URL) downloaded, or a Hub repo id.
