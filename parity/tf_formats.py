@@ -1,0 +1,129 @@
+"""KerasCV weights in TensorFlow's and Keras 3's other forms, at full size, against the .h5 path.
+
+    tf_formats.py make     (Keras 2 venv)  full-size KerasCV TextEncoder and DiffusionModel, random
+                           weights: .h5, TF checkpoint (save_weights without .h5), SavedModel
+                           (huggingface_hub.save_pretrained_keras, what push_to_hub_keras uploads);
+                           a textual-inversion TextEncoder (vocabulary 49409)
+    tf_formats.py make3    (Keras 3 venv)  the same TextEncoder as a .keras archive
+    tf_formats.py check    (torch venv)    dreambridge converts every form; each diffusers file equals
+                           the .h5 conversion bit for bit and loads strictly in transformers/diffusers
+                           with the same outputs; the textual-inversion pipeline's tokenizer maps the
+                           placeholder to its new id and load_textual_inversion accepts our file
+"""
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import WORK, perturbed, record, record_fact  # noqa: E402
+
+OUT = os.path.join(WORK, "tf_formats")
+DB = os.environ.get("DB", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "release", "dreambridge"))
+
+
+def make():
+    from huggingface_hub import save_pretrained_keras
+    from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModel
+    from keras_cv.src.models.stable_diffusion.text_encoder import TextEncoder
+
+    os.makedirs(OUT, exist_ok=True)
+    for i, (name, model) in enumerate([("text_encoder", TextEncoder(77, download_weights=False)), ("unet", DiffusionModel(64, 64, 77, download_weights=False))]):
+        rng = np.random.default_rng(200 + i)
+        model.set_weights([perturbed(tuple(w.shape), w.name, rng) for w in model.weights])
+        model.save_weights(os.path.join(OUT, f"{name}.h5"))
+        model.save_weights(os.path.join(OUT, f"{name}_ckpt", "ckpt"))
+        if name == "text_encoder":
+            save_pretrained_keras(model, os.path.join(OUT, "text_encoder_savedmodel"))
+    ti = TextEncoder(77, vocab_size=49409, download_weights=False)
+    rng = np.random.default_rng(300)
+    ti.set_weights([perturbed(tuple(w.shape), w.name, rng) for w in ti.weights])
+    ti.save_weights(os.path.join(OUT, "text_encoder_ti.h5"))
+    print("made", sorted(os.listdir(OUT)))
+
+
+def make3():
+    from keras_cv.src.models.stable_diffusion.text_encoder import CLIPEncoderLayer, TextEncoder
+
+    # KerasCV's CLIPEncoderLayer takes its activation as a function, which Keras cannot serialize.
+    CLIPEncoderLayer.get_config = lambda self: {"name": self.name, "embed_dim": self.clip_attn.embed_dim, "num_heads": self.clip_attn.num_heads}
+    model = TextEncoder(77, download_weights=False)
+    model.load_weights(os.path.join(OUT, "text_encoder.h5"))  # Keras 3 reads the legacy file
+    model.save(os.path.join(OUT, "text_encoder.keras"))
+    print("made text_encoder.keras")
+
+
+def db(*args):
+    r = subprocess.run([DB, *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"dreambridge {' '.join(args)}: {r.stderr.strip().splitlines()[-1]}")
+
+
+def check():
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    conv = os.path.join(OUT, "converted")
+    shutil.rmtree(conv, ignore_errors=True)
+    forms = {
+        "text_encoder": [("h5", "text_encoder.h5"), ("TF checkpoint", "text_encoder_ckpt"), ("SavedModel", "text_encoder_savedmodel"), (".keras", "text_encoder.keras")],
+        "unet": [("h5", "unet.h5"), ("TF checkpoint", "unet_ckpt/ckpt.index")],
+    }
+    ok = True
+    for part, variants in forms.items():
+        flag, weights = ("--text-encoder", "text_encoder/model.safetensors") if part == "text_encoder" else ("--unet", "unet/diffusion_pytorch_model.safetensors")
+        ref = None
+        for label, path in variants:
+            src = os.path.join(OUT, path)
+            if not os.path.exists(src):
+                ok &= record_fact(f"{label} -> diffusers", part, False, f"{path} missing (run make / make3)")
+                continue
+            out = os.path.join(conv, f"{part}-{label.replace(' ', '_').strip('.')}")
+            db("convert", "keras-to-diffusers", flag, src, "--out", out)
+            got = load_file(os.path.join(out, weights))
+            if ref is None:
+                ref, ref_dir = got, out
+                continue
+            same = ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+            ok &= record_fact(f"{label} -> diffusers", part, same, f"{len(got)} tensors bit-identical to the .h5 conversion")
+            if part == "text_encoder":
+                a, b = CLIPTextModel.from_pretrained(ref_dir, subfolder="text_encoder"), CLIPTextModel.from_pretrained(out, subfolder="text_encoder")
+                ids = torch.tensor([[49406, 320, 1125, 539, 48136, 1929, 49407] + [49407] * 70])
+                with torch.no_grad():
+                    ok &= record(f"{label} strict load + forward", part, a(ids).last_hidden_state.numpy(), b(ids).last_hidden_state.numpy(), 0.0)
+    # Textual inversion.
+    ti = os.path.join(conv, "ti")
+    embeds = os.path.join(conv, "sks_embeds.safetensors")
+    db("convert", "keras-to-diffusers", "--text-encoder", os.path.join(OUT, "text_encoder_ti.h5"), "--placeholder-token", "<sks-toy>", "--learned-embeds", embeds, "--out", ti)
+    tok = CLIPTokenizer.from_pretrained(ti, subfolder="tokenizer")
+    ids = tok("a photo of <sks-toy>").input_ids
+    ok &= record_fact("TI tokenizer", "placeholder", 49408 in ids and tok.convert_tokens_to_ids("<sks-toy>") == 49408, f"ids {ids}")
+    te = CLIPTextModel.from_pretrained(ti, subfolder="text_encoder")
+    row = te.get_input_embeddings().weight[49408].detach()
+    learned = load_file(embeds)
+    ok &= record_fact("TI learned embeds", "file", list(learned) == ["<sks-toy>"] and torch.equal(learned["<sks-toy>"], row), "{token: [768]} equals the converted row")
+    # diffusers' load_textual_inversion on a tokenizer/text encoder without the token.
+    from diffusers import StableDiffusionPipeline
+
+    base = os.path.join(conv, "text_encoder-h5")
+    plain_tok = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    plain_te = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+    sample = os.path.join(WORK, "sample")
+    if not os.path.exists(os.path.join(sample, "model_index.json")):
+        db("convert", "keras-to-diffusers", "--out", sample)
+    pipe = StableDiffusionPipeline.from_pretrained(sample, safety_checker=None)
+    pipe.load_textual_inversion(embeds, token="<sks-toy>", tokenizer=plain_tok, text_encoder=plain_te)
+    new_id = plain_tok.convert_tokens_to_ids("<sks-toy>")
+    loaded = plain_te.get_input_embeddings().weight[new_id].detach()
+    ok &= record_fact("load_textual_inversion", "learned embeds", new_id == 49408 and torch.equal(loaded, row), f"token id {new_id}, row equal")
+    print(f"\ntf formats parity: {'all pass' if ok else 'FAILURES'}")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    {"make": make, "make3": make3, "check": check}[sys.argv[1]]()
