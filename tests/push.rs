@@ -405,6 +405,15 @@ fn kerascv_weights_come_from_hub_files_urls_and_savedmodel_repos_and_the_space_f
     let (ok, err) = run(&["convert", "keras-to-diffusers", "--unet", &url, "--out", url_out.to_str().unwrap()], true);
     assert!(ok, "{err}");
     assert_eq!(st_tensors(&url_out.join("unet/diffusion_pytorch_model.safetensors")), st_tensors(&local.join("unet/diffusion_pytorch_model.safetensors")));
+    // A connection that breaks mid-download: the download continues from where it stopped.
+    std::fs::remove_dir_all(&home).unwrap();
+    hub.faults(json!({"rules": [{"method": "GET", "path_contains": "/me/kcv/resolve/main/unet_sd2.h5", "action": "truncate", "range": "bytes=0-", "count": 1}]}));
+    let resumed = dir.path().join("resumed");
+    let (ok, err) = run(&["convert", "keras-to-diffusers", "--unet", "hf://me/kcv/unet_sd2.h5", "--out", resumed.to_str().unwrap()], true);
+    assert!(ok, "{err}");
+    assert_eq!(st_tensors(&resumed.join("unet/diffusion_pytorch_model.safetensors")), st_tensors(&local.join("unet/diffusion_pytorch_model.safetensors")));
+    let ranges: Vec<String> = hub.json("/_test/log").as_array().unwrap().iter().filter(|e| e["path"] == "/me/kcv/resolve/main/unet_sd2.h5" && e["method"] == "GET").map(|e| e["range"].as_str().unwrap_or("").to_string()).collect();
+    assert!(ranges.len() >= 2 && ranges.last().unwrap().starts_with("bytes=") && ranges.last().unwrap() != "bytes=0-", "{ranges:?}");
     // A missing file, and a gated repo without a token: one clear line each, nothing written.
     let none = dir.path().join("none");
     let (ok, err) = run(&["convert", "keras-to-diffusers", "--unet", "hf://me/kcv/nope.h5", "--out", none.to_str().unwrap()], true);

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 /// Fetches every file of a model repo at `revision` (default main); returns the snapshot folder.
 pub fn snapshot(repo_id: &str, revision: Option<&str>) -> Result<PathBuf> {
     let token = resolve_token(None).ok().map(|t| t.secret().to_string());
-    let api = ApiBuilder::from_env().with_token(token).with_progress(std::io::stderr().is_terminal()).build()?;
+    let api = ApiBuilder::from_env().with_token(token).with_progress(std::io::stderr().is_terminal()).with_retries(3).build()?;
     let repo = api.repo(Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.unwrap_or("main").to_string()));
     let info = repo.info().map_err(|e| access_hint(e.into())).with_context(|| format!("{repo_id}: cannot read the repo's file list"))?;
     let mut snapshot = None;
@@ -78,7 +78,8 @@ pub fn parse_hub_file(spec: &str) -> Option<HubFile> {
 /// Downloads one Hub file into the cache (resumable, progress shown) and returns its path.
 pub fn hub_file(file: &HubFile) -> Result<PathBuf> {
     let token = resolve_token(None).ok().map(|t| t.secret().to_string());
-    let mut builder = ApiBuilder::from_env().with_token(token).with_progress(std::io::stderr().is_terminal());
+    // Retries continue a broken download where it stopped (a Range request from the partial file).
+    let mut builder = ApiBuilder::from_env().with_token(token).with_progress(std::io::stderr().is_terminal()).with_retries(3);
     if let Some(endpoint) = &file.endpoint {
         builder = builder.with_endpoint(endpoint.clone());
     }

@@ -10,7 +10,7 @@ zero-padded keys "00001", "00002", ... as servers in the wild send them, "1", "2
 multipart completion, verify, and the NDJSON commit, which is applied atomically or not at all.
 Like the Hub it refuses non-LFS files over 10 MiB and binary non-LFS files over 1 MB.
 Download: /api/models/{repo}[/revision/{rev}], /api/models/{repo}/tree/{rev}, HEAD/GET /{repo}/resolve/{rev}/{path}.
-Test controls: POST /_test/faults {"rules": [{"method", "path_contains", "action": "status"|"drop", "status", "count"}],
+Test controls: POST /_test/faults {"rules": [{"method", "path_contains", "action": "status"|"drop"|"truncate", "status", "count", "range"}],
 "refuse_auth": bool}; GET /_test/log (requests seen).
 """
 import base64
@@ -75,6 +75,13 @@ def make_handler(hub):
                 self.send_header(k, v)
             self.end_headers()
             if self.command != "HEAD":
+                if getattr(self, "cut_body", False):
+                    # An injected "truncate" fault: half the body, then the connection drops.
+                    self.wfile.write(payload[: len(payload) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
                 self.wfile.write(payload)
 
         def error(self, status, message):
@@ -91,11 +98,15 @@ def make_handler(hub):
             """Applies the first matching fault rule; True if the request was consumed."""
             with hub.lock:
                 for rule in hub.rules:
-                    if rule.get("count", 1) > 0 and rule.get("method", self.command) == self.command and rule["path_contains"] in self.path:
+                    if (rule.get("count", 1) > 0 and rule.get("method", self.command) == self.command and rule["path_contains"] in self.path
+                            and rule.get("range", self.headers.get("Range", "")) == self.headers.get("Range", "")):
                         rule["count"] = rule.get("count", 1) - 1
                         break
                 else:
                     return False
+            if rule["action"] == "truncate":  # served, but only half the body arrives
+                self.cut_body = True
+                return False
             if rule["action"] == "drop":
                 n = int(self.headers.get("Content-Length") or 0)
                 self.rfile.read(min(n, 4096))  # take part of the body, then vanish
@@ -109,7 +120,7 @@ def make_handler(hub):
         def handle_any(self):
             url = urlparse(self.path)
             with hub.lock:
-                hub.log.append({"method": self.command, "path": url.path, "time": time.time()})
+                hub.log.append({"method": self.command, "path": url.path, "time": time.time(), "range": self.headers.get("Range", "")})
             if url.path.startswith("/_test/"):
                 return self.control(url.path)
             if self.fault():
