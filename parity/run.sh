@@ -22,7 +22,7 @@ make_venv() { # name, pip requirements...
         case "$1" in tensorflow-cpu*) "$dir/bin/pip" install -q "tensorflow-metadata==1.14.0" ;; esac
     fi
 }
-make_venv keras "tensorflow-cpu==2.14.1" "keras-cv==0.6.4" "h5py==3.16.0"
+make_venv keras "tensorflow-cpu==2.14.1" "keras-cv==0.6.4" "h5py==3.16.0" "huggingface_hub==0.26.5"
 make_venv keras3 "tensorflow-cpu==2.17.1" "keras-cv==0.9.0" "h5py==3.16.0"
 make_venv torch "torch==2.15.0" "diffusers==0.42.1" "transformers==5.23.0" "safetensors==0.8.0" "accelerate==1.15.0" "h5py==3.16.0" "peft==0.21.2"
 [ "${1:-}" = "--setup" ] && exit 0
@@ -81,9 +81,14 @@ step "Single-file checkpoints (original SD layout): dreambridge's in diffusers' 
 # Exits 1 when a check failed (the table shows which); the suite goes on to the report either way.
 "$P/.venv-torch/bin/python" "$P/single_file_parity.py" "$DB" || single_file_rc=$?
 
+step "KerasCV's other forms at full size: TF checkpoint, SavedModel (push_to_hub_keras), .keras; textual inversion"
+$P/.venv-keras/bin/python $P/tf_formats.py make 2>&1 | quiet
+$P/.venv-keras3/bin/python $P/tf_formats.py make3 2>&1 | quiet
+DB="$DB" "$P/.venv-torch/bin/python" "$P/tf_formats.py" check || tf_formats_rc=$?
+
 step "Hub: the loopback emulator against the official huggingface_hub client"
 "$P/.venv-torch/bin/python" "$P/hub_fidelity.py" "$DB"
 
 echo
 "$P/.venv-torch/bin/python" "$P/report.py" "$W/results.jsonl" "$(( $(date +%s) - start ))"
-exit "${single_file_rc:-0}" # a crash that recorded no row still fails the suite
+exit "$(( ${single_file_rc:-0} | ${tf_formats_rc:-0} ))" # a crash that recorded no row still fails the suite

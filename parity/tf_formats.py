@@ -55,6 +55,11 @@ def make3():
     print("made text_encoder.keras")
 
 
+def fact(check, component, ok, note):
+    record_fact(check, component, ok, note)
+    return bool(ok)
+
+
 def db(*args):
     r = subprocess.run([DB, *args], capture_output=True, text=True)
     if r.returncode != 0:
@@ -81,7 +86,7 @@ def check():
         for label, path in variants:
             src = os.path.join(OUT, path)
             if not os.path.exists(src):
-                ok &= record_fact(f"{label} -> diffusers", part, False, f"{path} missing (run make / make3)")
+                ok &= fact(f"{label} -> diffusers", part, False, f"{path} missing (run make / make3)")
                 continue
             out = os.path.join(conv, f"{part}-{label.replace(' ', '_').strip('.')}")
             db("convert", "keras-to-diffusers", flag, src, "--out", out)
@@ -90,7 +95,7 @@ def check():
                 ref, ref_dir = got, out
                 continue
             same = ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
-            ok &= record_fact(f"{label} -> diffusers", part, same, f"{len(got)} tensors bit-identical to the .h5 conversion")
+            ok &= fact(f"{label} -> diffusers", part, same, f"{len(got)} tensors bit-identical to the .h5 conversion")
             if part == "text_encoder":
                 a, b = CLIPTextModel.from_pretrained(ref_dir, subfolder="text_encoder"), CLIPTextModel.from_pretrained(out, subfolder="text_encoder")
                 ids = torch.tensor([[49406, 320, 1125, 539, 48136, 1929, 49407] + [49407] * 70])
@@ -102,11 +107,11 @@ def check():
     db("convert", "keras-to-diffusers", "--text-encoder", os.path.join(OUT, "text_encoder_ti.h5"), "--placeholder-token", "<sks-toy>", "--learned-embeds", embeds, "--out", ti)
     tok = CLIPTokenizer.from_pretrained(ti, subfolder="tokenizer")
     ids = tok("a photo of <sks-toy>").input_ids
-    ok &= record_fact("TI tokenizer", "placeholder", 49408 in ids and tok.convert_tokens_to_ids("<sks-toy>") == 49408, f"ids {ids}")
+    ok &= fact("TI tokenizer", "placeholder", 49408 in ids and tok.convert_tokens_to_ids("<sks-toy>") == 49408, f"ids {ids}")
     te = CLIPTextModel.from_pretrained(ti, subfolder="text_encoder")
     row = te.get_input_embeddings().weight[49408].detach()
     learned = load_file(embeds)
-    ok &= record_fact("TI learned embeds", "file", list(learned) == ["<sks-toy>"] and torch.equal(learned["<sks-toy>"], row), "{token: [768]} equals the converted row")
+    ok &= fact("TI learned embeds", "file", list(learned) == ["<sks-toy>"] and torch.equal(learned["<sks-toy>"], row), "{token: [768]} equals the converted row")
     # diffusers' load_textual_inversion on a tokenizer/text encoder without the token.
     from diffusers import StableDiffusionPipeline
 
@@ -120,7 +125,7 @@ def check():
     pipe.load_textual_inversion(embeds, token="<sks-toy>", tokenizer=plain_tok, text_encoder=plain_te)
     new_id = plain_tok.convert_tokens_to_ids("<sks-toy>")
     loaded = plain_te.get_input_embeddings().weight[new_id].detach()
-    ok &= record_fact("load_textual_inversion", "learned embeds", new_id == 49408 and torch.equal(loaded, row), f"token id {new_id}, row equal")
+    ok &= fact("load_textual_inversion", "learned embeds", new_id == 49408 and torch.equal(loaded, row), f"token id {new_id}, row equal")
     print(f"\ntf formats parity: {'all pass' if ok else 'FAILURES'}")
     sys.exit(0 if ok else 1)
 
