@@ -57,6 +57,22 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Run a sampler on saved model outputs (parity checks): `sample`, `model_output_<i>` and, for
+    /// ancestral samplers, `noise_<i>` in; `scaled_<i>` and `sample_<i>` after each step out.
+    #[command(hide = true)]
+    SamplerSteps {
+        #[arg(long, value_enum)]
+        scheduler: dreambridge::generate::scheduler::SchedulerKind,
+        /// scheduler_config.json
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        steps: usize,
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// List a .h5 or .safetensors file's tensors and its detected model kind.
     Inspect {
         file: PathBuf,
@@ -240,6 +256,9 @@ struct GenerateArgs {
     /// Diffusers pipeline folder, Hub repo id, or a single-file checkpoint (local, `hf://…` or a resolve URL).
     #[arg(long)]
     model: PathBuf,
+    /// The sampler, by diffusers' class name (aliases: ddim, dpm++, euler_a).
+    #[arg(long, value_enum, default_value = "DDIMScheduler")]
+    scheduler: dreambridge::generate::scheduler::SchedulerKind,
     #[arg(long)]
     prompt: String,
     #[arg(long, default_value = "")]
@@ -523,11 +542,13 @@ fn run(cli: Cli) -> Result<()> {
             for i in 0..a.num_images {
                 let path = a.out.join(format!("image_{i}.png"));
                 anyhow::ensure!(!path.exists(), "{}: already exists", path.display());
-                let image = dreambridge::generate::text_to_image::generate(&pipe, &a.prompt, &a.negative_prompt, a.size, a.steps, a.guidance_scale, &mut rng)?;
+                let image =
+                    dreambridge::generate::text_to_image::generate_with(&pipe, &a.prompt, &a.negative_prompt, a.size, a.steps, a.guidance_scale, a.scheduler, &mut rng)?;
                 dreambridge::generate::text_to_image::save_png(&image, &path)?;
                 println!("{}", path.display());
             }
         }
+        Command::SamplerSteps { scheduler, config, steps, inputs, out } => dreambridge::generate::trajectory::run(scheduler, &config, steps, &inputs, &out)?,
         Command::Bench(cmd) => dreambridge::bench::cli::run(cmd)?,
         Command::Lora(cmd) => dreambridge::lora::cli::run(cmd)?,
         Command::Download { repo, revision } => {

@@ -22,3 +22,24 @@ fn generate_renders_pngs_from_a_converted_pipeline() {
     let (ok, err) = run(&["generate", "--model", pipe.to_str().unwrap(), "--prompt", "x", "--size", "64", "--steps", "1", "--out", out.to_str().unwrap()]);
     assert!(!ok && err.contains("already exists"), "{err}");
 }
+
+#[test]
+fn every_sampler_renders_and_they_differ() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = dir.path().join("sample");
+    let (ok, err) = run(&["convert", "keras-to-diffusers", "--out", pipe.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let mut images = Vec::new();
+    for (i, scheduler) in ["DDIMScheduler", "DPMSolverMultistepScheduler", "euler_a"].iter().enumerate() {
+        let out = dir.path().join(format!("images{i}"));
+        let (ok, err) = run(&[
+            "generate", "--model", pipe.to_str().unwrap(), "--prompt", "a photo of sks dog", "--size", "64", "--steps", "4", "--scheduler", scheduler,
+            "--out", out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{scheduler}: {err}");
+        images.push(image::open(out.join("image_0.png")).unwrap().to_rgb8().into_raw());
+    }
+    assert!(images[0] != images[1] && images[1] != images[2], "the samplers take different paths");
+    let (ok, err) = run(&["generate", "--model", pipe.to_str().unwrap(), "--prompt", "x", "--scheduler", "PNDM", "--out", dir.path().join("x").to_str().unwrap()]);
+    assert!(!ok && err.contains("DPMSolverMultistepScheduler"), "{err}");
+}

@@ -1,14 +1,18 @@
 //! diffusers' `DDIMScheduler` (eta = 0) from `scheduler_config.json`: "leading" timestep spacing
-//! with `steps_offset`, epsilon or v-prediction.
+//! with `steps_offset` (or the config's `linspace` / `trailing`), epsilon or v-prediction.
 
+use super::scheduler::Scheduler;
 use crate::pipeline::schedule::{NoiseSchedule, Prediction, SchedulerConfig};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::Tensor;
 
 pub struct Ddim {
     noise: NoiseSchedule,
+    /// Clamp x₀ to ± this (`clip_sample`).
+    clip: Option<f64>,
     final_alpha_cumprod: f64,
     pub timesteps: Vec<usize>,
+    timesteps_f: Vec<f64>,
     step_ratio: usize,
 }
 
@@ -16,10 +20,21 @@ impl Ddim {
     pub fn new(c: &SchedulerConfig, steps: usize) -> Result<Ddim> {
         let noise = NoiseSchedule::new(&c.schedule)?;
         let total = c.schedule.num_train_timesteps;
-        let step_ratio = total / steps.max(1);
-        let timesteps = (0..steps).rev().map(|i| (i * step_ratio + c.steps_offset).min(total - 1)).collect();
+        let n = steps.max(1);
+        let step_ratio = total / n;
+        let timesteps: Vec<usize> = match c.timestep_spacing.as_deref().unwrap_or("leading") {
+            "leading" => (0..n).rev().map(|i| (i * step_ratio + c.steps_offset).min(total - 1)).collect(),
+            "linspace" => (0..n).rev().map(|i| ((total - 1) as f64 * i as f64 / (n - 1).max(1) as f64).round_ties_even() as usize).collect(),
+            "trailing" => {
+                let r = total as f64 / n as f64;
+                (0..n).map(|i| ((total as f64 - i as f64 * r).round_ties_even() as usize).saturating_sub(1)).collect()
+            }
+            other => bail!("timestep_spacing `{other}` is not supported (linspace, leading, trailing)"),
+        };
         let final_alpha_cumprod = if c.set_alpha_to_one { 1.0 } else { noise.alphas_cumprod[0] };
-        Ok(Ddim { noise, final_alpha_cumprod, timesteps, step_ratio })
+        let timesteps_f = timesteps.iter().map(|&t| t as f64).collect();
+        let clip = c.clip_sample.then_some(c.clip_sample_range);
+        Ok(Ddim { noise, clip, final_alpha_cumprod, timesteps, timesteps_f, step_ratio })
     }
 
     /// One deterministic DDIM step from timestep `t`.
@@ -34,7 +49,21 @@ impl Ddim {
                 ((model_output * a_t.sqrt())? + (sample * b_t.sqrt())?)?,
             ),
         };
+        let pred_x0 = match self.clip {
+            Some(r) => pred_x0.clamp(-r, r)?,
+            None => pred_x0,
+        };
         Ok(((pred_x0 * a_prev.sqrt())? + (pred_eps * (1.0 - a_prev).sqrt())?)?)
+    }
+}
+
+impl Scheduler for Ddim {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps_f
+    }
+
+    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _noise: Option<&Tensor>) -> Result<Tensor> {
+        Ddim::step(self, model_output, self.timesteps[index], sample)
     }
 }
 
@@ -56,7 +85,7 @@ mod tests {
     #[test]
     fn a_perfect_noise_prediction_recovers_the_clean_sample() {
         // x_t built from x0 and eps; predicting eps exactly must step to x_{t-1} built the same way.
-        let d = Ddim::new(&config(r#"{"steps_offset": 1}"#), 10).unwrap();
+        let d = Ddim::new(&config(r#"{"steps_offset": 1, "clip_sample": false}"#), 10).unwrap();
         let dev = candle_core::Device::Cpu;
         let x0 = Tensor::new(&[0.3f64, -0.7], &dev).unwrap();
         let eps = Tensor::new(&[1.1f64, 0.4], &dev).unwrap();

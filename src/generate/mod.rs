@@ -3,4 +3,8 @@
 //! images.
 
 pub mod ddim;
+pub mod dpm_solver_multistep;
+pub mod euler_ancestral_discrete;
+pub mod scheduler;
+pub mod trajectory;
 pub mod text_to_image;

@@ -90,8 +90,11 @@ mod tests {
             instance_prompt: Some("a photo of sks \"dog\"".into()),
             license: None,
             lora: false,
+            sources: vec!["hf://me/kcv/unet.h5".into()],
+            placeholder_tokens: vec!["<sks>".into()],
         };
         let card = model_card(&info, &["image_0.png".into()]);
+        assert!(card.contains("Converted by dreambridge from:\n\n* `hf://me/kcv/unet.h5`") && card.contains("placeholder token `<sks>`"), "{card}");
         let front = card.split("---\n").nth(1).unwrap();
         for line in [
             "base_model: \"runwayml/stable-diffusion-v1-5\"",

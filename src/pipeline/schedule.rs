@@ -28,6 +28,18 @@ pub struct SchedulerConfig {
     pub steps_offset: usize,
     #[serde(default = "default_true")]
     pub set_alpha_to_one: bool,
+    /// `linspace`, `leading` or `trailing`; absent: each sampler's own default.
+    #[serde(default)]
+    pub timestep_spacing: Option<String>,
+    /// DDIM clamps its x₀ prediction to ±`clip_sample_range` (diffusers' DDIM default: on, 1.0).
+    #[serde(default = "default_true")]
+    pub clip_sample: bool,
+    #[serde(default = "default_clip_range")]
+    pub clip_sample_range: f64,
+}
+
+fn default_clip_range() -> f64 {
+    1.0
 }
 
 fn default_true() -> bool {
