@@ -18,5 +18,6 @@ pub mod rng;
 pub mod train;
 pub mod generate;
 pub mod device;
+pub mod eval;
 pub mod alloc;
 pub mod bench;

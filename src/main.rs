@@ -73,6 +73,8 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// DreamBooth's metrics for a folder of generated images against the real ones: DINO, CLIP-I, CLIP-T.
+    Eval(EvalArgs),
     /// List a .h5 or .safetensors file's tensors and its detected model kind.
     Inspect {
         file: PathBuf,
@@ -80,6 +82,39 @@ enum Command {
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
         sd_version: Option<u8>,
     },
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Folder of generated images.
+    #[arg(long)]
+    generated: PathBuf,
+    /// Folder of the subject's real images.
+    #[arg(long)]
+    real: PathBuf,
+    /// The prompt of every generated image (for CLIP-T; write it with the class noun, without the identifier).
+    #[arg(long, conflicts_with = "prompts")]
+    prompt: Option<String>,
+    /// A JSON object mapping generated file names to their prompts.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// CLIP model (transformers CLIPModel folder or Hub repo id; e.g. openai/clip-vit-large-patch14).
+    #[arg(long, default_value = "openai/clip-vit-base-patch32")]
+    clip_model: PathBuf,
+    /// DINO ViT model (transformers ViTModel folder or Hub repo id).
+    #[arg(long, default_value = "facebook/dino-vits16")]
+    dino_model: PathBuf,
+    /// Write the report (scores, conventions, preprocessing, per image) as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Refuse unreadable images instead of skipping them (each skipped one is named).
+    #[arg(long)]
+    strict: bool,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 #[derive(Subcommand)]
@@ -549,6 +584,29 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::SamplerSteps { scheduler, config, steps, inputs, out } => dreambridge::generate::trajectory::run(scheduler, &config, steps, &inputs, &out)?,
+        Command::Eval(a) => {
+            use dreambridge::eval::{clip::Clip, dino::Dino, preprocess::image_files, score};
+            let device = dreambridge::device::parse(&a.device)?;
+            let prompts = match (&a.prompt, &a.prompts) {
+                (Some(p), _) => Some([("*".to_string(), p.clone())].into_iter().collect()),
+                (None, Some(f)) => Some(serde_json::from_str(&std::fs::read_to_string(f).with_context(|| f.display().to_string())?).with_context(|| format!("{}: not a JSON object of file name -> prompt", f.display()))?),
+                (None, None) => None,
+            };
+            let clip = Clip::load(&score::model_dir(&a.clip_model)?, &device)?;
+            let dino = Dino::load(&score::model_dir(&a.dino_model)?, &device)?;
+            let (generated, real) = (image_files(&a.generated)?, image_files(&a.real)?);
+            let inputs = score::EvalInputs { generated: &generated, real: &real, prompts, strict: a.strict, batch: a.batch_size };
+            let report = score::evaluate(&inputs, &clip, &dino, &device)?;
+            let m = &report["metrics"];
+            let f = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.4}"));
+            println!("{:<10}{:>10}{:>10}{:>10}", "", "DINO", "CLIP-I", "CLIP-T");
+            println!("{:<10}{:>10}{:>10}{:>10}", "ours", f(&m["dino"]), f(&m["clip_i"]), f(&m["clip_t"]));
+            println!("{:<10}{:>10}{:>10}{:>10}", "paper SD", "0.668", "0.803", "0.305");
+            println!("({} generated x {} real images; raw cosine, all pairs)", report["generated"], report["real"]);
+            if let Some(path) = &a.json {
+                dreambridge::output::atomic_file(path, |temp| Ok(std::fs::write(temp, serde_json::to_string_pretty(&report)?)?))?;
+            }
+        }
         Command::Bench(cmd) => dreambridge::bench::cli::run(cmd)?,
         Command::Lora(cmd) => dreambridge::lora::cli::run(cmd)?,
         Command::Download { repo, revision } => {

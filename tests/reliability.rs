@@ -89,7 +89,9 @@ fn a_second_signal_exits_at_once_and_the_last_checkpoint_stays_good() {
     assert_eq!(status.code(), Some(130), "exit 128 + SIGINT: {stderr}");
     assert!(since.elapsed() < Duration::from_secs(5), "the second signal did not end the process at once");
     let latest = dreambridge::train::checkpoint::load(&dir.path().join("out"), "latest").expect("the last good checkpoint loads");
-    assert!(latest.2.step >= 3, "{:?}", latest.2);
+    // "step 3/400" is printed before step 3's checkpoint is written; the second signal may land
+    // while it is: then step 2's is the last good one, and it must load.
+    assert!(latest.2.step >= 2, "{:?}", latest.2);
     assert!(!dir.path().join("out/model_index.json").exists());
 }
 
