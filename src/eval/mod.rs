@@ -5,5 +5,6 @@
 
 pub mod clip;
 pub mod dino;
+pub mod pil_resize;
 pub mod preprocess;
 pub mod score;

@@ -5,7 +5,6 @@
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use image::imageops::FilterType;
 use std::path::Path;
 
 /// A resize-and-crop transform with per-channel normalisation.
@@ -13,6 +12,9 @@ use std::path::Path;
 pub struct Transform {
     pub resize_shortest: u32,
     pub crop: u32,
+    /// Crop offsets as torchvision's `CenterCrop` rounds them (half to even) rather than as
+    /// transformers' `center_crop` floors them.
+    pub round_crop: bool,
     pub mean: [f32; 3],
     pub std: [f32; 3],
 }
@@ -20,11 +22,12 @@ pub struct Transform {
 pub const CLIP: Transform = Transform {
     resize_shortest: 224,
     crop: 224,
+    round_crop: false,
     mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
     std: [0.268_629_54, 0.261_302_58, 0.275_777_11],
 };
 
-pub const DINO: Transform = Transform { resize_shortest: 256, crop: 224, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
+pub const DINO: Transform = Transform { resize_shortest: 256, crop: 224, round_crop: true, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
 
 impl Transform {
     /// `(3, crop, crop)` normalised pixels of an RGB image.
@@ -37,8 +40,9 @@ impl Transform {
         } else {
             ((self.resize_shortest as u64 * w as u64 / short as u64) as u32, self.resize_shortest)
         };
-        let resized = image::imageops::resize(img, nw, nh, FilterType::CatmullRom);
-        let (left, top) = ((nw - self.crop) / 2, (nh - self.crop) / 2);
+        let resized = super::pil_resize::resize_bicubic(img, nw, nh);
+        let offset = |extra: u32| if self.round_crop { (extra as f64 / 2.0).round_ties_even() as u32 } else { extra / 2 };
+        let (left, top) = (offset(nw - self.crop), offset(nh - self.crop));
         let c = self.crop as usize;
         let mut data = vec![0f32; 3 * c * c];
         for y in 0..c {
