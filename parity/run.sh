@@ -89,9 +89,12 @@ DB="$DB" "$P/.venv-torch/bin/python" "$P/tf_formats.py" check || tf_formats_rc=$
 step "Samplers: DDIM, DPM-Solver++ (multistep) and Euler ancestral against diffusers' schedulers, step by step"
 "$P/.venv-torch/bin/python" "$P/schedulers_parity.py" "$DB" || schedulers_rc=$?
 
+step "Metrics: dreambridge eval against a transformers implementation of DINO, CLIP-I, CLIP-T (full-size random models)"
+"$P/.venv-torch/bin/python" "$P/eval_parity.py" "$DB" || eval_rc=$?
+
 step "Hub: the loopback emulator against the official huggingface_hub client"
 "$P/.venv-torch/bin/python" "$P/hub_fidelity.py" "$DB"
 
 echo
 "$P/.venv-torch/bin/python" "$P/report.py" "$W/results.jsonl" "$(( $(date +%s) - start ))"
-exit "$(( ${single_file_rc:-0} | ${tf_formats_rc:-0} | ${schedulers_rc:-0} ))" # a crash that recorded no row still fails the suite
+exit "$(( ${single_file_rc:-0} | ${tf_formats_rc:-0} | ${schedulers_rc:-0} | ${eval_rc:-0} ))" # a crash that recorded no row still fails the suite
