@@ -264,6 +264,16 @@ struct TrainCli {
     /// (output_dir/<name>.safetensors in the original layout; with LoRA, the kohya LoRA file).
     #[arg(long)]
     save_single_file: bool,
+    /// Score each validation round (DINO and CLIP-I against the instance images, CLIP-T against the
+    /// validation prompt without the identifier) into logs/metrics.jsonl and logs/metrics.png.
+    #[arg(long)]
+    validation_eval: bool,
+    /// CLIP model for --validation-eval (folder or Hub repo id).
+    #[arg(long, default_value = "openai/clip-vit-base-patch32")]
+    eval_clip_model: PathBuf,
+    /// DINO ViT model for --validation-eval (folder or Hub repo id).
+    #[arg(long, default_value = "facebook/dino-vits16")]
+    eval_dino_model: PathBuf,
     /// Train LoRA adapters of this rank instead of the whole UNet (the base stays frozen).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     lora_rank: Option<u64>,
@@ -548,6 +558,7 @@ fn run(cli: Cli) -> Result<()> {
                 stop: dreambridge::train::interrupt::StopRequest::on_signals()?,
                 lora,
                 save_single_file: a.save_single_file,
+                validation_eval: a.validation_eval.then(|| dreambridge::train::command::ValidationEval { clip_model: a.eval_clip_model.clone(), dino_model: a.eval_dino_model.clone() }),
             };
             let done = dreambridge::train::command::train(&args)?;
             println!("trained {} steps -> {}", done.losses.len(), done.output_dir.display());

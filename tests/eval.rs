@@ -116,3 +116,31 @@ fn the_command_prints_the_table_and_names_unreadable_images() {
     let out = cli().args(args(true)).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("broken.png"));
 }
+
+#[test]
+fn training_logs_its_steps_and_scores_its_validation_rounds() {
+    let dir = tempfile::tempdir().unwrap();
+    training_inputs(dir.path());
+    let out = dir.path().join("run");
+    let mut args = tiny_train_args(dir.path(), &out);
+    (args.max_train_steps, args.validation_steps, args.with_prior_preservation) = (4, 2, false);
+    args.class_prompt = Some("a photo of dog".into());
+    args.validation_prompt = Some("a photo of sks dog in a bucket".into());
+    args.validation_eval = Some(dreambridge::train::command::ValidationEval { clip_model: eval_fixture("clip"), dino_model: eval_fixture("dino") });
+    dreambridge::train::command::train(&args).unwrap();
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(out.join("logs/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let steps: Vec<u64> = rows.iter().filter(|r| r.get("loss").is_some()).map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, vec![1, 2, 3, 4]);
+    assert!(rows.iter().filter(|r| r.get("loss").is_some()).all(|r| r["lr"].as_f64().is_some()));
+    let scored: Vec<&serde_json::Value> = rows.iter().filter(|r| r.get("dino").is_some()).collect();
+    assert_eq!(scored.iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![2, 4]);
+    for r in &scored {
+        for k in ["dino", "clip_i", "clip_t"] {
+            let v = r[k].as_f64().unwrap();
+            assert!((-1.0..=1.0).contains(&v), "{r}");
+        }
+        assert_eq!(r["clip_t_prompt"], "a photo of dog in a bucket");
+    }
+    assert!(image::open(out.join("logs/metrics.png")).is_ok());
+}

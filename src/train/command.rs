@@ -76,6 +76,16 @@ pub struct TrainArgs {
     /// Also write the trained model as one file for AUTOMATIC1111 / ComfyUI: the whole model in
     /// the original single-file layout, or (LoRA runs) the kohya LoRA file.
     pub save_single_file: bool,
+    /// Score every validation round (DINO, CLIP-I against the instance images; CLIP-T against the
+    /// validation prompt without the identifier) with these models.
+    pub validation_eval: Option<ValidationEval>,
+}
+
+/// The metric models of `--validation-eval` (folders or Hub repo ids).
+#[derive(Clone, Debug)]
+pub struct ValidationEval {
+    pub clip_model: PathBuf,
+    pub dino_model: PathBuf,
 }
 
 /// `--lora-*`: LoRA DreamBooth as diffusers' `train_dreambooth_lora.py` (rank 4, alpha = rank).
@@ -204,6 +214,18 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
         trainer.resume(spec)?;
         eprintln!("resumed at step {}", trainer.step);
     }
+    let mut log = super::metrics_log::MetricsLog::open(&a.output_dir, trainer.step)?;
+    let scorers = match &a.validation_eval {
+        Some(v) => {
+            anyhow::ensure!(a.validation_prompt.is_some(), "--validation-eval needs --validation-prompt");
+            let clip = crate::eval::clip::Clip::load(&crate::eval::score::model_dir(&v.clip_model)?, &dev)?;
+            let dino = crate::eval::dino::Dino::load(&crate::eval::score::model_dir(&v.dino_model)?, &dev)?;
+            Some((clip, dino))
+        }
+        None => None,
+    };
+    let instance_files = crate::eval::preprocess::image_files(&a.instance_data_dir)?;
+    let mut log_error = None;
     let bar = ProgressBar::new(a.max_train_steps as u64);
     bar.set_style(ProgressStyle::with_template("steps {pos}/{len} [{bar:30}] {per_sec} {msg}").expect("template").progress_chars("=> "));
     bar.set_position(trainer.step as u64);
@@ -216,15 +238,33 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
         if plain {
             eprintln!("step {step}/{} loss {loss:.4} lr {lr:.2e}", a.max_train_steps);
         }
+        if let Err(e) = log.step(step, loss, lr) {
+            log_error.get_or_insert(e);
+        }
         if let Some(prompt) = &a.validation_prompt {
             if step % a.validation_steps.max(1) == 0 && validation_error.is_none() {
-                if let Err(e) = validate(&pipe, prompt, a, step) {
-                    validation_error = Some(e);
+                match validate(&pipe, prompt, a, step) {
+                    Err(e) => validation_error = Some(e),
+                    Ok(images) => {
+                        if let Some((clip, dino)) = &scorers {
+                            let clip_t = super::metrics_log::without_identifier(prompt, &a.instance_prompt, a.class_prompt.as_deref());
+                            let prompts = Some([("*".to_string(), clip_t.clone())].into_iter().collect());
+                            let inputs = crate::eval::score::EvalInputs { generated: &images, real: &instance_files, prompts, strict: true, batch: 8 };
+                            let scored = crate::eval::score::evaluate(&inputs, clip, dino, &pipe.device).and_then(|r| log.scores(step, &r["metrics"], &clip_t));
+                            if let Err(e) = scored {
+                                validation_error = Some(e.context("--validation-eval"));
+                            }
+                        }
+                    }
                 }
             }
         }
     })?;
     bar.finish();
+    if let Some(e) = log_error {
+        return Err(e);
+    }
+    log.plot()?;
     if let Some(e) = validation_error {
         return Err(e.context("validation images"));
     }
@@ -305,14 +345,18 @@ fn encode_images(pipe: &Pipeline, dir: &Path, prompt: &str, a: &TrainArgs, set: 
     Ok(out)
 }
 
-fn validate(pipe: &Pipeline, prompt: &str, a: &TrainArgs, step: usize) -> Result<()> {
+/// The validation images of a round (`validation/step_<step>_<i>.png`), their paths returned.
+fn validate(pipe: &Pipeline, prompt: &str, a: &TrainArgs, step: usize) -> Result<Vec<PathBuf>> {
     let dir = a.output_dir.join("validation");
     std::fs::create_dir_all(&dir)?;
     let mut rng = TrainRng::new(a.seed);
+    let mut paths = Vec::new();
     for i in 0..a.num_validation_images {
-        save_png(&generate(pipe, prompt, "", a.resolution, a.sample_steps, 7.5, &mut rng)?, &dir.join(format!("step_{step}_{i}.png")))?;
+        let path = dir.join(format!("step_{step}_{i}.png"));
+        save_png(&generate(pipe, prompt, "", a.resolution, a.sample_steps, 7.5, &mut rng)?, &path)?;
+        paths.push(path);
     }
-    Ok(())
+    Ok(paths)
 }
 
 /// The trained pipeline: the base folder's other parts, the trained UNet, a model card. Built in a

@@ -8,5 +8,6 @@ pub mod inplace;
 pub mod interrupt;
 pub mod loss;
 pub mod loss_scale;
+pub mod metrics_log;
 pub mod optim;
 pub mod trainer;

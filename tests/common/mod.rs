@@ -106,5 +106,6 @@ pub fn tiny_train_args(dir: &Path, out: &Path) -> dreambridge::train::command::T
         stop: Default::default(),
         lora: None,
         save_single_file: false,
+        validation_eval: None,
     }
 }
