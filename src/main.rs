@@ -85,13 +85,16 @@ enum Command {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct EvalArgs {
+    #[command(subcommand)]
+    bench: Option<EvalBench>,
     /// Folder of generated images.
-    #[arg(long)]
-    generated: PathBuf,
+    #[arg(long, required = true)]
+    generated: Option<PathBuf>,
     /// Folder of the subject's real images.
-    #[arg(long)]
-    real: PathBuf,
+    #[arg(long, required = true)]
+    real: Option<PathBuf>,
     /// The prompt of every generated image (for CLIP-T; write it with the class noun, without the identifier).
     #[arg(long, conflicts_with = "prompts")]
     prompt: Option<String>,
@@ -113,6 +116,55 @@ struct EvalArgs {
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
     /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(Subcommand)]
+enum EvalBench {
+    /// The DreamBooth paper's benchmark on a local copy of its dataset: generate, score, print the table.
+    Dreambench(DreambenchArgs),
+}
+
+#[derive(Args)]
+struct DreambenchArgs {
+    /// The DreamBooth dataset folder (30 subject folders and prompts_and_classes.txt).
+    #[arg(long)]
+    dataset: PathBuf,
+    /// The model (diffusers folder, Hub repo id or single file); `{subject}` in it names one per subject.
+    #[arg(long)]
+    model: String,
+    /// A LoRA file applied to the model (`{subject}` as in --model).
+    #[arg(long)]
+    lora: Option<String>,
+    /// Only these subjects (folder names).
+    #[arg(long, num_args = 1..)]
+    subjects: Vec<String>,
+    /// The identifier the models were trained with.
+    #[arg(long, default_value = "sks")]
+    identifier: String,
+    #[arg(long, default_value_t = 4)]
+    images_per_prompt: usize,
+    #[arg(long, default_value_t = 512)]
+    resolution: usize,
+    #[arg(long, default_value_t = 25)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    guidance_scale: f64,
+    #[arg(long, value_enum, default_value = "DPMSolverMultistepScheduler")]
+    scheduler: dreambridge::generate::scheduler::SchedulerKind,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where the generated images go (kept: a rerun generates only what is missing).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value = "openai/clip-vit-base-patch32")]
+    clip_model: PathBuf,
+    #[arg(long, default_value = "facebook/dino-vits16")]
+    dino_model: PathBuf,
+    /// Write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
     #[arg(long, default_value = "auto")]
     device: String,
 }
@@ -595,8 +647,36 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::SamplerSteps { scheduler, config, steps, inputs, out } => dreambridge::generate::trajectory::run(scheduler, &config, steps, &inputs, &out)?,
+        Command::Eval(EvalArgs { bench: Some(EvalBench::Dreambench(b)), .. }) => {
+            use dreambridge::eval::{clip::Clip, dino::Dino, dreambench, score};
+            let device = dreambridge::device::parse(&b.device)?;
+            let opts = dreambench::BenchOptions {
+                dataset: b.dataset,
+                model: b.model,
+                lora: b.lora,
+                subjects: b.subjects,
+                identifier: b.identifier,
+                images_per_prompt: b.images_per_prompt,
+                resolution: b.resolution,
+                steps: b.steps,
+                guidance: b.guidance_scale,
+                scheduler: b.scheduler,
+                seed: b.seed,
+                out: b.out,
+                device: device.clone(),
+            };
+            dreambench::plan(&opts)?;
+            let clip = Clip::load(&score::model_dir(&b.clip_model)?, &device)?;
+            let dino = Dino::load(&score::model_dir(&b.dino_model)?, &device)?;
+            let report = dreambench::run(&opts, &clip, &dino)?;
+            print!("{}", dreambench::table(&report));
+            if let Some(path) = &b.json {
+                dreambridge::output::atomic_file(path, |temp| Ok(std::fs::write(temp, serde_json::to_string_pretty(&report)?)?))?;
+            }
+        }
         Command::Eval(a) => {
             use dreambridge::eval::{clip::Clip, dino::Dino, preprocess::image_files, score};
+            let (generated_dir, real_dir) = (a.generated.clone().context("--generated")?, a.real.clone().context("--real")?);
             let device = dreambridge::device::parse(&a.device)?;
             let prompts = match (&a.prompt, &a.prompts) {
                 (Some(p), _) => Some([("*".to_string(), p.clone())].into_iter().collect()),
@@ -605,7 +685,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let clip = Clip::load(&score::model_dir(&a.clip_model)?, &device)?;
             let dino = Dino::load(&score::model_dir(&a.dino_model)?, &device)?;
-            let (generated, real) = (image_files(&a.generated)?, image_files(&a.real)?);
+            let (generated, real) = (image_files(&generated_dir)?, image_files(&real_dir)?);
             let inputs = score::EvalInputs { generated: &generated, real: &real, prompts, strict: a.strict, batch: a.batch_size };
             let report = score::evaluate(&inputs, &clip, &dino, &device)?;
             let m = &report["metrics"];

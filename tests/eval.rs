@@ -144,3 +144,53 @@ fn training_logs_its_steps_and_scores_its_validation_rounds() {
     }
     assert!(image::open(out.join("logs/metrics.png")).is_ok());
 }
+
+#[test]
+fn dreambench_generates_what_is_missing_scores_and_prints_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    training_inputs(dir.path()); // the tiny sample pipeline at dir/sample
+    let data = dir.path().join("dataset");
+    for subject in ["dog", "backpack"] {
+        std::fs::create_dir_all(data.join(subject)).unwrap();
+        for f in ["r0.png", "r1.png"] {
+            std::fs::copy(eval_fixture(&format!("images/real/{f}")), data.join(subject).join(f)).unwrap();
+        }
+        // One model per subject, named by the {subject} pattern.
+        let model = dir.path().join("models").join(subject);
+        std::fs::create_dir_all(model.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("sample"), &model).unwrap();
+    }
+    std::fs::write(
+        data.join("prompts_and_classes.txt"),
+        "Classes\n\nsubject_name,class\nbackpack,backpack\ndog,dog\n\nPrompts\n\nObject Prompts\nprompt_list = [\n'a {0} {1} in the jungle'.format(unique_token, class_token),\n'a red {0} {1}'.format(unique_token, class_token)\n]\n\nLive Subject Prompts\nprompt_list = [\n'a {0} {1} in the jungle'.format(unique_token, class_token),\n'a {0} {1} wearing a red hat'.format(unique_token, class_token),\n'a {0} {1} on the beach'.format(unique_token, class_token)\n]\n",
+    )
+    .unwrap();
+    let out = dir.path().join("bench");
+    let json = dir.path().join("bench.json");
+    let model = format!("{}/models/{{subject}}", dir.path().display());
+    let (clip, dino) = (eval_fixture("clip"), eval_fixture("dino"));
+    let args = [
+        "eval", "dreambench", "--dataset", data.to_str().unwrap(), "--model", &model, "--images-per-prompt", "2", "--resolution", "64", "--steps", "2",
+        "--out", out.to_str().unwrap(), "--clip-model", clip.to_str().unwrap(), "--dino-model", dino.to_str().unwrap(),
+        "--json", json.to_str().unwrap(), "--device", "cpu",
+    ];
+    let first = cli().args(args).output().unwrap();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let table = String::from_utf8_lossy(&first.stdout);
+    assert!(table.contains("backpack") && table.contains("dog") && table.contains("paper: DreamBooth (SD)") && table.contains("0.668"), "{table}");
+    // Live subjects get the live prompts: 3 for the dog, 2 for the backpack, 2 images each.
+    assert_eq!(std::fs::read_dir(out.join("dog")).unwrap().count(), 6);
+    assert_eq!(std::fs::read_dir(out.join("backpack")).unwrap().count(), 4);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["subjects"]["dog"]["class"], "dog");
+    assert!(report["mean_over_subjects"]["dino"].as_f64().is_some());
+    // A rerun generates nothing (the images are kept) and scores the same.
+    let kept = std::fs::metadata(out.join("dog/00_0.png")).unwrap().modified().unwrap();
+    let second = cli().args(args).output().unwrap();
+    assert!(second.status.success());
+    assert_eq!(std::fs::metadata(out.join("dog/00_0.png")).unwrap().modified().unwrap(), kept);
+    assert_eq!(String::from_utf8_lossy(&second.stdout), table);
+    // One model for several subjects is refused.
+    let one = cli().args(["eval", "dreambench", "--dataset", data.to_str().unwrap(), "--model", dir.path().join("sample").to_str().unwrap(), "--out", out.to_str().unwrap()]).output().unwrap();
+    assert!(!one.status.success() && String::from_utf8_lossy(&one.stderr).contains("{subject}"));
+}

@@ -5,6 +5,7 @@
 
 pub mod clip;
 pub mod dino;
+pub mod dreambench;
 pub mod pil_resize;
 pub mod preprocess;
 pub mod score;
