@@ -129,21 +129,24 @@ fn adapters_and_merged_weights_give_the_same_model() {
     let mut adapted = Pipeline::load(&sample, &dev).unwrap();
     let config = LoraConfig { rank: 3, alpha: 5.0, targets: Targets::TransformerConv, dropout: 0.0, seed: 9 };
     adapted.attach_lora(&config, true, candle_core::DType::F32).unwrap();
+    // Seeded values (an unseeded draw made the float rounding, and so this test, vary by run).
+    let mut rng = dreambridge::rng::TrainRng::new(9);
     for (i, v) in adapted.unet_vars.all_vars().iter().chain(adapted.text_vars.all_vars().iter()).enumerate() {
-        let noise = (candle_core::Tensor::randn(0f32, 0.3, v.shape(), &dev).unwrap() * (1.0 + i as f64 * 1e-3)).unwrap();
+        let noise = (rng.normal(v.dims(), &dev).unwrap() * (0.3 * (1.0 + i as f64 * 1e-3))).unwrap();
         v.set(&noise).unwrap();
     }
     let set = adapted.lora_set().unwrap();
     let merged = Pipeline::load(&sample, &dev).unwrap();
     dreambridge::lora::merge::merge_into_vars(&[(&set, 1.0)], &merged.unet_vars, &merged.text_vars).unwrap();
 
-    let x = candle_core::Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev).unwrap();
+    let x = rng.normal(&[2, 4, 8, 8], &dev).unwrap();
     let t = candle_core::Tensor::new(&[10f32, 700.0], &dev).unwrap();
     let (ea, em) = (adapted.embed("a photo of sks dog").unwrap(), merged.embed("a photo of sks dog").unwrap());
     assert!(rel_diff(&ea, &em) < 1e-5, "text encoder: {}", rel_diff(&ea, &em));
     let ctx = em.repeat((2, 1, 1)).unwrap();
     let (ua, um) = (adapted.inference.unet.forward(&x, &t, &ctx).unwrap(), merged.inference.unet.forward(&x, &t, &ctx).unwrap());
-    assert!(rel_diff(&ua, &um) < 1e-5, "unet: {}", rel_diff(&ua, &um));
+    // (W + BA)x against Wx + BAx through the whole UNet in f32: rounding only.
+    assert!(rel_diff(&ua, &um) < 3e-5, "unet: {}", rel_diff(&ua, &um));
     let base = Pipeline::load(&sample, &dev).unwrap();
     assert!(rel_diff(&base.inference.unet.forward(&x, &t, &ctx).unwrap(), &um) > 1e-3, "the LoRA changes the model");
 }
