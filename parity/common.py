@@ -1,5 +1,6 @@
 """Shared by both sides of the parity suite (plain numpy: imported by the Keras and torch venvs)."""
 import json
+import logging
 import os
 
 import numpy as np
@@ -51,3 +52,29 @@ def record_fact(check, component, ok, note):
     with open(os.path.join(WORK, "results.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"  {check:28s} {component:22s} {'PASS' if ok else 'FAIL'} {note}", flush=True)
+
+
+class LogWarnings(logging.Handler):
+    """Collects what the named libraries log at WARNING and above (e.g. while a model loads)."""
+
+    def __init__(self, *loggers):
+        super().__init__(logging.WARNING)
+        self.loggers = loggers
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        for name in self.loggers:
+            logging.getLogger(name).addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        for name in self.loggers:
+            logging.getLogger(name).removeHandler(self)
+
+    def key_warnings(self):
+        """The messages about weights that were missing, unexpected or unused."""
+        words = ("missing", "unexpected", "not used", "not initialized", "newly initialized", "mismatch", "legacy")
+        return [m for m in self.messages if any(w in m.lower() for w in words)]

@@ -22,30 +22,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import WORK, record, record_fact  # noqa: E402
+from common import WORK, LogWarnings, record, record_fact  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
 torch.set_grad_enabled(False)
-
-
-class Warnings(logging.Handler):
-    """Collects what diffusers and peft log at WARNING and above while a LoRA loads."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-    def __enter__(self):
-        for name in ("diffusers", "peft"):
-            logging.getLogger(name).addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        for name in ("diffusers", "peft"):
-            logging.getLogger(name).removeHandler(self)
 
 
 def inputs(seed):
@@ -77,7 +57,7 @@ def theirs(pipe, x):
 def loaded(base, path, check, name):
     """The base pipeline with `path` loaded by diffusers; records that no key was left out."""
     pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True, safety_checker=None)
-    with Warnings() as w:
+    with LogWarnings("diffusers", "peft") as w:
         pipe.load_lora_weights(path)
     bad = [m for m in w.messages if "lora" in m.lower() or "unexpected" in m.lower() or "not loaded" in m.lower()]
     record_fact(check, f"{name}: no keys left out", not bad, "; ".join(bad)[:300] or "no warnings")

@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import WORK, record, record_fact  # noqa: E402
+from common import WORK, LogWarnings, record, record_fact  # noqa: E402
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
@@ -88,33 +88,6 @@ def db(*args, ok=True):
         raise RuntimeError(f"dreambridge {' '.join(map(str, args))} exited {p.returncode}: {p.stderr.strip()[-1500:]}")
     return p
 
-
-class Warnings(logging.Handler):
-    """What diffusers and transformers log at WARNING and above while a model loads."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-    def __enter__(self):
-        for name in ("diffusers", "transformers"):
-            logging.getLogger(name).addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        for name in ("diffusers", "transformers"):
-            logging.getLogger(name).removeHandler(self)
-
-    def key_warnings(self):
-        words = ("missing", "unexpected", "not used", "not initialized", "newly initialized", "mismatch", "legacy")
-        return [m for m in self.messages if any(w in m.lower() for w in words)]
-
-
-# ---------------------------------------------------------------------------------------------
-# The models: real diffusers/transformers classes, configs as dreambridge's tables assume them.
 
 def scheduler(prediction="epsilon"):
     """SD's DDIM (the config dreambridge embeds), so a folder without --base runs the same."""
@@ -214,7 +187,7 @@ def load_folder(folder, dtype=torch.float32, variant=None):
 
 
 def load_single(path, folder, dtype=torch.float32, **kwargs):
-    with Warnings() as w:
+    with LogWarnings("diffusers", "transformers") as w:
         pipe = StableDiffusionPipeline.from_single_file(path, config=folder, local_files_only=True, torch_dtype=dtype, **kwargs)
     return pipe, w.key_warnings()
 

@@ -460,8 +460,9 @@ struct SingleFileToDiffusers {
     force: bool,
 }
 
+/// The four KerasCV files of a conversion, in any form and place they come in.
 #[derive(Args)]
-struct KerasToSingleFile {
+struct KerasFiles {
     /// KerasCV DiffusionModel / DiffusionModelV2 weights (.h5, .weights.h5, .keras, TF checkpoint, SavedModel folder; or hf://owner/repo/file, a resolve URL, a Hub repo id).
     #[arg(long)]
     unet: Option<PathBuf>,
@@ -474,6 +475,25 @@ struct KerasToSingleFile {
     /// KerasCV Decoder (VAE decoder) weights (any form --unet takes).
     #[arg(long)]
     vae_decoder: Option<PathBuf>,
+}
+
+impl KerasFiles {
+    /// As given (for model cards).
+    fn specs(&self) -> Vec<String> {
+        [&self.unet, &self.text_encoder, &self.vae_encoder, &self.vae_decoder].into_iter().flatten().map(|p| p.display().to_string()).collect()
+    }
+
+    /// Local paths, Hub files and repos downloaded first.
+    fn fetch(&self) -> Result<KerasInputs> {
+        let fetch = |p: &Option<PathBuf>| p.as_deref().map(dreambridge::hub::download::keras_input).transpose();
+        Ok(KerasInputs { unet: fetch(&self.unet)?, text_encoder: fetch(&self.text_encoder)?, vae_encoder: fetch(&self.vae_encoder)?, vae_decoder: fetch(&self.vae_decoder)? })
+    }
+}
+
+#[derive(Args)]
+struct KerasToSingleFile {
+    #[command(flatten)]
+    files: KerasFiles,
     /// A diffusers folder, Hub repo id or single file supplying the parts not given.
     #[arg(long)]
     base: Option<PathBuf>,
@@ -496,18 +516,8 @@ struct KerasToSingleFile {
 
 #[derive(Args)]
 struct KerasToDiffusers {
-    /// KerasCV DiffusionModel / DiffusionModelV2 weights (.h5, .weights.h5, .keras, TF checkpoint, SavedModel folder; or hf://owner/repo/file, a resolve URL, a Hub repo id).
-    #[arg(long)]
-    unet: Option<PathBuf>,
-    /// KerasCV TextEncoder / TextEncoderV2 weights (any form --unet takes).
-    #[arg(long)]
-    text_encoder: Option<PathBuf>,
-    /// KerasCV ImageEncoder (VAE encoder) weights (any form --unet takes).
-    #[arg(long)]
-    vae_encoder: Option<PathBuf>,
-    /// KerasCV Decoder (VAE decoder) weights (any form --unet takes).
-    #[arg(long)]
-    vae_decoder: Option<PathBuf>,
+    #[command(flatten)]
+    files: KerasFiles,
     /// A diffusers pipeline folder, or a Hub repo id, supplying the parts not given (tokenizer, scheduler, ...).
     #[arg(long)]
     base: Option<PathBuf>,
@@ -705,9 +715,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Inspect { file, sd_version } => print!("{}", dreambridge::inspect::inspect(&file, sd_version)?),
         Command::Convert(Direction::KerasToDiffusers(a)) => {
-            let raw_specs = (a.unet.clone(), a.text_encoder.clone(), a.vae_encoder.clone(), a.vae_decoder.clone());
-            let fetch = |p: Option<PathBuf>| p.as_deref().map(dreambridge::hub::download::keras_input).transpose();
-            let given = KerasInputs { unet: fetch(a.unet)?, text_encoder: fetch(a.text_encoder)?, vae_encoder: fetch(a.vae_encoder)?, vae_decoder: fetch(a.vae_decoder)? };
+            let sources = a.files.specs();
+            let given = a.files.fetch()?;
             let nothing_given = given.unet.is_none() && given.text_encoder.is_none() && given.vae_encoder.is_none() && given.vae_decoder.is_none();
             let _sample_dir;
             let inputs = if a.sample || (nothing_given && a.base.is_none()) {
@@ -720,7 +729,6 @@ fn run(cli: Cli) -> Result<()> {
                 given
             };
             let base = a.base.as_deref().map(dreambridge::hub::download::local_or_hub).transpose()?;
-            let sources: Vec<String> = [&raw_specs.0, &raw_specs.1, &raw_specs.2, &raw_specs.3].into_iter().flatten().map(|p| p.display().to_string()).collect();
             let opts = ToDiffusersOptions {
                 base,
                 out: a.out,
@@ -759,8 +767,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Convert(Direction::KerasToSingleFile(a)) => {
             use dreambridge::single_file::convert::{keras_to_single_file, ExportOptions};
-            let fetch = |p: Option<PathBuf>| p.as_deref().map(dreambridge::hub::download::keras_input).transpose();
-            let inputs = KerasInputs { unet: fetch(a.unet)?, text_encoder: fetch(a.text_encoder)?, vae_encoder: fetch(a.vae_encoder)?, vae_decoder: fetch(a.vae_decoder)? };
+            let inputs = a.files.fetch()?;
             let base = a.base.as_deref().map(dreambridge::hub::download::local_file_or_hub).transpose()?;
             let opts = ExportOptions { out: a.out, half: a.half, force: a.force };
             let done = keras_to_single_file(&inputs, base.as_deref(), a.sd_version, a.prediction_type, &opts)?;
