@@ -100,6 +100,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn push_uploads_every_file_byte_for_byte_through_lfs() {
+    no_hdf5_locks();
     let hub = Hub::start();
     let dir = tempfile::tempdir().unwrap();
     let pipe = pipeline(dir.path());
@@ -138,6 +139,7 @@ fn push_uploads_every_file_byte_for_byte_through_lfs() {
 
 #[test]
 fn multipart_part_keys_plain_or_padded_upload_and_gaps_are_refused() {
+    no_hdf5_locks();
     let dir = tempfile::tempdir().unwrap();
     let pipe = pipeline(dir.path());
     let unet = std::fs::read(pipe.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
@@ -161,6 +163,7 @@ fn multipart_part_keys_plain_or_padded_upload_and_gaps_are_refused() {
 
 #[test]
 fn transient_failures_are_retried_without_resending_finished_parts() {
+    no_hdf5_locks();
     let hub = Hub::start();
     let dir = tempfile::tempdir().unwrap();
     let pipe = pipeline(dir.path());
@@ -187,6 +190,7 @@ fn transient_failures_are_retried_without_resending_finished_parts() {
 
 #[test]
 fn failed_pushes_leave_the_repo_as_it_was() {
+    no_hdf5_locks();
     let hub = Hub::start();
     let dir = tempfile::tempdir().unwrap();
     let pipe = pipeline(dir.path());
@@ -212,6 +216,7 @@ fn failed_pushes_leave_the_repo_as_it_was() {
 
 #[test]
 fn folders_that_from_pretrained_cannot_load_are_refused() {
+    no_hdf5_locks();
     let dir = tempfile::tempdir().unwrap();
     let pipe = pipeline(dir.path());
     std::fs::remove_file(pipe.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
@@ -224,6 +229,7 @@ fn folders_that_from_pretrained_cannot_load_are_refused() {
 
 #[test]
 fn the_emulator_refuses_large_binary_files_outside_lfs() {
+    no_hdf5_locks();
     use base64::Engine;
     let hub = Hub::start();
     let auth = format!("Bearer {TOKEN}");
@@ -243,6 +249,7 @@ fn the_emulator_refuses_large_binary_files_outside_lfs() {
 
 #[test]
 fn downloads_land_in_the_python_compatible_cache_and_serve_as_base() {
+    no_hdf5_locks();
     let hub = Hub::start();
     let dir = tempfile::tempdir().unwrap();
     let pipe = pipeline(dir.path());
@@ -268,6 +275,7 @@ fn downloads_land_in_the_python_compatible_cache_and_serve_as_base() {
 
 #[test]
 fn branch_subfolder_privacy_existing_card_and_push_after_convert() {
+    no_hdf5_locks();
     let hub = Hub::start();
     let dir = tempfile::tempdir().unwrap();
     let pipe = pipeline(dir.path());
@@ -294,6 +302,7 @@ fn branch_subfolder_privacy_existing_card_and_push_after_convert() {
 
 #[test]
 fn a_lora_folder_is_pushed_as_a_lora_repo() {
+    no_hdf5_locks();
     use dreambridge::lora::{Format, LoraModule, LoraSet, Part};
     use dreambridge::tensor::{DType, RawTensor};
     let hub = Hub::start();
@@ -318,6 +327,7 @@ fn a_lora_folder_is_pushed_as_a_lora_repo() {
 
 #[test]
 fn single_files_on_the_hub_convert_by_hf_uri_and_resolve_url() {
+    no_hdf5_locks();
     let hub = Hub::start();
     let dir = tempfile::tempdir().unwrap();
     let pipe = pipeline(dir.path());
@@ -354,6 +364,7 @@ fn single_files_on_the_hub_convert_by_hf_uri_and_resolve_url() {
 
 #[test]
 fn kerascv_weights_come_from_hub_files_urls_and_savedmodel_repos_and_the_space_flow_pushes() {
+    no_hdf5_locks();
     let hub = Hub::start();
     let dir = tempfile::tempdir().unwrap();
     // A repo with a diffusers base, a KerasCV UNet .h5 and a SavedModel (as push_to_hub_keras

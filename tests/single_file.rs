@@ -60,6 +60,7 @@ fn assert_same_folder(a: &Path, b: &Path) {
 
 #[test]
 fn diffusers_to_single_file_and_back_is_bit_exact_for_sd1_and_sd2() {
+    no_hdf5_locks();
     let dir = tempfile::tempdir().unwrap();
     for version in [1u8, 2] {
         let pipe = pipeline(dir.path(), version);
@@ -87,6 +88,7 @@ fn diffusers_to_single_file_and_back_is_bit_exact_for_sd1_and_sd2() {
 
 #[test]
 fn keras_to_single_file_and_back_is_bit_exact_for_sd1_and_sd2() {
+    no_hdf5_locks();
     let dir = tempfile::tempdir().unwrap();
     for version in [1u8, 2] {
         let file = dir.path().join(format!("sd{version}.safetensors"));
@@ -113,6 +115,7 @@ fn keras_to_single_file_and_back_is_bit_exact_for_sd1_and_sd2() {
 
 #[test]
 fn half_writes_fp16_casts_and_parts_not_given_come_from_the_base() {
+    no_hdf5_locks();
     let dir = tempfile::tempdir().unwrap();
     let pipe = pipeline(dir.path(), 1);
     let full = dir.path().join("full.safetensors");
@@ -140,6 +143,7 @@ fn half_writes_fp16_casts_and_parts_not_given_come_from_the_base() {
 
 #[test]
 fn v_prediction_travels_as_a_sidecar_yaml() {
+    no_hdf5_locks();
     let dir = tempfile::tempdir().unwrap();
     let pipe = pipeline(dir.path(), 2);
     let sched = pipe.join("scheduler/scheduler_config.json");
@@ -163,6 +167,7 @@ fn v_prediction_travels_as_a_sidecar_yaml() {
 
 #[test]
 fn torch_checkpoints_are_read_without_running_them() {
+    no_hdf5_locks();
     // Values written by fixtures/make_ckpt_fixtures.py.
     let ckpt = Checkpoint::open(&fixture("tensors.ckpt")).unwrap();
     let f32s = |t: RawTensor| t.to_f32_values();
@@ -190,6 +195,7 @@ fn torch_checkpoints_are_read_without_running_them() {
 
 #[test]
 fn an_original_sd2_checkpoint_imports_what_diffusers_loads() {
+    no_hdf5_locks();
     // torch.save({"state_dict": ...}) of the tiny SD2 UNet (fp16) and OpenCLIP text tower with the
     // whole tower's extra last block, text_projection, logit_scale and schedule buffers.
     let ckpt = fixture("sd2_single_file.ckpt");
@@ -230,6 +236,7 @@ fn rewrite(from: &Path, to: &Path, edit: impl Fn(&mut Vec<(String, RawTensor)>))
 
 #[test]
 fn ema_weights_are_used_on_request() {
+    no_hdf5_locks();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("sd1.safetensors");
     export(&pipeline(dir.path(), 1), &file, false);
@@ -262,6 +269,7 @@ fn ema_weights_are_used_on_request() {
 
 #[test]
 fn bad_single_files_are_named_by_file_and_key_and_leave_nothing() {
+    no_hdf5_locks();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("sd1.safetensors");
     export(&pipeline(dir.path(), 1), &file, false);
@@ -307,6 +315,7 @@ fn bad_single_files_are_named_by_file_and_key_and_leave_nothing() {
 
 #[test]
 fn inspect_names_the_layout_and_version() {
+    no_hdf5_locks();
     let (ok, _) = run(&["inspect", fixture("sd2_single_file.ckpt").to_str().unwrap()]);
     assert!(ok);
     let out = cli().args(["inspect", fixture("sd2_single_file.ckpt").to_str().unwrap()]).output().unwrap();
@@ -317,6 +326,7 @@ fn inspect_names_the_layout_and_version() {
 
 #[test]
 fn train_and_generate_take_a_single_file_base_and_train_saves_one() {
+    no_hdf5_locks();
     let dir = tempfile::tempdir().unwrap();
     training_inputs(dir.path());
     let file = dir.path().join("base.safetensors");

@@ -28,6 +28,7 @@ fn converted(path: &Path, role: &str, sd_version: Option<u8>) -> (KerasFormat, V
 
 #[test]
 fn tf_checkpoints_saved_models_and_keras_archives_give_the_h5_tensors() {
+    no_hdf5_locks();
     let (_, encoder) = converted(&fixture("image_encoder.h5"), "vae-encoder", None);
     let ckpt = fixture("tf_checkpoint");
     // The folder (its `checkpoint` file names the latest), the index, the prefix, a data shard.
@@ -66,6 +67,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn corrupted_bundles_are_named_and_leave_nothing() {
+    no_hdf5_locks();
     let dir = tempfile::tempdir().unwrap();
     let convert = |input: &Path| {
         let out = dir.path().join("out");
@@ -113,6 +115,7 @@ fn corrupted_bundles_are_named_and_leave_nothing() {
 
 #[test]
 fn textual_inversion_rows_get_their_placeholder_tokens() {
+    no_hdf5_locks();
     let dir = tempfile::tempdir().unwrap();
     let ti = fixture("text_encoder_sd1_ti.h5");
     let out = dir.path().join("pipe");

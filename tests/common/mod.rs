@@ -26,6 +26,15 @@ pub fn f32_at(t: &RawTensor, index: usize) -> f32 {
     f32::from_le_bytes(t.data[index * 4..index * 4 + 4].try_into().unwrap())
 }
 
+/// For tests that open HDF5 files in-process while other tests spawn CLI children: a child
+/// inherits libhdf5's descriptors (opened without O_CLOEXEC) and with them the lock on a file this
+/// process is writing, so a later open here would fail with EAGAIN. Locking is off for this
+/// process too (libhdf5 reads the variable at every open); the files are private to each test.
+pub fn no_hdf5_locks() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::env::set_var("HDF5_USE_FILE_LOCKING", "FALSE"));
+}
+
 /// The CLI, as a command. libhdf5 opens files without O_CLOEXEC, so a child spawned by one test
 /// can inherit (and keep locked) an HDF5 file another test thread is writing; HDF5's advisory
 /// locking is therefore off for these children.
