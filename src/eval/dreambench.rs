@@ -16,7 +16,7 @@ use crate::rng::TrainRng;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The dataset's definitions.
 #[derive(Debug, Clone, PartialEq)]
@@ -176,11 +176,6 @@ pub fn table(report: &Value) -> String {
         out += &format!("{:<22}{:>8}{:>8}{:>8}\n", label, f(&m["dino"]), f(&m["clip_i"]), f(&m["clip_t"]));
     }
     out
-}
-
-/// `dataset/prompts_and_classes.txt` of a dataset folder exists.
-pub fn is_dataset(dir: &Path) -> bool {
-    dir.join("prompts_and_classes.txt").is_file()
 }
 
 #[cfg(test)]

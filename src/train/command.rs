@@ -220,11 +220,10 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
             anyhow::ensure!(a.validation_prompt.is_some(), "--validation-eval needs --validation-prompt");
             let clip = crate::eval::clip::Clip::load(&crate::eval::score::model_dir(&v.clip_model)?, &dev)?;
             let dino = crate::eval::dino::Dino::load(&crate::eval::score::model_dir(&v.dino_model)?, &dev)?;
-            Some((clip, dino))
+            Some((clip, dino, crate::eval::preprocess::image_files(&a.instance_data_dir)?))
         }
         None => None,
     };
-    let instance_files = crate::eval::preprocess::image_files(&a.instance_data_dir)?;
     let mut log_error = None;
     let bar = ProgressBar::new(a.max_train_steps as u64);
     bar.set_style(ProgressStyle::with_template("steps {pos}/{len} [{bar:30}] {per_sec} {msg}").expect("template").progress_chars("=> "));
@@ -246,10 +245,10 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
                 match validate(&pipe, prompt, a, step) {
                     Err(e) => validation_error = Some(e),
                     Ok(images) => {
-                        if let Some((clip, dino)) = &scorers {
+                        if let Some((clip, dino, instance_files)) = &scorers {
                             let clip_t = super::metrics_log::without_identifier(prompt, &a.instance_prompt, a.class_prompt.as_deref());
                             let prompts = Some([("*".to_string(), clip_t.clone())].into_iter().collect());
-                            let inputs = crate::eval::score::EvalInputs { generated: &images, real: &instance_files, prompts, strict: true, batch: 8 };
+                            let inputs = crate::eval::score::EvalInputs { generated: &images, real: instance_files, prompts, strict: true, batch: 8 };
                             let scored = crate::eval::score::evaluate(&inputs, clip, dino, &pipe.device).and_then(|r| log.scores(step, &r["metrics"], &clip_t));
                             if let Err(e) = scored {
                                 validation_error = Some(e.context("--validation-eval"));
