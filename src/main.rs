@@ -820,9 +820,26 @@ fn print_exported(done: &dreambridge::single_file::convert::Exported) {
     }
 }
 
+/// diffusers' scripts spell flags with underscores (`--pretrained_model_name_or_path=X`); every
+/// flag here is also accepted so, by reading `_` in a flag's name (not in its value) as `-`.
+fn kebab_flags(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    args.map(|a| match a.to_str() {
+        Some(text) if text.starts_with("--") && text.len() > 2 => {
+            let (name, value) = match text.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (text, None),
+            };
+            let name = format!("--{}", name[2..].replace('_', "-"));
+            value.map_or(name.clone(), |v| format!("{name}={v}")).into()
+        }
+        _ => a,
+    })
+    .collect()
+}
+
 fn main() -> ExitCode {
     dreambridge::alloc::keep_freed_memory();
-    match run(Cli::parse()) {
+    match run(Cli::parse_from(kebab_flags(std::env::args_os()))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", dreambridge::output::one_line(&e));

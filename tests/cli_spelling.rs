@@ -1,0 +1,33 @@
+//! Flags in diffusers' spelling (`--pretrained_model_name_or_path=X`) work as written.
+
+mod common;
+use common::*;
+
+#[test]
+fn underscore_flags_and_equals_values_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    training_inputs(dir.path());
+    let out = dir.path().join("run");
+    let (ok, err) = run(&[
+        "train",
+        &format!("--pretrained_model_name_or_path={}", dir.path().join("sample").display()),
+        &format!("--instance_data_dir={}", dir.path().join("instance").display()),
+        "--instance_prompt=a photo of sks dog",
+        "--resolution=64",
+        "--train_batch_size=1",
+        "--max_train_steps=2",
+        "--learning_rate=5e-6",
+        "--lr_scheduler=constant",
+        "--lr_warmup_steps=0",
+        "--sample_steps=1",
+        "--output_dir",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.join("model_index.json").is_file());
+    // Only names are rewritten: a value with underscores stays as given.
+    let images = dir.path().join("images_with_underscores");
+    let (ok, err) = run(&["generate", "--model", dir.path().join("sample").to_str().unwrap(), "--prompt=a_b c", "--size=64", "--steps=1", &format!("--out={}", images.display())]);
+    assert!(ok, "{err}");
+    assert!(images.join("image_0.png").is_file());
+}
