@@ -217,6 +217,12 @@ fn an_original_sd2_checkpoint_imports_what_diffusers_loads() {
     single_file_to_diffusers(&ckpt, &ToFolderOptions { base: Some(base.clone()), out: out.clone(), ..Default::default() }).unwrap();
     assert_eq!(st_tensors(&out.join(WEIGHTS[1])), st_tensors(&base.join(WEIGHTS[1])));
     assert_eq!(st_tensors(&out.join(WEIGHTS[2])), st_tensors(&base.join(WEIGHTS[2])));
+    // --half: the file's parts and the base's VAE alike under the fp16 variant names.
+    let half = dir.path().join("half");
+    single_file_to_diffusers(&ckpt, &ToFolderOptions { base: Some(base.clone()), out: half.clone(), half: true, ..Default::default() }).unwrap();
+    let vae: Vec<(String, RawTensor)> = st_tensors(&base.join(WEIGHTS[2])).into_iter().map(|(k, t)| (k, t.cast(DType::F16))).collect();
+    assert_eq!(st_tensors(&half.join("vae/diffusion_pytorch_model.fp16.safetensors")), vae);
+    assert!(half.join("vae/config.json").is_file() && half.join("unet/diffusion_pytorch_model.fp16.safetensors").is_file());
     let err = single_file_to_diffusers(&ckpt, &ToFolderOptions { out: dir.path().join("nobase"), ..Default::default() }).unwrap_err();
     assert!(format!("{err:#}").contains("has no VAE (`first_stage_model.*`)"), "{err:#}");
     assert!(!dir.path().join("nobase").exists());

@@ -174,7 +174,8 @@ pub fn keras_to_diffusers(inputs: &KerasInputs, opts: &ToDiffusersOptions) -> Re
     Ok(Converted { out, kinds, complete_pipeline: complete, learned_embeds })
 }
 
-fn write_json(staging: &Staging, relative: &str, value: &serde_json::Value) -> Result<()> {
+/// A pretty-printed JSON file in the staging folder.
+pub(crate) fn write_json(staging: &Staging, relative: &str, value: &serde_json::Value) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value)?;
     text.push('\n');
     staging.write(relative, text.as_bytes())
@@ -268,7 +269,8 @@ fn copy_rest_of_base(base: &Path, staging: &Staging, written: &BTreeSet<&str>, d
     Ok(())
 }
 
-fn recode_weights(from: &Path, to: &Path, dtype: DType) -> Result<()> {
+/// A safetensors file re-encoded in `dtype`.
+pub(crate) fn recode_weights(from: &Path, to: &Path, dtype: DType) -> Result<()> {
     let src = StFile::open(from).with_context(|| from.display().to_string())?;
     let pending: Vec<PendingTensor> = src
         .keys()

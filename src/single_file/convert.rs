@@ -6,7 +6,7 @@ use super::detect::{Prediction, PredictionType};
 use super::export::{write_single_file, ExportComponent, ExportTensor};
 use super::{ReadOptions, SingleFile, LAYOUT};
 use crate::convert::plan::Plan;
-use crate::convert::to_diffusers::{open_keras, KerasInputs, Matched};
+use crate::convert::to_diffusers::{open_keras, recode_weights, write_json, KerasInputs, Matched};
 use crate::convert::to_keras::{keras_file_name, plan_diffusers_folder, write_h5, ToKerasResult};
 use crate::diffusers::configs::{model_index, scheduler_config, text_encoder_config, unet_config, vae_config};
 use crate::diffusers::layout::Component;
@@ -329,12 +329,6 @@ pub struct FolderWritten {
     pub from_base: Vec<String>,
 }
 
-fn write_json(staging: &Staging, relative: &str, value: &Value) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value)?;
-    text.push('\n');
-    staging.write(relative, text.as_bytes())
-}
-
 /// The config of a part as the file's tensors determine it over the embedded SD1/SD2 defaults
 /// (SD2: the 2.1 config, as diffusers assumes for an SD2 file).
 fn derived_config(component: &str, plans: &[Plan]) -> Result<Value> {
@@ -482,7 +476,6 @@ fn write_part(staging: &Staging, component: Component, source: &dyn TensorSource
 /// A base component copied with its weights re-encoded as fp16 under the variant name.
 fn copy_part_recoded(base: &Path, staging: &Staging, c: Component) -> Result<()> {
     let from = crate::diffusers::layout::find_weights(base, c)?;
-    let file = crate::diffusers::st_read::StFile::open(&from).with_context(|| from.display().to_string())?;
     for entry in std::fs::read_dir(base.join(c.dir()))? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().to_string();
@@ -490,14 +483,7 @@ fn copy_part_recoded(base: &Path, staging: &Staging, c: Component) -> Result<()>
             crate::output::copy_file(&entry.path(), &staging.path(&format!("{}/{name}", c.dir()))?)?;
         }
     }
-    let keys = file.keys();
-    let pending: Vec<PendingTensor> =
-        keys.iter().map(|k| Ok(PendingTensor { key: k.clone(), dtype: DType::F16, shape: file.info(k)?.shape })).collect::<Result<_>>()?;
-    let mut w = StWriter::create(&staging.path(&format!("{}/{}", c.dir(), c.weights_name(true)))?, pending.clone())?;
-    for p in &pending {
-        w.write_next(&p.key, &file.read(&p.key)?.cast(DType::F16))?;
-    }
-    w.finish()
+    recode_weights(&from, &staging.path(&format!("{}/{}", c.dir(), c.weights_name(true)))?, DType::F16)
 }
 
 /// One single-file checkpoint -> KerasCV legacy `.h5` files (one per KerasCV sub-model).
