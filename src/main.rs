@@ -316,6 +316,23 @@ struct TrainCli {
     /// (output_dir/<name>.safetensors in the original layout; with LoRA, the kohya LoRA file).
     #[arg(long)]
     save_single_file: bool,
+    /// The sampler of the validation images (diffusers' default: DPMSolverMultistepScheduler).
+    #[arg(long, value_enum, default_value = "DPMSolverMultistepScheduler")]
+    validation_scheduler: dreambridge::generate::scheduler::SchedulerKind,
+    /// Accepted for diffusers' command lines: dreambridge's attention already runs in bounded
+    /// memory (no xformers needed).
+    #[arg(long)]
+    enable_xformers_memory_efficient_attention: bool,
+    /// Accepted for diffusers' command lines: dreambridge's optimizer never keeps zeroed gradient
+    /// tensors between steps.
+    #[arg(long)]
+    set_grads_to_none: bool,
+    /// DeepFloyd IF only (refused for Stable Diffusion).
+    #[arg(long, hide = true)]
+    class_labels_conditioning: Option<String>,
+    /// DeepFloyd IF only (refused for Stable Diffusion).
+    #[arg(long, hide = true)]
+    validation_images: Vec<String>,
     /// Score each validation round (DINO and CLIP-I against the instance images, CLIP-T against the
     /// validation prompt without the identifier) into logs/metrics.jsonl and logs/metrics.png.
     #[arg(long)]
@@ -356,19 +373,31 @@ struct GenerateArgs {
     /// The sampler, by diffusers' class name (aliases: ddim, dpm++, euler_a).
     #[arg(long, value_enum, default_value = "DDIMScheduler")]
     scheduler: dreambridge::generate::scheduler::SchedulerKind,
+    /// The prompt.
     #[arg(long)]
     prompt: String,
+    /// What the image should not show (the unconditional side of classifier-free guidance).
     #[arg(long, default_value = "")]
     negative_prompt: String,
-    #[arg(long, default_value_t = 30)]
+    /// Sampler steps (diffusers: --num_inference_steps).
+    #[arg(long, alias = "num-inference-steps", default_value_t = 30)]
     steps: usize,
+    /// Classifier-free guidance scale (1 = no guidance).
     #[arg(long, default_value_t = 7.5)]
     guidance_scale: f64,
     /// Image size in pixels (a multiple of 8).
     #[arg(long, default_value_t = 512)]
     size: usize,
-    #[arg(long, default_value_t = 1)]
+    /// diffusers' --height; it must equal --width (square images).
+    #[arg(long)]
+    height: Option<usize>,
+    /// diffusers' --width; it must equal --height (square images).
+    #[arg(long)]
+    width: Option<usize>,
+    /// How many images (diffusers: --num_images_per_prompt).
+    #[arg(long, alias = "num-images-per-prompt", default_value_t = 1)]
     num_images: usize,
+    /// Seed of the initial noise (image n uses the n-th draw).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Folder for image_<n>.png (created if missing; existing images are not overwritten).
@@ -571,6 +600,14 @@ fn run(cli: Cli) -> Result<()> {
             dreambridge::models::forward::run(&component, &model, &lora, &lora_scale, &inputs, &out, &dreambridge::device::parse(&device)?)?
         }
         Command::Train(a) => {
+            anyhow::ensure!(a.class_labels_conditioning.is_none(), "--class_labels_conditioning is for DeepFloyd IF: not supported for Stable Diffusion");
+            anyhow::ensure!(a.validation_images.is_empty(), "--validation_images is for DeepFloyd IF's upscaler: not supported for Stable Diffusion");
+            if a.enable_xformers_memory_efficient_attention {
+                eprintln!("note: --enable_xformers_memory_efficient_attention: not needed, dreambridge's attention already runs in bounded memory");
+            }
+            if a.set_grads_to_none {
+                eprintln!("note: --set_grads_to_none: not needed, dreambridge keeps no zeroed gradients between steps");
+            }
             let lora = match a.lora_rank {
                 Some(rank) => {
                     anyhow::ensure!((0.0..1.0).contains(&a.lora_dropout), "--lora-dropout must be in [0, 1)");
@@ -620,6 +657,7 @@ fn run(cli: Cli) -> Result<()> {
                 stop: dreambridge::train::interrupt::StopRequest::on_signals()?,
                 lora,
                 save_single_file: a.save_single_file,
+                validation_scheduler: a.validation_scheduler,
                 validation_eval: a.validation_eval.then(|| dreambridge::train::command::ValidationEval { clip_model: a.eval_clip_model.clone(), dino_model: a.eval_dino_model.clone() }),
             };
             let done = dreambridge::train::command::train(&args)?;
@@ -640,7 +678,13 @@ fn run(cli: Cli) -> Result<()> {
                 println!("pushed {repo} as commit {}", dreambridge::hub::push::push(&done.output_dir, &opts)?.commit);
             }
         }
-        Command::Generate(a) => {
+        Command::Generate(mut a) => {
+            a.size = match (a.height, a.width) {
+                (None, None) => a.size,
+                (Some(h), Some(w)) if h == w => h,
+                (Some(s), None) | (None, Some(s)) => s,
+                (Some(h), Some(w)) => anyhow::bail!("--height {h} and --width {w}: only square images are generated for now"),
+            };
             anyhow::ensure!(a.size % 8 == 0 && a.size >= 8, "--size must be a multiple of 8");
             let model = dreambridge::single_file::base::resolve_base(&a.model)?;
             let pipe = dreambridge::pipeline::Pipeline::load(&model, &dreambridge::device::parse(&a.device)?)?;

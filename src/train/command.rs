@@ -16,7 +16,7 @@ use crate::pipeline::schedule::NoiseSchedule;
 use super::trainer::{Example, TrainConfig, Trainer};
 use crate::diffusers::layout::Component;
 use crate::diffusers::st_write::{PendingTensor, StWriter};
-use crate::generate::text_to_image::{generate, save_png};
+use crate::generate::text_to_image::{generate, generate_with, save_png};
 use crate::pipeline::Pipeline;
 use crate::hub::model_card::{model_card, CardInfo};
 use crate::tensor::{DType as RawDType, RawTensor};
@@ -79,6 +79,8 @@ pub struct TrainArgs {
     /// Score every validation round (DINO, CLIP-I against the instance images; CLIP-T against the
     /// validation prompt without the identifier) with these models.
     pub validation_eval: Option<ValidationEval>,
+    /// The sampler of the validation images.
+    pub validation_scheduler: crate::generate::scheduler::SchedulerKind,
 }
 
 /// The metric models of `--validation-eval` (folders or Hub repo ids).
@@ -352,7 +354,7 @@ fn validate(pipe: &Pipeline, prompt: &str, a: &TrainArgs, step: usize) -> Result
     let mut paths = Vec::new();
     for i in 0..a.num_validation_images {
         let path = dir.join(format!("step_{step}_{i}.png"));
-        save_png(&generate(pipe, prompt, "", a.resolution, a.sample_steps, 7.5, &mut rng)?, &path)?;
+        save_png(&generate_with(pipe, prompt, "", a.resolution, a.sample_steps, 7.5, a.validation_scheduler, &mut rng)?, &path)?;
         paths.push(path);
     }
     Ok(paths)

@@ -116,5 +116,6 @@ pub fn tiny_train_args(dir: &Path, out: &Path) -> dreambridge::train::command::T
         lora: None,
         save_single_file: false,
         validation_eval: None,
+        validation_scheduler: Default::default(),
     }
 }
