@@ -702,7 +702,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::SamplerSteps { scheduler, config, steps, inputs, out } => dreambridge::generate::trajectory::run(scheduler, &config, steps, &inputs, &out)?,
         Command::Eval(EvalArgs { bench: Some(EvalBench::Dreambench(b)), .. }) => {
-            use dreambridge::eval::{clip::Clip, dino::Dino, dreambench, score};
+            use dreambridge::eval::{clip::Clip, dino::Dino, dreambench};
             let device = dreambridge::device::parse(&b.device)?;
             let opts = dreambench::BenchOptions {
                 dataset: b.dataset,
@@ -720,8 +720,8 @@ fn run(cli: Cli) -> Result<()> {
                 device: device.clone(),
             };
             dreambench::plan(&opts)?;
-            let clip = Clip::load(&score::model_dir(&b.clip_model)?, &device)?;
-            let dino = Dino::load(&score::model_dir(&b.dino_model)?, &device)?;
+            let clip = Clip::load(&dreambridge::hub::download::local_or_hub(&b.clip_model)?, &device)?;
+            let dino = Dino::load(&dreambridge::hub::download::local_or_hub(&b.dino_model)?, &device)?;
             let report = dreambench::run(&opts, &clip, &dino)?;
             print!("{}", dreambench::table(&report));
             if let Some(path) = &b.json {
@@ -737,8 +737,8 @@ fn run(cli: Cli) -> Result<()> {
                 (None, Some(f)) => Some(serde_json::from_str(&std::fs::read_to_string(f).with_context(|| f.display().to_string())?).with_context(|| format!("{}: not a JSON object of file name -> prompt", f.display()))?),
                 (None, None) => None,
             };
-            let clip = Clip::load(&score::model_dir(&a.clip_model)?, &device)?;
-            let dino = Dino::load(&score::model_dir(&a.dino_model)?, &device)?;
+            let clip = Clip::load(&dreambridge::hub::download::local_or_hub(&a.clip_model)?, &device)?;
+            let dino = Dino::load(&dreambridge::hub::download::local_or_hub(&a.dino_model)?, &device)?;
             let (generated, real) = (image_files(&generated_dir)?, image_files(&real_dir)?);
             let inputs = score::EvalInputs { generated: &generated, real: &real, prompts, strict: a.strict, batch: a.batch_size };
             let report = score::evaluate(&inputs, &clip, &dino, &device)?;

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, D};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Rows scaled to unit length (the norm clamped at `EPS`, as `torch.nn.functional.normalize`).
 pub const EPS: f64 = 1e-12;
@@ -119,9 +119,4 @@ pub fn evaluate(inputs: &EvalInputs, clip: &Clip, dino: &Dino, device: &Device) 
         "skipped": skipped_gen.iter().chain(&skipped_real).collect::<Vec<_>>(),
         "per_image": per_image,
     }))
-}
-
-/// A local model folder, or a Hub repo id downloaded into the cache.
-pub fn model_dir(spec: &Path) -> Result<PathBuf> {
-    crate::hub::download::local_or_hub(spec)
 }

@@ -24,14 +24,18 @@ pub fn snapshot(repo_id: &str, revision: Option<&str>) -> Result<PathBuf> {
     snapshot.with_context(|| format!("{repo_id}: the repository is empty"))
 }
 
+/// `namespace/name`, not a relative or absolute path.
+fn is_repo_id(text: &str) -> bool {
+    text.split('/').count() == 2 && !text.starts_with('.') && !text.starts_with('/')
+}
+
 /// A local folder as is, or a Hub repo id (`namespace/name`) downloaded into the cache.
 pub fn local_or_hub(spec: &Path) -> Result<PathBuf> {
     if spec.exists() {
         return Ok(spec.to_owned());
     }
     let text = spec.to_string_lossy();
-    let looks_like_repo = text.split('/').count() == 2 && !text.starts_with('.') && !text.starts_with('/');
-    anyhow::ensure!(looks_like_repo, "{}: no such folder (nor a Hub repo id `namespace/name`)", spec.display());
+    anyhow::ensure!(is_repo_id(&text), "{}: no such folder (nor a Hub repo id `namespace/name`)", spec.display());
     eprintln!("{text}: fetching from the Hub");
     snapshot(&text, None)
 }
@@ -148,8 +152,7 @@ pub fn keras_input(spec: &Path) -> Result<PathBuf> {
         Some((r, rev)) => (r.to_string(), Some(rev.to_string())),
         None => (text.clone(), None),
     };
-    let looks_like_repo = repo.split('/').count() == 2 && !repo.starts_with('.') && !repo.starts_with('/');
-    anyhow::ensure!(looks_like_repo, "{text}: no such file or folder (nor a Hub file `hf://owner/repo/file` or repo id `owner/name`)");
+    anyhow::ensure!(is_repo_id(&repo), "{text}: no such file or folder (nor a Hub file `hf://owner/repo/file` or repo id `owner/name`)");
     eprintln!("{repo}: fetching from the Hub");
     let folder = snapshot(&repo, revision.as_deref())?;
     if folder.join("saved_model.pb").is_file() {

@@ -26,9 +26,6 @@ use view::ComponentView;
 /// The layout name used in messages and tables.
 pub const LAYOUT: &str = "ldm";
 
-/// The three diffusers components of a single file, in the order they are written.
-pub const COMPONENTS: [&str; 3] = ["unet", "text_encoder", "vae"];
-
 /// True when `head` (the first 9 bytes) starts a safetensors file: a little-endian header length,
 /// then the JSON header's `{`. Checked first: the length's low byte can be anything, 0x80 (a
 /// pickle's first byte) included.

@@ -220,8 +220,8 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
     let scorers = match &a.validation_eval {
         Some(v) => {
             anyhow::ensure!(a.validation_prompt.is_some(), "--validation-eval needs --validation-prompt");
-            let clip = crate::eval::clip::Clip::load(&crate::eval::score::model_dir(&v.clip_model)?, &dev)?;
-            let dino = crate::eval::dino::Dino::load(&crate::eval::score::model_dir(&v.dino_model)?, &dev)?;
+            let clip = crate::eval::clip::Clip::load(&crate::hub::download::local_or_hub(&v.clip_model)?, &dev)?;
+            let dino = crate::eval::dino::Dino::load(&crate::hub::download::local_or_hub(&v.dino_model)?, &dev)?;
             Some((clip, dino, crate::eval::preprocess::image_files(&a.instance_data_dir)?))
         }
         None => None,
