@@ -2,6 +2,7 @@
 //! the models `pipeline` loads.
 
 pub mod checkpoint;
+pub mod cli;
 pub mod command;
 pub mod data;
 pub mod inplace;
