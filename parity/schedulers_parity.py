@@ -29,6 +29,7 @@ BARE = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.000
 
 def run(cls_name, config, steps, label):
     import diffusers
+    import diffusers.schedulers.scheduling_ddpm as ddpm
     import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea
 
     cls = getattr(diffusers, cls_name)
@@ -49,18 +50,18 @@ def run(cls_name, config, steps, label):
     # diffusers draws the ancestral noise itself: hand it ours, step by step.
     queue = list(noises)
     real = ea.randn_tensor
-    ea.randn_tensor = lambda *a, **k: queue.pop(0)
+    ea.randn_tensor = ddpm.randn_tensor = lambda *a, **k: queue.pop(0)
     x, scaled, samples = x0.clone(), [], []
     try:
         for i, t in enumerate(sched.timesteps):
             s_in = sched.scale_model_input(x, t)
             scaled.append(s_in)
-            if cls_name != "EulerAncestralDiscreteScheduler":
+            if cls_name not in ("EulerAncestralDiscreteScheduler", "DDPMScheduler"):
                 queue.pop(0)
             x = sched.step(outs[i], t, x).prev_sample
             samples.append(x)
     finally:
-        ea.randn_tensor = real
+        ea.randn_tensor = ddpm.randn_tensor = real
     r = subprocess.run([DB, "sampler-steps", "--scheduler", cls_name, "--config", cfg, "--steps", str(steps), "--inputs", inp, "--out", res], capture_output=True, text=True)
     if r.returncode != 0:
         record_fact(label, "dreambridge", False, r.stderr.strip().splitlines()[-1])
@@ -78,8 +79,8 @@ def run(cls_name, config, steps, label):
 
 def main():
     ok = True
-    for cls_name, steps in [("DPMSolverMultistepScheduler", 25), ("EulerAncestralDiscreteScheduler", 30), ("DDIMScheduler", 50)]:
-        short = {"DPMSolverMultistepScheduler": "dpm++", "EulerAncestralDiscreteScheduler": "euler_a", "DDIMScheduler": "ddim"}[cls_name]
+    for cls_name, steps in [("DPMSolverMultistepScheduler", 25), ("EulerAncestralDiscreteScheduler", 30), ("DDIMScheduler", 50), ("DDPMScheduler", 25)]:
+        short = {"DPMSolverMultistepScheduler": "dpm++", "EulerAncestralDiscreteScheduler": "euler_a", "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm"}[cls_name]
         for cfg_name, cfg in [("sd", SD_CONFIG), ("bare", BARE)]:
             for pred in ["epsilon", "v_prediction"]:
                 for spacing in ([None, "trailing"] if cfg_name == "bare" else [None]):

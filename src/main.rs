@@ -23,6 +23,9 @@ enum Command {
     Push(PushArgs),
     /// DreamBooth fine-tuning of a Stable Diffusion UNet (diffusers train_dreambooth.py flags).
     Train(Box<dreambridge::train::cli::TrainCli>),
+    /// LoRA DreamBooth with diffusers' train_dreambooth_lora.py flags and defaults (--rank 4,
+    /// --learning_rate 5e-4, --validation_epochs 50, lanczos resize).
+    TrainLora(Box<dreambridge::train::cli::TrainCli>),
     /// Text-to-image with a diffusers folder or Hub repo (DDIM, classifier-free guidance), PNG files out.
     Generate(GenerateArgs),
     /// Benchmarks on SD 1.5 shapes (training step, text-to-image) and the GPU correctness check.
@@ -73,6 +76,29 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Run 8-bit AdamW on saved gradients (parity checks against bitsandbytes): `param.<name>`,
+    /// `grad.<i>.<name>` and the `hyper` metadata in; `param.<i>.<name>` after each step and the
+    /// final state out.
+    #[command(hide = true)]
+    OptimizerSteps {
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Tokenize a prompt with a tokenizer folder, as training does (parity checks): JSON
+    /// `{"input_ids": [...], "attention_mask": [...]}` on stdout.
+    #[command(hide = true)]
+    Tokenize {
+        /// A transformers CLIPTokenizer folder.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        /// Pad or truncate to this many tokens (default: the tokenizer's model_max_length).
+        #[arg(long)]
+        max_length: Option<usize>,
+    },
     /// DreamBooth's metrics for a folder of generated images against the real ones: DINO, CLIP-I, CLIP-T.
     Eval(EvalArgs),
     /// List a .h5 or .safetensors file's tensors and its detected model kind.
@@ -113,6 +139,7 @@ struct EvalArgs {
     /// Refuse unreadable images instead of skipping them (each skipped one is named).
     #[arg(long)]
     strict: bool,
+    /// Images per model call.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
     /// auto, cpu, cuda or cuda:N.
@@ -143,28 +170,37 @@ struct DreambenchArgs {
     /// The identifier the models were trained with.
     #[arg(long, default_value = "sks")]
     identifier: String,
+    /// Images per prompt and subject (the paper: 4).
     #[arg(long, default_value_t = 4)]
     images_per_prompt: usize,
+    /// Image size in pixels.
     #[arg(long, default_value_t = 512)]
     resolution: usize,
+    /// Sampler steps per image.
     #[arg(long, default_value_t = 25)]
     steps: usize,
+    /// Classifier-free guidance scale.
     #[arg(long, default_value_t = 7.5)]
     guidance_scale: f64,
+    /// The sampler, by diffusers' class name.
     #[arg(long, value_enum, default_value = "DPMSolverMultistepScheduler")]
     scheduler: dreambridge::generate::scheduler::SchedulerKind,
+    /// Seed of the per-image noise streams.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Where the generated images go (kept: a rerun generates only what is missing).
     #[arg(long)]
     out: PathBuf,
+    /// CLIP model (transformers CLIPModel folder or Hub repo id).
     #[arg(long, default_value = "openai/clip-vit-base-patch32")]
     clip_model: PathBuf,
+    /// DINO ViT model (transformers ViTModel folder or Hub repo id).
     #[arg(long, default_value = "facebook/dino-vits16")]
     dino_model: PathBuf,
     /// Write the report as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
 }
@@ -457,7 +493,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Forward { component, model, lora, lora_scale, inputs, out, device } => {
             dreambridge::models::forward::run(&component, &model, &lora, &lora_scale, &inputs, &out, &dreambridge::device::parse(&device)?)?
         }
-        Command::Train(a) => dreambridge::train::cli::run(*a)?,
+        Command::Train(a) => dreambridge::train::cli::run(*a, dreambridge::train::cli::Script::DreamBooth)?,
+        Command::TrainLora(a) => dreambridge::train::cli::run(*a, dreambridge::train::cli::Script::DreamBoothLora)?,
         Command::Generate(mut a) => {
             a.size = match (a.height, a.width) {
                 (None, None) => a.size,
@@ -480,7 +517,13 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", path.display());
             }
         }
+        Command::Tokenize { tokenizer, prompt, max_length } => {
+            let tok = dreambridge::pipeline::prompt::PromptTokenizer::load(&tokenizer)?;
+            let (ids, mask) = tok.encode_to(&prompt, max_length.unwrap_or(tok.max_length));
+            println!("{}", serde_json::json!({"input_ids": ids, "attention_mask": mask}));
+        }
         Command::SamplerSteps { scheduler, config, steps, inputs, out } => dreambridge::generate::trajectory::run(scheduler, &config, steps, &inputs, &out)?,
+        Command::OptimizerSteps { inputs, out } => dreambridge::train::adamw8bit::run_trajectory(&inputs, &out)?,
         Command::Eval(EvalArgs { bench: Some(EvalBench::Dreambench(b)), .. }) => {
             use dreambridge::eval::{clip::Clip, dino::Dino, dreambench};
             let device = dreambridge::device::parse(&b.device)?;

@@ -45,3 +45,54 @@ fn underscore_flags_and_equals_values_are_accepted() {
     let (ok, err) = run(&["generate", "--model", "m", "--prompt", "p", "--height=64", "--width=128", "--out", images.to_str().unwrap()]);
     assert!(!ok && err.contains("only square"), "{err}");
 }
+
+/// Every subcommand below `path` (leaves and the commands with options of their own).
+fn commands(path: Vec<String>) -> Vec<Vec<String>> {
+    let out = cli().args(&path).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut all = vec![path.clone()];
+    if let Some(list) = help.split("Commands:").nth(1) {
+        for line in list.split("Options:").next().unwrap().lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if line.starts_with("  ") && !line.starts_with("   ") && !name.is_empty() && name != "help" {
+                all.extend(commands(path.iter().cloned().chain([name.to_string()]).collect()));
+            }
+        }
+    }
+    all
+}
+
+#[test]
+fn every_flag_of_every_command_has_help_text() {
+    let mut missing = Vec::new();
+    let all = commands(Vec::new());
+    assert!(all.iter().any(|c| c == &["train-lora"]) && all.iter().any(|c| c == &["convert", "single-file-to-keras"]), "{all:?}");
+    for path in all {
+        let out = cli().args(&path).arg("--help").output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout).to_string();
+        let Some(options) = help.split("Options:").nth(1) else { continue };
+        // One block per flag: its line, then its description lines.
+        let mut blocks: Vec<Vec<&str>> = Vec::new();
+        for line in options.lines() {
+            let t = line.trim_start();
+            if (t.starts_with("--") || (t.starts_with('-') && t.chars().nth(2) == Some(','))) && line.len() - t.len() <= 6 {
+                blocks.push(vec![line]);
+            } else if let Some(b) = blocks.last_mut() {
+                b.push(line);
+            }
+        }
+        for b in blocks {
+            let head = b[0].trim();
+            if head.contains("--help") || head.contains("--version") {
+                continue;
+            }
+            // Text after the flag and its value name on the same line, or on the lines below.
+            let inline = head.split("  ").skip(1).map(str::trim).find(|t| !t.is_empty() && !t.starts_with('['));
+            let below = b[1..].iter().map(|l| l.trim()).find(|l| !l.is_empty() && !l.starts_with('[') && !l.starts_with("Possible values") && !l.starts_with("- "));
+            if inline.is_none() && below.is_none() {
+                missing.push(format!("{}: {head}", path.join(" ")));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "flags without help text:\n{}", missing.join("\n"));
+}

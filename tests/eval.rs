@@ -123,7 +123,7 @@ fn training_logs_its_steps_and_scores_its_validation_rounds() {
     training_inputs(dir.path());
     let out = dir.path().join("run");
     let mut args = tiny_train_args(dir.path(), &out);
-    (args.max_train_steps, args.validation_steps, args.with_prior_preservation) = (4, 2, false);
+    (args.max_train_steps, args.validation_steps, args.with_prior_preservation) = (Some(4), 2, false);
     args.class_prompt = Some("a photo of dog".into());
     args.validation_prompt = Some("a photo of sks dog in a bucket".into());
     args.validation_eval = Some(dreambridge::train::command::ValidationEval { clip_model: eval_fixture("clip"), dino_model: eval_fixture("dino") });

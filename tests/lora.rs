@@ -96,7 +96,7 @@ fn a_resumed_lora_run_writes_the_same_file_bit_for_bit() {
     let out = dir.path().join("out");
     // Text-encoder adapters, dropout, kohya's targets and gradient checkpointing all on.
     let a = TrainArgs {
-        max_train_steps: 6,
+        max_train_steps: Some(6),
         checkpointing_steps: 3,
         validation_prompt: None,
         train_text_encoder: true,
@@ -156,7 +156,7 @@ fn generate_convert_merge_and_inspect_take_lora_files_and_refuse_misfits() {
     let dir = tempfile::tempdir().unwrap();
     training_inputs(dir.path());
     let out = dir.path().join("lora");
-    train(&TrainArgs { max_train_steps: 2, validation_prompt: None, ..args(dir.path(), &out) }).unwrap();
+    train(&TrainArgs { max_train_steps: Some(2), validation_prompt: None, ..args(dir.path(), &out) }).unwrap();
     let (diffusers, kohya) = (out.join("pytorch_lora_weights.safetensors"), out.join("lora.safetensors"));
     let p = |p: &Path| p.to_str().unwrap().to_string();
     let cli_ok = |a: &[String]| {
@@ -207,7 +207,7 @@ fn fp16_lora_trains_with_accumulation_and_a_schedule() {
     let dir = tempfile::tempdir().unwrap();
     training_inputs(dir.path());
     let out = dir.path().join("fp16");
-    let a = TrainArgs { mixed_precision: "fp16".into(), max_train_steps: 3, validation_prompt: None, gradient_accumulation_steps: 2, lr_scheduler: "cosine".into(), ..args(dir.path(), &out) };
+    let a = TrainArgs { mixed_precision: "fp16".into(), max_train_steps: Some(3), validation_prompt: None, gradient_accumulation_steps: 2, lr_scheduler: "cosine".into(), ..args(dir.path(), &out) };
     let done = train(&a).unwrap();
     assert!(done.losses.iter().all(|l| l.is_finite()), "{:?}", done.losses);
     let set = read(&out.join("pytorch_lora_weights.safetensors")).unwrap();

@@ -341,7 +341,7 @@ fn train_and_generate_take_a_single_file_base_and_train_saves_one() {
     let out = dir.path().join("run");
     let mut args = tiny_train_args(dir.path(), &out);
     args.pretrained_model = file.clone();
-    (args.max_train_steps, args.with_prior_preservation, args.validation_prompt) = (2, false, None);
+    (args.max_train_steps, args.with_prior_preservation, args.validation_prompt) = (Some(2), false, None);
     args.save_single_file = true;
     let done = dreambridge::train::command::train(&args).unwrap();
     // The base's diffusers form is cached once and reused.
@@ -358,7 +358,7 @@ fn train_and_generate_take_a_single_file_base_and_train_saves_one() {
     let lora_out = dir.path().join("lora-run");
     let mut args = tiny_train_args(dir.path(), &lora_out);
     args.pretrained_model = file.clone();
-    (args.max_train_steps, args.with_prior_preservation, args.validation_prompt) = (1, false, None);
+    (args.max_train_steps, args.with_prior_preservation, args.validation_prompt) = (Some(1), false, None);
     args.save_single_file = true;
     args.lora = Some(dreambridge::train::command::LoraArgs {
         rank: 2,

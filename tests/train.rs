@@ -44,7 +44,7 @@ fn text_encoder_training_updates_and_writes_the_text_encoder() {
     let a = TrainArgs {
         train_text_encoder: true,
         with_prior_preservation: false,
-        max_train_steps: 4,
+        max_train_steps: Some(4),
         validation_prompt: None,
         checkpointing_steps: 2,
         ..tiny_train_args(dir.path(), &out)
@@ -77,7 +77,7 @@ fn a_resume_after_class_image_generation_continues_the_same_trajectory() {
     let dir = tempfile::tempdir().unwrap();
     training_inputs(dir.path());
     let out = dir.path().join("out");
-    let a = TrainArgs { max_train_steps: 8, checkpointing_steps: 4, checkpoints_total_limit: None, validation_prompt: None, learning_rate: 1e-3, ..tiny_train_args(dir.path(), &out) };
+    let a = TrainArgs { max_train_steps: Some(8), checkpointing_steps: 4, checkpoints_total_limit: None, validation_prompt: None, learning_rate: 1e-3, ..tiny_train_args(dir.path(), &out) };
     assert!(!dir.path().join("class").exists());
     train(&a).unwrap();
     assert_eq!(std::fs::read_dir(dir.path().join("class")).unwrap().count(), 2, "run 1 generated the class images");

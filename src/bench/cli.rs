@@ -42,17 +42,24 @@ pub struct TrainBench {
     /// sd15 (860M-parameter UNet) or small (a 32/64-wide UNet of the same block types).
     #[arg(long, default_value = "sd15")]
     model: String,
+    /// Image size in pixels (latents are 1/8 of it).
     #[arg(long, default_value_t = 512)]
     resolution: usize,
+    /// Timed training steps.
     #[arg(long, default_value_t = 10)]
     steps: usize,
+    /// Untimed steps first (allocation, kernel selection).
     #[arg(long, default_value_t = 3)]
     warmup: usize,
+    /// Recompute UNet blocks in backward instead of keeping their activations.
     #[arg(long)]
     gradient_checkpointing: bool,
     /// Train LoRA adapters of this rank (attention projections) over a frozen UNet.
     #[arg(long)]
     lora_rank: Option<usize>,
+    /// AdamW with 8-bit block-wise moments (bitsandbytes' AdamW8bit); the report gives the state's size.
+    #[arg(long)]
+    use_8bit_adam: bool,
     /// Skip the GPU correctness check that runs first on a GPU.
     #[arg(long)]
     skip_check: bool,
@@ -62,13 +69,16 @@ pub struct TrainBench {
 pub struct GenerateBench {
     #[command(flatten)]
     common: Common,
+    /// Image size in pixels.
     #[arg(long, default_value_t = 512)]
     resolution: usize,
     /// DDIM steps per image.
     #[arg(long, default_value_t = 50)]
     steps: usize,
+    /// Timed images.
     #[arg(long, default_value_t = 2)]
     images: usize,
+    /// Untimed images first.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
 }
@@ -77,6 +87,7 @@ pub struct GenerateBench {
 pub struct GpuCheck {
     #[command(flatten)]
     common: Common,
+    /// Check the gradient-checkpointed backward too.
     #[arg(long)]
     gradient_checkpointing: bool,
 }
@@ -131,7 +142,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 "small" => super::sd15::small_unet()?,
                 other => anyhow::bail!("--model `{other}`: expected sd15 or small"),
             };
-            let o = TrainBenchOptions { unet, resolution: a.resolution, tokens: 77, warmup_steps: a.warmup, steps: a.steps, compute_dtype: dtype, gradient_checkpointing: a.gradient_checkpointing, lora_rank: a.lora_rank };
+            let o = TrainBenchOptions { unet, resolution: a.resolution, tokens: 77, warmup_steps: a.warmup, steps: a.steps, compute_dtype: dtype, gradient_checkpointing: a.gradient_checkpointing, lora_rank: a.lora_rank, use_8bit_adam: a.use_8bit_adam };
             let pb = bar(a.warmup + a.steps, "training steps");
             let report = train_step::run(&o, &dev, |i, _| pb.set_position(i as u64))?;
             pb.finish_and_clear();

@@ -6,7 +6,7 @@ use super::memory::PeakMemory;
 use super::stats::{gib, Timing};
 use crate::models::unet::{UNet, UNetConfig};
 use crate::train::loss::{dreambooth_loss, LossConfig};
-use crate::train::optim::{clip_factor, grad_norm, AdamW, AdamWParams};
+use crate::train::optim::{clip_factor, grad_norm, AdamWParams, Optimizer};
 use crate::rng::TrainRng;
 use crate::pipeline::schedule::{NoiseSchedule, ScheduleConfig};
 use crate::models::builder::Builder;
@@ -31,6 +31,8 @@ pub struct TrainBenchOptions {
     /// Train rank-r LoRA adapters on the attention projections (diffusers' LoRA script) over
     /// a frozen UNet held in the compute dtype, instead of the whole UNet.
     pub lora_rank: Option<usize>,
+    /// AdamW with 8-bit block-wise moments (`--use_8bit_adam`).
+    pub use_8bit_adam: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -53,6 +55,9 @@ pub struct TrainBenchReport {
     pub images_per_s: f64,
     pub peak_memory_bytes: u64,
     pub peak_memory_kind: &'static str,
+    /// `AdamW` or `AdamW8bit`, and the bytes its state holds.
+    pub optimizer: &'static str,
+    pub optimizer_state_bytes: usize,
     pub first_loss: f32,
     pub last_loss: f32,
 }
@@ -60,7 +65,7 @@ pub struct TrainBenchReport {
 impl TrainBenchReport {
     pub fn summary(&self) -> String {
         format!(
-            "train step  {} {} {}px batch {} ({}{} params{}): {:.1} ms/step median ({:.1} mean, {:.1} min; forward {:.1}, backward {:.1}, clip + AdamW {:.1}) over {} steps, {:.2} images/s, peak memory {:.2} GiB ({}); loss {:.4} -> {:.4}",
+            "train step  {} {} {}px batch {} ({}{} params{}): {:.1} ms/step median ({:.1} mean, {:.1} min; forward {:.1}, backward {:.1}, clip + AdamW {:.1}) over {} steps, {:.2} images/s, peak memory {:.2} GiB ({}), {} state {:.1} MiB; loss {:.4} -> {:.4}",
             self.device,
             self.compute_dtype,
             self.resolution,
@@ -78,6 +83,8 @@ impl TrainBenchReport {
             self.images_per_s,
             gib(self.peak_memory_bytes),
             self.peak_memory_kind,
+            self.optimizer,
+            self.optimizer_state_bytes as f64 / (1u64 << 20) as f64,
             self.first_loss,
             self.last_loss
         )
@@ -105,7 +112,7 @@ pub fn run(o: &TrainBenchOptions, dev: &Device, mut progress: impl FnMut(usize, 
         unet.enable_gradient_checkpointing(&all);
     }
     let parameters = all.iter().map(|v| v.elem_count()).sum();
-    let mut optimizer = AdamW::new(vars, AdamWParams::default())?;
+    let mut optimizer = Optimizer::new(vars, AdamWParams::default(), o.use_8bit_adam)?;
     let schedule = NoiseSchedule::new(&serde_json::from_str::<ScheduleConfig>("{}")?)?;
     let loss_cfg = LossConfig { with_prior_preservation: true, prior_loss_weight: 1.0, snr_gamma: None };
 
@@ -163,6 +170,8 @@ pub fn run(o: &TrainBenchOptions, dev: &Device, mut progress: impl FnMut(usize, 
         images_per_s: b as f64 / (step.median_ms / 1e3),
         peak_memory_bytes: memory.finish()?,
         peak_memory_kind: PeakMemory::label(dev),
+        optimizer: optimizer.name(),
+        optimizer_state_bytes: optimizer.state_bytes(),
         first_loss: losses[0],
         last_loss: *losses.last().expect("steps > 0"),
     })
@@ -183,6 +192,7 @@ mod tests {
             compute_dtype: DType::F32,
             gradient_checkpointing: false,
             lora_rank: None,
+            use_8bit_adam: false,
         };
         let mut calls = 0;
         let r = run(&o, &Device::Cpu, |_, _| calls += 1).unwrap();
@@ -190,6 +200,10 @@ mod tests {
         assert!(r.step.median_ms > 0.0 && r.images_per_s > 0.0 && r.peak_memory_bytes > 0);
         assert!(r.first_loss.is_finite() && r.last_loss.is_finite());
         assert!(r.parameters > 100_000, "{}", r.parameters);
+        let eight = run(&TrainBenchOptions { use_8bit_adam: true, ..o.clone() }, &Device::Cpu, |_, _| {}).unwrap();
+        assert_eq!((r.optimizer, eight.optimizer), ("AdamW", "AdamW8bit"));
+        assert_eq!(r.optimizer_state_bytes, 8 * r.parameters);
+        assert!(eight.optimizer_state_bytes * 3 < r.optimizer_state_bytes, "{} vs {}", eight.optimizer_state_bytes, r.optimizer_state_bytes);
         let lora = run(&TrainBenchOptions { lora_rank: Some(4), ..o.clone() }, &Device::Cpu, |_, _| {}).unwrap();
         assert!(lora.parameters < r.parameters / 10 && lora.parameters > 0, "{} adapter parameters", lora.parameters);
         assert!(lora.summary().contains("LoRA rank 4"));

@@ -38,6 +38,16 @@ impl Component {
 }
 
 /// A component's single-file safetensors weights in `folder` (plain name first, then `fp16`).
+/// The weights of variant `variant` (`<stem>.<variant>.safetensors`), as diffusers' `variant=`
+/// loads them; a missing variant file is an error naming it.
+pub fn find_variant_weights(folder: &Path, c: Component, variant: &str) -> Result<PathBuf> {
+    let plain = c.weights_name(false);
+    let stem = plain.trim_end_matches(".safetensors");
+    let p = folder.join(c.dir()).join(format!("{stem}.{variant}.safetensors"));
+    anyhow::ensure!(p.is_file(), "{}: missing (--variant {variant} reads each part's `{stem}.{variant}.safetensors`)", p.display());
+    Ok(p)
+}
+
 pub fn find_weights(folder: &Path, c: Component) -> Result<PathBuf> {
     let dir = folder.join(c.dir());
     for half in [false, true] {

@@ -3,6 +3,7 @@
 //! images.
 
 pub mod ddim;
+pub mod ddpm;
 pub mod dpm_solver_multistep;
 pub mod euler_ancestral_discrete;
 pub mod scheduler;

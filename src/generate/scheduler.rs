@@ -4,6 +4,7 @@
 //! prediction type, betas) are taken over, the rest are the scheduler's own defaults.
 
 use super::ddim::Ddim;
+use super::ddpm::Ddpm;
 use super::dpm_solver_multistep::DpmSolverMultistep;
 use super::euler_ancestral_discrete::EulerAncestralDiscrete;
 use crate::pipeline::schedule::SchedulerConfig;
@@ -44,6 +45,9 @@ pub enum SchedulerKind {
     /// EulerAncestralDiscreteScheduler.
     #[value(name = "EulerAncestralDiscreteScheduler", alias = "euler_a", alias = "euler-ancestral")]
     EulerAncestralDiscrete,
+    /// DDPMScheduler: ancestral DDPM sampling (diffusers' other DreamBooth validation choice).
+    #[value(name = "DDPMScheduler", alias = "ddpm")]
+    Ddpm,
 }
 
 impl SchedulerKind {
@@ -53,6 +57,7 @@ impl SchedulerKind {
             SchedulerKind::Ddim => Box::new(Ddim::new(c, steps)?),
             SchedulerKind::DpmSolverMultistep => Box::new(DpmSolverMultistep::new(c, steps)?),
             SchedulerKind::EulerAncestralDiscrete => Box::new(EulerAncestralDiscrete::new(c, steps)?),
+            SchedulerKind::Ddpm => Box::new(Ddpm::new(c, steps)?),
         })
     }
 }

@@ -26,25 +26,51 @@ pub fn generate_with(
     rng: &mut TrainRng,
 ) -> Result<Tensor> {
     let (cond, uncond) = (pipe.embed(prompt)?, pipe.embed(negative)?);
-    let context = Tensor::cat(&[&uncond, &cond], 0)?.to_dtype(pipe.compute_dtype)?;
+    let mut images = generate_batch(pipe, &cond, &uncond, size, steps, guidance, kind, std::slice::from_mut(rng))?;
+    Ok(images.remove(0))
+}
+
+/// One image per stream in `rngs`, all in one batch, from prompt embeddings `(1, L, D)` (the
+/// prompt's and the negative one's). Image `i` draws its initial and ancestral noise from
+/// `rngs[i]` alone, so a batch makes the images one-at-a-time runs make (up to float rounding).
+#[allow(clippy::too_many_arguments)]
+pub fn generate_batch(
+    pipe: &Pipeline,
+    cond: &Tensor,
+    uncond: &Tensor,
+    size: usize,
+    steps: usize,
+    guidance: f64,
+    kind: SchedulerKind,
+    rngs: &mut [TrainRng],
+) -> Result<Vec<Tensor>> {
+    let n = rngs.len();
+    anyhow::ensure!(n > 0, "no images to generate");
+    let repeat = |t: &Tensor| Tensor::cat(&vec![t; n], 0);
+    let context = Tensor::cat(&[repeat(uncond)?, repeat(cond)?], 0)?.to_dtype(pipe.compute_dtype)?;
     let mut scheduler = kind.build(&pipe.scheduler, steps)?;
     let z = pipe.vae.config.latent_channels;
     let shape = [1, z, size / 8, size / 8];
-    let mut latents = (rng.normal(&shape, &pipe.device)? * scheduler.init_noise_sigma())?;
+    let noise = |rngs: &mut [TrainRng]| -> Result<Tensor> {
+        let draws = rngs.iter_mut().map(|r| r.normal(&shape, &pipe.device)).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&draws, 0)?)
+    };
+    let mut latents = (noise(rngs)? * scheduler.init_noise_sigma())?;
     let timesteps = scheduler.timesteps().to_vec();
     for (i, &t) in timesteps.iter().enumerate() {
         let scaled = scheduler.scale_model_input(&latents, i)?;
         let input = Tensor::cat(&[&scaled, &scaled], 0)?.to_dtype(pipe.compute_dtype)?;
-        let ts = Tensor::new(&[t as f32, t as f32], &pipe.device)?;
+        let ts = Tensor::new(vec![t as f32; 2 * n].as_slice(), &pipe.device)?;
         let out = pipe.inference.unet.forward(&input, &ts, &context)?.to_dtype(DType::F32)?;
-        let (u, c) = (out.narrow(0, 0, 1)?, out.narrow(0, 1, 1)?);
+        let (u, c) = (out.narrow(0, 0, n)?, out.narrow(0, n, n)?);
         let guided = (&u + ((c - &u)? * guidance)?)?;
-        let noise = if scheduler.needs_noise() { Some(rng.normal(&shape, &pipe.device)?) } else { None };
-        latents = scheduler.step(&guided, i, &latents, noise.as_ref())?;
+        let step_noise = if scheduler.needs_noise() { Some(noise(rngs)?) } else { None };
+        latents = scheduler.step(&guided, i, &latents, step_noise.as_ref())?;
     }
     let z = (latents / pipe.vae.config.scaling_factor)?.to_dtype(pipe.compute_dtype)?;
-    let image = pipe.inference.vae.decode(&z)?.to_dtype(DType::F32)?;
-    Ok(((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.squeeze(0)?)
+    let images = pipe.inference.vae.decode(&z)?.to_dtype(DType::F32)?;
+    let images = ((images / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+    (0..n).map(|i| Ok(images.get(i)?)).collect()
 }
 
 /// Saves a `(3, H, W)` [0, 1] tensor as a PNG (atomically: temp file + rename).

@@ -99,6 +99,40 @@ impl HubClient {
         r.map(|_| ())
     }
 
+    /// Creates the model repo `name` or `namespace/name` (an existing one is fine) and returns its
+    /// full id. A bare name goes under the token's user, as `huggingface_hub.create_repo` does:
+    /// the id is read from the reply's `url`, or asked of `/api/whoami-v2`.
+    pub fn create_repo_named(&self, spec: &str, private: bool) -> Result<String> {
+        let (org, name) = match spec.split_once('/') {
+            Some((o, n)) => (Some(o), n),
+            None => (None, spec),
+        };
+        ensure!(!name.is_empty() && !name.contains('/'), "repo id `{spec}` must be `name` or `namespace/name`");
+        let body = json!({"name": name, "organization": org, "type": "model", "private": private});
+        let reply: Value = self.retry("create repo", || match self.post_json("/api/repos/create", &body, true) {
+            Ok(r) => Ok(r.into_json::<Value>().unwrap_or(Value::Null)),
+            Err(ureq::Error::Status(409, r)) => Ok(r.into_json::<Value>().unwrap_or(Value::Null)),
+            Err(e) => Err(e),
+        })?;
+        if let Some(o) = org {
+            return Ok(format!("{o}/{name}"));
+        }
+        let from_url = reply["url"].as_str().and_then(|u| {
+            let mut parts = u.trim_end_matches('/').rsplit('/');
+            let (n, ns) = (parts.next()?, parts.next()?);
+            (n == name && !ns.contains(':') && !ns.is_empty()).then(|| format!("{ns}/{n}"))
+        });
+        if let Some(id) = from_url {
+            return Ok(id);
+        }
+        let who: Value = self.retry("who am I", || {
+            let r = self.agent.get(&self.url("/api/whoami-v2")).set("Authorization", &self.token.bearer()).call()?;
+            Ok(r.into_json::<Value>().unwrap_or(Value::Null))
+        })?;
+        let user = who["name"].as_str().context("the Hub's /api/whoami-v2 reply names no user")?;
+        Ok(format!("{user}/{name}"))
+    }
+
     /// Creates a branch from main; an existing one is fine.
     pub fn create_branch(&self, repo_id: &str, branch: &str) -> Result<()> {
         let path = format!("/api/models/{repo_id}/branch/{}", quote(branch));

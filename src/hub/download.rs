@@ -31,13 +31,18 @@ fn is_repo_id(text: &str) -> bool {
 
 /// A local folder as is, or a Hub repo id (`namespace/name`) downloaded into the cache.
 pub fn local_or_hub(spec: &Path) -> Result<PathBuf> {
+    local_or_hub_at(spec, None)
+}
+
+/// [`local_or_hub`] at a Hub revision (branch, tag or commit; `--revision`).
+pub fn local_or_hub_at(spec: &Path, revision: Option<&str>) -> Result<PathBuf> {
     if spec.exists() {
         return Ok(spec.to_owned());
     }
     let text = spec.to_string_lossy();
     anyhow::ensure!(is_repo_id(&text), "{}: no such folder (nor a Hub repo id `namespace/name`)", spec.display());
-    eprintln!("{text}: fetching from the Hub");
-    snapshot(&text, None)
+    eprintln!("{text}: fetching from the Hub{}", revision.map_or(String::new(), |r| format!(" at {r}")));
+    snapshot(&text, revision)
 }
 
 /// A file in a Hub repo, as users write it.
@@ -104,6 +109,11 @@ fn access_hint(e: anyhow::Error) -> anyhow::Error {
 
 /// A local path as is, a Hub file (`hf://…`, a resolve URL) downloaded, or a Hub repo id.
 pub fn local_file_or_hub(spec: &Path) -> Result<PathBuf> {
+    local_file_or_hub_at(spec, None)
+}
+
+/// [`local_file_or_hub`] with a revision for repo ids (a file spec names its own).
+pub fn local_file_or_hub_at(spec: &Path, revision: Option<&str>) -> Result<PathBuf> {
     if spec.exists() {
         return Ok(spec.to_owned());
     }
@@ -112,7 +122,7 @@ pub fn local_file_or_hub(spec: &Path) -> Result<PathBuf> {
             eprintln!("{}: fetching {} from the Hub", file.repo_id, file.path);
             hub_file(&file)
         }
-        None => local_or_hub(spec),
+        None => local_or_hub_at(spec, revision),
     }
 }
 

@@ -80,6 +80,13 @@ pub fn push(dir: &Path, opts: &PushOptions) -> Result<Pushed> {
     Ok(Pushed { commit, uploaded_lfs: uploaded, skipped_lfs: lfs.len() - uploaded, regular: regular.len(), unchanged })
 }
 
+/// Creates the repo `name` or `namespace/name` on the Hub (`HF_ENDPOINT`), a bare name under the
+/// token's user, and returns its full id (diffusers' `--push_to_hub` without `--hub_model_id`).
+pub fn create_repo(name: &str, token: Option<&str>, private: bool) -> Result<String> {
+    let token = resolve_token(token)?;
+    HubClient::new(&endpoint(), token).create_repo_named(name, private)
+}
+
 /// Writes README.md (atomically) when the folder has none; an existing card is never touched.
 fn write_card_if_missing(dir: &Path, opts: &PushOptions) -> Result<()> {
     let path = dir.join("README.md");

@@ -31,6 +31,7 @@ pub enum LoraCommand {
     Convert {
         input: PathBuf,
         output: PathBuf,
+        /// The key layout to write: diffusers (load_lora_weights) or kohya (AUTOMATIC1111, ComfyUI).
         #[arg(long, value_enum)]
         to: ConvertTo,
         /// SD version for the kohya metadata (default: as the file's metadata or shapes say, else 1).

@@ -127,11 +127,22 @@ impl ClipTextModel {
 
     /// `last_hidden_state` for token ids `(batch, len)` (u32), computed in `dtype`.
     pub fn forward(&self, input_ids: &Tensor, dtype: DType) -> Result<Tensor> {
+        self.forward_masked(input_ids, None, dtype)
+    }
+
+    /// [`Self::forward`] with transformers' `attention_mask` `(batch, len)` (1 = token, 0 =
+    /// padding): no position attends to a padding position, on top of the causal mask.
+    pub fn forward_masked(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, dtype: DType) -> Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
         let tokens = self.token_embedding.to_dtype(dtype)?.embedding(&input_ids.flatten_all()?)?.reshape((b, l, ()))?;
         let positions = self.position_embedding.to_dtype(dtype)?.narrow(0, 0, l)?;
         let mut x = tokens.broadcast_add(&positions)?;
-        let mask = causal_mask(l, dtype, input_ids.device())?;
+        let mut mask = causal_mask(l, dtype, input_ids.device())?;
+        if let Some(keep) = attention_mask {
+            // (1 - mask) x a large negative value over the keys, as transformers' _prepare_4d_attention_mask.
+            let blocked = ((keep.to_dtype(DType::F32)?.affine(-1.0, 1.0)? * (f32::MIN / 2.0) as f64)?).to_dtype(dtype)?.reshape((b, 1, 1, l))?;
+            mask = mask.broadcast_add(&blocked)?;
+        }
         for layer in &self.layers {
             x = layer.forward(&x, &mask)?;
         }

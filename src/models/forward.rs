@@ -17,7 +17,8 @@ fn config<T: serde::de::DeserializeOwned>(dir: &Path, component: Component) -> R
     serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| path.display().to_string())?).with_context(|| path.display().to_string())
 }
 
-/// Inputs: unet `sample`, `timesteps`, `context`; text-encoder `input_ids`; vae-encode `image`
+/// Inputs: unet `sample`, `timesteps`, `context`; text-encoder `input_ids` (and optionally
+/// transformers' `attention_mask`); vae-encode `image`
 /// (output: latent mean); vae-decode `latents`. Output: `out` (f32).
 /// `loras` (with `scales`, as `merge_files_into_vars` takes them) are folded into the weights.
 pub fn run(component: &str, model: &Path, loras: &[std::path::PathBuf], scales: &[f64], inputs: &Path, out: &Path, dev: &Device) -> Result<()> {
@@ -37,7 +38,8 @@ pub fn run(component: &str, model: &Path, loras: &[std::path::PathBuf], scales: 
             let net = ClipTextModel::new(vb, &config::<ClipTextConfig>(model, Component::TextEncoder)?)?;
             load_into(&varmap, &find_weights(model, Component::TextEncoder)?, "text_model.")?;
             crate::lora::merge::merge_files_into_vars(loras, scales, None, Some(&varmap))?;
-            net.forward(&get("input_ids")?.to_dtype(DType::U32)?, DType::F32)?
+            let mask = x.get("attention_mask").map(|m| m.to_dtype(DType::F32)).transpose()?;
+            net.forward_masked(&get("input_ids")?.to_dtype(DType::U32)?, mask.as_ref(), DType::F32)?
         }
         "vae-encode" | "vae-decode" => {
             let net = Vae::new(vb, &config::<VaeConfig>(model, Component::Vae)?)?;

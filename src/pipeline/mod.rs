@@ -5,7 +5,7 @@ pub mod adapters;
 pub mod prompt;
 pub mod schedule;
 
-use crate::diffusers::layout::{find_weights, Component};
+use crate::diffusers::layout::{find_variant_weights, find_weights, Component};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
@@ -48,6 +48,8 @@ pub struct Pipeline {
     pub text_config: ClipTextConfig,
     /// Set by [`Pipeline::attach_lora`]: the adapters, whose Vars `unet_vars`/`text_vars` then hold.
     pub lora: Option<adapters::PipelineLora>,
+    /// Set by [`Pipeline::release_text_encoder`].
+    pub text_released: bool,
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
@@ -83,26 +85,50 @@ impl Pipeline {
             unet_config: unet_cfg.clone(),
             text_config: text_cfg.clone(),
             lora: None,
+            text_released: false,
         })
     }
 
-    /// Loads unet, text_encoder, vae and the scheduler config of a diffusers folder (f32 weights).
+    /// Loads unet, text_encoder, vae, the tokenizer and the scheduler config of a diffusers folder (f32 weights).
     pub fn load(dir: &Path, device: &Device) -> Result<Pipeline> {
-        let pipe = Pipeline::from_configs(
+        Pipeline::load_variant(dir, device, None)
+    }
+
+    /// [`Pipeline::load`] reading the weights of a variant (`fp16`: `*.fp16.safetensors`), as
+    /// diffusers' `variant=`; the weights are held in f32 either way.
+    pub fn load_variant(dir: &Path, device: &Device, variant: Option<&str>) -> Result<Pipeline> {
+        let mut pipe = Pipeline::from_configs(
             &read_json(&dir.join("unet/config.json"))?,
             &read_json(&dir.join("text_encoder/config.json"))?,
             &read_json(&dir.join("vae/config.json"))?,
             read_json(&dir.join("scheduler/scheduler_config.json"))?,
             device,
         )?;
-        load_into(&pipe.unet_vars, &find_weights(dir, Component::Unet)?, "")?;
-        load_into(&pipe.text_vars, &find_weights(dir, Component::TextEncoder)?, "text_model.")?;
-        load_into(&pipe.vae_vars, &find_weights(dir, Component::Vae)?, "")?;
+        let weights = |c: Component| match variant {
+            None => find_weights(dir, c),
+            Some(v) => find_variant_weights(dir, c, v),
+        };
+        load_into(&pipe.unet_vars, &weights(Component::Unet)?, "")?;
+        load_into(&pipe.text_vars, &weights(Component::TextEncoder)?, "text_model.")?;
+        load_into(&pipe.vae_vars, &weights(Component::Vae)?, "")?;
+        pipe.tokenizer = PromptTokenizer::for_pipeline(dir)?;
         Ok(pipe)
+    }
+
+    /// Drops the text encoder's weights (`--pre_compute_text_embeddings`): its models become empty
+    /// and `embed` fails from here on.
+    pub fn release_text_encoder(&mut self) -> Result<()> {
+        let empty = ClipTextConfig { vocab_size: 1, hidden_size: 1, intermediate_size: 1, num_hidden_layers: 0, num_attention_heads: 1, max_position_embeddings: 1, ..self.text_config.clone() };
+        self.text = ClipTextModel::new(VarBuilder::from_varmap(&VarMap::new(), DType::F32, &self.device), &empty)?;
+        self.inference.text = ClipTextModel::new(VarBuilder::from_varmap(&VarMap::new(), DType::F32, &self.device), &empty)?;
+        self.text_vars = VarMap::new();
+        self.text_released = true;
+        Ok(())
     }
 
     /// Text embeddings `(1, 77, D)` of a prompt.
     pub fn embed(&self, prompt: &str) -> Result<Tensor> {
+        anyhow::ensure!(!self.text_released, "the text encoder was freed (--pre_compute_text_embeddings); prompt `{prompt}` cannot be encoded");
         let ids = Tensor::new(self.tokenizer.ids(prompt).as_slice(), &self.device)?.unsqueeze(0)?;
         Ok(self.inference.text.forward(&ids, self.compute_dtype)?)
     }

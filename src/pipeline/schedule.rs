@@ -36,6 +36,9 @@ pub struct SchedulerConfig {
     pub clip_sample: bool,
     #[serde(default = "default_clip_range")]
     pub clip_sample_range: f64,
+    /// DDPM's variance: `fixed_small` (default), `fixed_large`, or a learned one (read as fixed_small).
+    #[serde(default)]
+    pub variance_type: Option<String>,
 }
 
 fn default_clip_range() -> f64 {

@@ -23,7 +23,12 @@ pub fn cache_dir() -> PathBuf {
 /// The diffusers folder for a base given as a folder, a Hub repo id, a single file or a Hub file
 /// (`hf://owner/repo/file.safetensors`, a resolve URL).
 pub fn resolve_base(spec: &Path) -> Result<PathBuf> {
-    let local = crate::hub::download::local_file_or_hub(spec)?;
+    resolve_base_at(spec, None)
+}
+
+/// [`resolve_base`] at a Hub revision (`--revision`) for repo ids.
+pub fn resolve_base_at(spec: &Path, revision: Option<&str>) -> Result<PathBuf> {
+    let local = crate::hub::download::local_file_or_hub_at(spec, revision)?;
     if !is_single_file(&local) {
         return Ok(local);
     }

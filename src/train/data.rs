@@ -1,6 +1,6 @@
 //! Training images as diffusers' DreamBooth dataset prepares them: resize the shorter side to the
-//! resolution (bilinear), centre or random crop to a square, optional horizontal flip, then scale
-//! to [-1, 1] as a `(3, R, R)` tensor.
+//! resolution (bilinear; the LoRA script's default is lanczos), centre or random crop to a square,
+//! optional horizontal flip, then scale to [-1, 1] as a `(3, R, R)` tensor.
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
@@ -27,13 +27,75 @@ pub enum Crop {
     At(f64, f64),
 }
 
-/// Loads, resizes, crops and normalises one image.
+/// The resampling filter of the resize (`--image_interpolation_mode`, torchvision's names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interpolation {
+    Nearest,
+    Bilinear,
+    Bicubic,
+    Lanczos,
+}
+
+impl std::str::FromStr for Interpolation {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Interpolation> {
+        Ok(match s {
+            "nearest" | "nearest_exact" => Interpolation::Nearest,
+            "bilinear" => Interpolation::Bilinear,
+            "bicubic" => Interpolation::Bicubic,
+            "lanczos" => Interpolation::Lanczos,
+            "box" | "hamming" => anyhow::bail!("--image_interpolation_mode {s}: not available; use nearest, bilinear, bicubic or lanczos"),
+            other => anyhow::bail!("--image_interpolation_mode `{other}`: expected nearest, nearest_exact, bilinear, bicubic or lanczos"),
+        })
+    }
+}
+
+impl Interpolation {
+    fn filter(self) -> FilterType {
+        match self {
+            Interpolation::Nearest => FilterType::Nearest,
+            Interpolation::Bilinear => FilterType::Triangle,
+            Interpolation::Bicubic => FilterType::CatmullRom,
+            Interpolation::Lanczos => FilterType::Lanczos3,
+        }
+    }
+}
+
+/// Decodes and prepares `files[k]` with `draws[k]` (crop, flip) on `workers` threads (0: this
+/// thread), as CPU tensors in file order. The first unreadable file, by order, is the error.
+pub fn decode_all(files: &[PathBuf], draws: &[(Crop, bool)], resolution: usize, filter: Interpolation, workers: usize) -> Result<Vec<Tensor>> {
+    let one = |k: usize| load_image_with(&files[k], resolution, draws[k].0, draws[k].1, filter, &Device::Cpu);
+    if workers == 0 || files.len() < 2 {
+        return (0..files.len()).map(one).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<Option<Result<Tensor>>>> = files.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..workers.min(files.len()) {
+            scope.spawn(|| loop {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if k >= files.len() {
+                    break;
+                }
+                *slots[k].lock().unwrap() = Some(one(k));
+            });
+        }
+    });
+    slots.into_iter().map(|s| s.into_inner().unwrap().expect("every file was taken")).collect()
+}
+
+/// Loads, resizes (bilinear), crops and normalises one image.
 pub fn load_image(path: &Path, resolution: usize, crop: Crop, flip: bool, device: &Device) -> Result<Tensor> {
+    load_image_with(path, resolution, crop, flip, Interpolation::Bilinear, device)
+}
+
+/// [`load_image`] with another resampling filter.
+pub fn load_image_with(path: &Path, resolution: usize, crop: Crop, flip: bool, filter: Interpolation, device: &Device) -> Result<Tensor> {
     let img = image::open(path).with_context(|| format!("{}: cannot decode image", path.display()))?.to_rgb8();
     let (w, h) = img.dimensions();
     let scale = resolution as f64 / w.min(h) as f64;
     let (nw, nh) = (((w as f64 * scale).round() as u32).max(resolution as u32), ((h as f64 * scale).round() as u32).max(resolution as u32));
-    let resized = image::imageops::resize(&img, nw, nh, FilterType::Triangle);
+    let resized = image::imageops::resize(&img, nw, nh, filter.filter());
     let r = resolution as u32;
     let (fx, fy) = match crop {
         Crop::Center => (0.5, 0.5),
@@ -84,5 +146,28 @@ mod tests {
         assert_eq!(flipped, vec![1.0, 1.0, -1.0, -1.0]);
         let left: Vec<f32> = load_image(&path, 4, Crop::At(0.0, 0.0), false, &dev).unwrap().get(1).unwrap().get(2).unwrap().to_vec1().unwrap();
         assert_eq!(left, vec![-1.0, -1.0, -1.0, 1.0]);
+    }
+
+    #[test]
+    fn worker_threads_decode_the_same_images_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<PathBuf> = (0..5u8)
+            .map(|i| {
+                let path = dir.path().join(format!("{i}.png"));
+                image::RgbImage::from_fn(9, 7, |x, y| image::Rgb([x as u8 * 20 + i, y as u8 * 30, i * 40])).save(&path).unwrap();
+                path
+            })
+            .collect();
+        let draws: Vec<(Crop, bool)> = (0..5).map(|k| (Crop::At(k as f64 / 4.0, 0.5), k % 2 == 0)).collect();
+        let values = |workers| -> Vec<Vec<f32>> {
+            decode_all(&files, &draws, 6, Interpolation::Lanczos, workers).unwrap().iter().map(|t| t.flatten_all().unwrap().to_vec1().unwrap()).collect()
+        };
+        let serial = values(0);
+        assert_eq!(values(3), serial);
+        assert_ne!(serial[0], serial[1]);
+        let bilinear: Vec<f32> = decode_all(&files[..1], &draws[..1], 6, Interpolation::Bilinear, 0).unwrap()[0].flatten_all().unwrap().to_vec1().unwrap();
+        assert_ne!(bilinear, serial[0], "the filter is applied");
+        std::fs::write(&files[3], b"not an image").unwrap();
+        assert!(decode_all(&files, &draws, 6, Interpolation::Bilinear, 2).unwrap_err().to_string().contains("3.png"));
     }
 }

@@ -1,6 +1,7 @@
 //! DreamBooth training: the loop, optimiser, loss, checkpoints and the `train` command, over
 //! the models `pipeline` loads.
 
+pub mod adamw8bit;
 pub mod checkpoint;
 pub mod cli;
 pub mod command;
@@ -11,4 +12,5 @@ pub mod loss;
 pub mod loss_scale;
 pub mod metrics_log;
 pub mod optim;
+pub mod tensorboard;
 pub mod trainer;

@@ -97,6 +97,58 @@ impl AdamW {
     }
 }
 
+/// The optimiser of a run: AdamW with f32 moments, or with 8-bit block-wise moments
+/// (`--use_8bit_adam`, bitsandbytes' AdamW8bit).
+pub enum Optimizer {
+    AdamW(AdamW),
+    AdamW8bit(super::adamw8bit::AdamW8bit),
+}
+
+impl Optimizer {
+    pub fn new(vars: Vec<(String, Var)>, params: AdamWParams, eight_bit: bool) -> Result<Optimizer> {
+        Ok(match eight_bit {
+            false => Optimizer::AdamW(AdamW::new(vars, params)?),
+            true => Optimizer::AdamW8bit(super::adamw8bit::AdamW8bit::new(vars, params)?),
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Optimizer::AdamW(_) => "AdamW",
+            Optimizer::AdamW8bit(_) => "AdamW8bit",
+        }
+    }
+
+    pub fn step_scaled(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        match self {
+            Optimizer::AdamW(o) => o.step_scaled(grads, lr, grad_scale),
+            Optimizer::AdamW8bit(o) => o.step_scaled(grads, lr, grad_scale),
+        }
+    }
+
+    pub fn state(&self) -> HashMap<String, Tensor> {
+        match self {
+            Optimizer::AdamW(o) => o.state(),
+            Optimizer::AdamW8bit(o) => o.state(),
+        }
+    }
+
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>, step: usize) -> Result<()> {
+        match self {
+            Optimizer::AdamW(o) => o.load_state(state, step),
+            Optimizer::AdamW8bit(o) => o.load_state(state, step),
+        }
+    }
+
+    /// Bytes of optimiser state (the moments; 8 per parameter for f32 AdamW).
+    pub fn state_bytes(&self) -> usize {
+        match self {
+            Optimizer::AdamW(o) => o.m.iter().chain(&o.v).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum(),
+            Optimizer::AdamW8bit(o) => o.state_bytes(),
+        }
+    }
+}
+
 /// The global L2 norm of the gradients of `vars` (one transfer to the host).
 pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
     let squares = vars.iter().filter_map(|v| grads.get(v.as_tensor())).map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_dtype(DType::F64)).collect::<candle_core::Result<Vec<_>>>()?;
@@ -125,29 +177,53 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
     Ok(norm)
 }
 
-/// diffusers' `get_scheduler` learning-rate schedules.
+/// diffusers' `get_scheduler` learning-rate schedules (`diffusers.optimization`), as multipliers
+/// of the base learning rate per optimiser step.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum LrSchedule {
     Constant,
     ConstantWithWarmup,
     Linear,
+    /// Half a cosine wave from 1 to 0 after warmup.
     Cosine,
+    /// `cycles` cosine waves, each restarting at 1 (`--lr_num_cycles`).
+    CosineWithRestarts { cycles: f64 },
+    /// `(1 - progress)^power` from the base rate down to `lr_end` (1e-7, as diffusers), given as
+    /// `end_ratio` = lr_end / base rate.
+    Polynomial { power: f64, end_ratio: f64 },
 }
+
+/// diffusers' names of the schedules, as `--lr_scheduler` takes them.
+pub const LR_SCHEDULES: &str = "linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup";
 
 impl std::str::FromStr for LrSchedule {
     type Err = anyhow::Error;
+    /// A schedule by name with diffusers' defaults (1 cycle, power 1, base rate 5e-6).
     fn from_str(s: &str) -> Result<LrSchedule> {
-        Ok(match s {
-            "constant" => LrSchedule::Constant,
-            "constant_with_warmup" => LrSchedule::ConstantWithWarmup,
-            "linear" => LrSchedule::Linear,
-            "cosine" => LrSchedule::Cosine,
-            other => anyhow::bail!("unknown lr scheduler `{other}` (constant, constant_with_warmup, linear, cosine)"),
-        })
+        LrSchedule::from_args(s, 1.0, 1.0, 5e-6)
     }
 }
 
 impl LrSchedule {
+    /// The schedule `--lr_scheduler name` names, with `--lr_num_cycles`, `--lr_power` and the
+    /// base learning rate (for polynomial decay's end point).
+    pub fn from_args(name: &str, num_cycles: f64, power: f64, lr: f64) -> Result<LrSchedule> {
+        const LR_END: f64 = 1e-7;
+        Ok(match name {
+            "constant" => LrSchedule::Constant,
+            "constant_with_warmup" => LrSchedule::ConstantWithWarmup,
+            "linear" => LrSchedule::Linear,
+            "cosine" => LrSchedule::Cosine,
+            "cosine_with_restarts" => LrSchedule::CosineWithRestarts { cycles: num_cycles },
+            "polynomial" => {
+                anyhow::ensure!(lr > LR_END, "--lr_scheduler polynomial: the learning rate ({lr}) must be above lr_end ({LR_END})");
+                LrSchedule::Polynomial { power, end_ratio: LR_END / lr }
+            }
+            "piecewise_constant" => anyhow::bail!("--lr_scheduler piecewise_constant needs step rules, which train_dreambooth.py does not take; use one of {LR_SCHEDULES}"),
+            other => anyhow::bail!("unknown --lr_scheduler `{other}` (one of {LR_SCHEDULES})"),
+        })
+    }
+
     /// The learning-rate multiplier at optimiser step `step` (0-based) of `total`.
     pub fn factor(self, step: usize, warmup: usize, total: usize) -> f64 {
         if self != LrSchedule::Constant && step < warmup {
@@ -158,6 +234,17 @@ impl LrSchedule {
             LrSchedule::Constant | LrSchedule::ConstantWithWarmup => 1.0,
             LrSchedule::Linear => (1.0 - progress).max(0.0),
             LrSchedule::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
+            LrSchedule::CosineWithRestarts { cycles } => match progress >= 1.0 {
+                true => 0.0,
+                false => (0.5 * (1.0 + (std::f64::consts::PI * ((cycles * progress) % 1.0)).cos())).max(0.0),
+            },
+            LrSchedule::Polynomial { power, end_ratio } => match step > total {
+                true => end_ratio,
+                false => {
+                    let remaining = 1.0 - (step - warmup) as f64 / total.saturating_sub(warmup).max(1) as f64;
+                    (1.0 - end_ratio) * remaining.powf(power) + end_ratio
+                }
+            },
         }
     }
 }
@@ -233,5 +320,16 @@ mod tests {
         assert!((LrSchedule::Linear.factor(55, 10, 100) - 0.5).abs() < 1e-12);
         assert!((LrSchedule::Cosine.factor(55, 10, 100) - 0.5).abs() < 1e-12);
         assert!(LrSchedule::Cosine.factor(100, 10, 100).abs() < 1e-12);
+        // Two restarts: progress 0.25 is a quarter wave into the first cycle, 0.5 restarts at 1.
+        let restarts = LrSchedule::from_args("cosine_with_restarts", 2.0, 1.0, 5e-6).unwrap();
+        assert!((restarts.factor(35, 10, 110) - 0.5).abs() < 1e-12);
+        assert!((restarts.factor(60, 10, 110) - 1.0).abs() < 1e-12);
+        assert_eq!(restarts.factor(110, 10, 110), 0.0);
+        // Quadratic decay from 1e-4 to 1e-7: half way, a quarter of the range is left.
+        let poly = LrSchedule::from_args("polynomial", 1.0, 2.0, 1e-4).unwrap();
+        assert!((poly.factor(60, 10, 110) * 1e-4 - (0.25 * (1e-4 - 1e-7) + 1e-7)).abs() < 1e-15);
+        assert!((poly.factor(200, 10, 110) * 1e-4 - 1e-7).abs() < 1e-18);
+        assert!(LrSchedule::from_args("polynomial", 1.0, 1.0, 1e-8).is_err());
+        assert!("piecewise_constant".parse::<LrSchedule>().unwrap_err().to_string().contains("step rules"));
     }
 }

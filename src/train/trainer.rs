@@ -8,7 +8,7 @@ use super::checkpoint::{self, TrainState};
 use super::interrupt::{Interrupted, StopRequest};
 use super::loss_scale::LossScaler;
 use super::loss::{dreambooth_loss, LossConfig};
-use super::optim::{clip_factor, grad_norm, AdamW, AdamWParams, LrSchedule};
+use super::optim::{clip_factor, grad_norm, AdamWParams, LrSchedule, Optimizer};
 use crate::rng::TrainRng;
 use crate::pipeline::schedule::NoiseSchedule;
 use crate::models::clip::ClipTextModel;
@@ -28,6 +28,8 @@ pub struct Example {
     pub latent_std: Tensor,
     pub context: Tensor,
     pub ids: Option<Tensor>,
+    /// The prompt's attention mask, given to a trained text encoder (`--text_encoder_use_attention_mask`).
+    pub attention_mask: Option<Tensor>,
 }
 
 #[derive(Clone, Debug)]
@@ -40,6 +42,8 @@ pub struct TrainConfig {
     pub lr_warmup_steps: usize,
     pub max_grad_norm: f64,
     pub adam: AdamWParams,
+    /// 8-bit block-wise AdamW moments (`--use_8bit_adam`).
+    pub use_8bit_adam: bool,
     pub loss: LossConfig,
     pub noise_offset: f64,
     pub checkpointing_steps: Option<usize>,
@@ -57,7 +61,7 @@ pub struct Trainer<'a> {
     text: Option<(&'a ClipTextModel, &'a VarMap)>,
     pub schedule: &'a NoiseSchedule,
     pub config: TrainConfig,
-    pub optimizer: AdamW,
+    pub optimizer: Optimizer,
     pub rng: TrainRng,
     pub step: usize,
     /// Present when computing in f16.
@@ -74,7 +78,7 @@ pub struct Trainer<'a> {
 impl<'a> Trainer<'a> {
     pub fn new(unet: &'a UNet, varmap: &'a VarMap, schedule: &'a NoiseSchedule, config: TrainConfig) -> Result<Trainer<'a>> {
         let vars: Vec<(String, Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let optimizer = AdamW::new(vars, config.adam)?;
+        let optimizer = Optimizer::new(vars, config.adam, config.use_8bit_adam)?;
         let rng = TrainRng::new(config.seed);
         let scaler = (config.compute_dtype == candle_core::DType::F16).then(LossScaler::default);
         Ok(Trainer { unet, varmap, text: None, schedule, config, optimizer, rng, step: 0, scaler, skipped_steps: 0, stop: StopRequest::default(), adapters: Vec::new() })
@@ -83,7 +87,7 @@ impl<'a> Trainer<'a> {
     /// Trains the text encoder too: prompt embeddings are recomputed each step, with gradients.
     pub fn with_text_encoder(mut self, text: &'a ClipTextModel, text_vars: &'a VarMap) -> Result<Trainer<'a>> {
         self.text = Some((text, text_vars));
-        self.optimizer = AdamW::new(self.trainable(), self.config.adam)?;
+        self.optimizer = Optimizer::new(self.trainable(), self.config.adam, self.config.use_8bit_adam)?;
         Ok(self)
     }
 
@@ -131,7 +135,9 @@ impl<'a> Trainer<'a> {
         let context = match self.text {
             Some((text, _)) => {
                 let ids = picked.iter().map(|e| e.ids.clone().ok_or_else(|| anyhow::anyhow!("text-encoder training needs token ids"))).collect::<Result<Vec<_>>>()?;
-                text.forward(&Tensor::stack(&ids, 0)?, candle_core::DType::F32)?
+                let masks: Option<Vec<Tensor>> = picked.iter().map(|e| e.attention_mask.clone()).collect();
+                let mask = masks.map(|m| Tensor::stack(&m, 0)).transpose()?;
+                text.forward_masked(&Tensor::stack(&ids, 0)?, mask.as_ref(), candle_core::DType::F32)?
             }
             None => Tensor::stack(&picked.iter().map(|e| e.context.clone()).collect::<Vec<_>>(), 0)?,
         };
@@ -246,6 +252,7 @@ mod tests {
                 latent_std: (rng.normal(&[4, 8, 8], &dev).unwrap().abs().unwrap() * 0.1).unwrap(),
                 context: rng.normal(&[5, 12], &dev).unwrap(),
                 ids: None,
+                attention_mask: None,
             })
             .collect()
     }
@@ -274,6 +281,7 @@ mod tests {
             lr_warmup_steps: 2,
             max_grad_norm: 1.0,
             adam: AdamWParams::default(),
+            use_8bit_adam: false,
             loss: LossConfig { with_prior_preservation: true, prior_loss_weight: 1.0, snr_gamma: Some(5.0) },
             noise_offset: 0.05,
             checkpointing_steps: Some(2),

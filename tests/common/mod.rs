@@ -6,6 +6,8 @@ use dreambridge::keras::KerasFile;
 use dreambridge::tensor::RawTensor;
 use std::path::{Path, PathBuf};
 
+pub mod hub;
+
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny").join(name)
 }
@@ -88,7 +90,7 @@ pub fn tiny_train_args(dir: &Path, out: &Path) -> dreambridge::train::command::T
         center_crop: false,
         random_flip: true,
         train_batch_size: 1,
-        max_train_steps: 40,
+        max_train_steps: Some(40),
         gradient_accumulation_steps: 1,
         learning_rate: 2e-3,
         lr_scheduler: "constant".into(),
@@ -117,5 +119,6 @@ pub fn tiny_train_args(dir: &Path, out: &Path) -> dreambridge::train::command::T
         save_single_file: false,
         validation_eval: None,
         validation_scheduler: Default::default(),
+        ..Default::default()
     }
 }

@@ -3,7 +3,7 @@ download endpoints), for tests. Standard library only; binds 127.0.0.1 and print
 
     python3 tests/support/hub_emulator.py [--port N] [--token T] [--part-size BYTES] [--part-keys padded|plain]
 
-Upload: POST /api/repos/create, /api/validate-yaml, /api/models/{repo}/preupload/{rev},
+Upload: POST /api/repos/create (a bare name goes under `user`), GET /api/whoami-v2, /api/validate-yaml, /api/models/{repo}/preupload/{rev},
 /{repo}.git/info/lfs/objects/batch (basic, or multipart above --part-size, with the part URLs under
 zero-padded keys "00001", "00002", ... as servers in the wild send them, "1", "2", ... with
 --part-keys plain, or with --part-keys gap the right count of padded keys but part 2 left out and N+1 added), PUT objects/parts,
@@ -151,6 +151,10 @@ def make_handler(hub):
             c = self.command
             if c == "POST" and p[:3] == ["api", "repos", "create"]:
                 return self.create_repo()
+            if c == "GET" and p[:2] == ["api", "whoami-v2"]:
+                if not self.authorized():
+                    return
+                return self.send(200, {"type": "user", "name": "user", "auth": {"type": "access_token"}})
             if c == "POST" and p[:2] == ["api", "validate-yaml"]:
                 self.body()
                 return self.send(200, {})
@@ -184,7 +188,9 @@ def make_handler(hub):
             repo = f"{req.get('organization') or 'user'}/{req['name']}"
             with hub.lock:
                 if repo in hub.repos:
-                    return self.error(409, "You already created this model repo")
+                    # The Hub's 409 reply names the existing repo's URL.
+                    message = "You already created this model repo"
+                    return self.send(409, {"error": message, "url": f"http://{self.headers['Host']}/{repo}"}, {"X-Error-Message": message})
                 hub.repos[repo] = {"private": bool(req.get("private") or req.get("visibility") == "private"),
                                    "refs": {"main": "0" * 40}, "commits": {"0" * 40: {}}}
             self.send(200, {"url": f"http://{self.headers['Host']}/{repo}", "name": repo})
