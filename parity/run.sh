@@ -24,7 +24,9 @@ make_venv() { # name, pip requirements...
 }
 make_venv keras "tensorflow-cpu==2.14.1" "keras-cv==0.6.4" "h5py==3.16.0" "huggingface_hub==0.26.5"
 make_venv keras3 "tensorflow-cpu==2.17.1" "keras-cv==0.9.0" "h5py==3.16.0"
-make_venv torch "torch==2.15.0" "diffusers==0.42.1" "transformers==5.23.0" "safetensors==0.8.0" "accelerate==1.15.0" "h5py==3.16.0" "peft==0.21.2"
+make_venv torch "torch==2.15.0" "diffusers==0.42.1" "transformers==5.23.0" "safetensors==0.8.0" "accelerate==1.15.0" "h5py==3.16.0" "peft==0.21.2" "tensorboard==2.21.0"
+# Added later: a venv made before gets it on the next run.
+"$P/.venv-torch/bin/python" -c "import tensorboard" 2>/dev/null || "$P/.venv-torch/bin/pip" install -q "tensorboard==2.21.0"
 [ "${1:-}" = "--setup" ] && exit 0
 
 start=$(date +%s)
@@ -73,6 +75,9 @@ step "Training models (Candle) against diffusers/transformers"
 
 step "dreambridge train output in diffusers"
 "$P/.venv-torch/bin/python" "$P/train_output.py" "$DB"
+
+step "train_dreambooth.py's flags: LR schedules (get_scheduler), TensorBoard files (EventAccumulator), CLIPTokenizer, masked CLIPTextModel, saved folders"
+"$P/.venv-torch/bin/python" "$P/train_flags_parity.py" "$DB"
 
 step "LoRA files: dreambridge's in diffusers (load_lora_weights, fuse_lora), peft's in dreambridge"
 "$P/.venv-torch/bin/python" "$P/lora_parity.py" "$DB"
