@@ -21,3 +21,5 @@ pub mod device;
 pub mod eval;
 pub mod alloc;
 pub mod bench;
+pub mod failure;
+pub mod scale;

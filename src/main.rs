@@ -17,14 +17,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Convert between KerasCV .h5 files, diffusers pipeline folders and single-file checkpoints.
-    #[command(subcommand)]
-    Convert(Direction),
+    Convert(ConvertArgs),
     /// Publish a diffusers pipeline folder to the Hub in one commit (HF_ENDPOINT, HF_TOKEN honoured).
     Push(PushArgs),
     /// DreamBooth fine-tuning of a Stable Diffusion UNet (diffusers train_dreambooth.py flags).
+    #[command(args_override_self = true)]
     Train(Box<dreambridge::train::cli::TrainCli>),
     /// LoRA DreamBooth with diffusers' train_dreambooth_lora.py flags and defaults (--rank 4,
     /// --learning_rate 5e-4, --validation_epochs 50, lanczos resize).
+    #[command(args_override_self = true)]
     TrainLora(Box<dreambridge::train::cli::TrainCli>),
     /// Text-to-image with a diffusers folder or Hub repo (DDIM, classifier-free guidance), PNG files out.
     Generate(GenerateArgs),
@@ -203,6 +204,22 @@ struct DreambenchArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct ConvertArgs {
+    #[command(subcommand)]
+    direction: Option<Direction>,
+    /// Many conversions: a JSON-lines file, one object per row with `"command"` (a direction
+    /// below, e.g. "keras-to-diffusers") and its flags (each row with its own `out`; rows whose
+    /// output exists are skipped). Runs the row --index, JOB_COMPLETION_INDEX or
+    /// SLURM_ARRAY_TASK_ID names, or every row in turn.
+    #[arg(long, required = true)]
+    manifest: Option<PathBuf>,
+    /// The manifest row to run (0-based; default: the job array's index variable, else all rows).
+    #[arg(long)]
+    index: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -470,7 +487,70 @@ struct KerasToDiffusers {
     sd_version: Option<u8>,
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// The words of a command line after the subcommand, without `--manifest` and `--index`.
+fn common_flags(argv: &[std::ffi::OsString]) -> Vec<String> {
+    let words: Vec<String> = argv.iter().skip(2).map(|w| w.to_string_lossy().to_string()).collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < words.len() {
+        let w = &words[i];
+        if w == "--manifest" || w == "--index" {
+            i += 2;
+            continue;
+        }
+        if !w.starts_with("--manifest=") && !w.starts_with("--index=") {
+            out.push(w.clone());
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Runs a manifest's rows as `dreambridge <command> <common flags> <row flags>`; the process
+/// exits with the manifest's status (0, retryable 75, else 1).
+fn run_manifest(path: &std::path::Path, index: Option<usize>, kind: dreambridge::scale::manifest::RowKind, command: &str, argv: &[std::ffi::OsString]) -> Result<()> {
+    use dreambridge::scale::{launch, manifest};
+    let m = manifest::Manifest::read(path)?;
+    let index = launch::row_index(index, &launch::process_env)?;
+    if let Some((from, i)) = &index {
+        eprintln!("{}: row {i} ({from})", path.display());
+    }
+    let common = common_flags(argv);
+    let outcomes = manifest::run_rows(&m, index.map(|(_, i)| i), kind, |i, flags| {
+        let mut words: Vec<String> = vec!["dreambridge".into()];
+        match kind {
+            manifest::RowKind::Train => words.push(command.into()),
+            manifest::RowKind::Convert => {
+                let direction = m.rows[i].1.get("command").and_then(|v| v.as_str()).context("a conversion row needs \"command\" (e.g. \"keras-to-diffusers\")")?;
+                words.extend(["convert".to_string(), direction.to_string()]);
+            }
+        }
+        words.extend(common.iter().cloned());
+        words.extend(flags.into_iter().filter(|f| !f.starts_with("--command=")));
+        let os: Vec<std::ffi::OsString> = words.iter().map(Into::into).collect();
+        let cli = Cli::try_parse_from(kebab_flags(os.clone().into_iter())).map_err(|e| anyhow::anyhow!("{}", e.render().to_string().lines().next().unwrap_or("bad flags").trim_start_matches("error: ")))?;
+        run(cli, &os)
+    })?;
+    let status = dreambridge::scale::manifest::exit_status(&outcomes);
+    if status != 0 {
+        return Err(ManifestFailed(status).into());
+    }
+    Ok(())
+}
+
+/// Some manifest rows failed (each was reported); the process exits with this status.
+#[derive(Debug)]
+struct ManifestFailed(u8);
+
+impl std::fmt::Display for ManifestFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "manifest rows failed ({})", if self.0 == dreambridge::failure::RETRYABLE_EXIT { "all retryable" } else { "some permanently" })
+    }
+}
+
+impl std::error::Error for ManifestFailed {}
+
+fn run(cli: Cli, argv: &[std::ffi::OsString]) -> Result<()> {
     match cli.command {
         Command::Push(a) => {
             let card = dreambridge::hub::model_card::CardInfo { repo_id: a.repo.clone(), base_model: a.base_model, instance_prompt: a.instance_prompt, license: a.license, ..Default::default() };
@@ -493,8 +573,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::Forward { component, model, lora, lora_scale, inputs, out, device } => {
             dreambridge::models::forward::run(&component, &model, &lora, &lora_scale, &inputs, &out, &dreambridge::device::parse(&device)?)?
         }
+        Command::Train(a) | Command::TrainLora(a) if a.manifest.is_some() => {
+            let command = argv.get(1).map_or("train".into(), |c| c.to_string_lossy().to_string());
+            run_manifest(a.manifest.as_deref().expect("checked"), a.index, dreambridge::scale::manifest::RowKind::Train, &command, argv)?
+        }
         Command::Train(a) => dreambridge::train::cli::run(*a, dreambridge::train::cli::Script::DreamBooth)?,
         Command::TrainLora(a) => dreambridge::train::cli::run(*a, dreambridge::train::cli::Script::DreamBoothLora)?,
+        Command::Convert(ConvertArgs { direction: None, manifest, index }) => {
+            run_manifest(&manifest.context("convert needs a direction or --manifest")?, index, dreambridge::scale::manifest::RowKind::Convert, "convert", argv)?
+        }
         Command::Generate(mut a) => {
             a.size = match (a.height, a.width) {
                 (None, None) => a.size,
@@ -581,7 +668,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", dreambridge::hub::download::snapshot(&repo, revision.as_deref())?.display());
         }
         Command::Inspect { file, sd_version } => print!("{}", dreambridge::inspect::inspect(&file, sd_version)?),
-        Command::Convert(Direction::KerasToDiffusers(a)) => {
+        Command::Convert(ConvertArgs { direction: Some(Direction::KerasToDiffusers(a)), .. }) => {
             let sources = a.files.specs();
             let given = a.files.fetch()?;
             let nothing_given = given.unet.is_none() && given.text_encoder.is_none() && given.vae_encoder.is_none() && given.vae_decoder.is_none();
@@ -626,13 +713,13 @@ fn run(cli: Cli) -> Result<()> {
                 println!("pushed {repo} as commit {}", pushed.commit);
             }
         }
-        Command::Convert(Direction::DiffusersToSingleFile { model, out, half, force }) => {
+        Command::Convert(ConvertArgs { direction: Some(Direction::DiffusersToSingleFile { model, out, half, force }), .. }) => {
             use dreambridge::single_file::convert::{diffusers_to_single_file, ExportOptions};
             let model = dreambridge::hub::download::local_or_hub(&model)?;
             let done = diffusers_to_single_file(&model, &ExportOptions { out, half, force })?;
             print_exported(&done);
         }
-        Command::Convert(Direction::KerasToSingleFile(a)) => {
+        Command::Convert(ConvertArgs { direction: Some(Direction::KerasToSingleFile(a)), .. }) => {
             use dreambridge::single_file::convert::{keras_to_single_file, ExportOptions};
             let inputs = a.files.fetch()?;
             let base = a.base.as_deref().map(dreambridge::hub::download::local_file_or_hub).transpose()?;
@@ -640,7 +727,7 @@ fn run(cli: Cli) -> Result<()> {
             let done = keras_to_single_file(&inputs, base.as_deref(), a.sd_version, a.prediction_type, &opts)?;
             print_exported(&done);
         }
-        Command::Convert(Direction::SingleFileToDiffusers(a)) => {
+        Command::Convert(ConvertArgs { direction: Some(Direction::SingleFileToDiffusers(a)), .. }) => {
             use dreambridge::single_file::convert::{describe_prediction, single_file_to_diffusers, ToFolderOptions};
             let checkpoint = dreambridge::hub::download::local_file_or_hub(&a.checkpoint)?;
             let base = a.base.as_deref().map(dreambridge::hub::download::local_or_hub).transpose()?;
@@ -657,14 +744,14 @@ fn run(cli: Cli) -> Result<()> {
                 println!("from --base: {}", done.from_base.join(", "));
             }
         }
-        Command::Convert(Direction::SingleFileToKeras { checkpoint, out, read, force }) => {
+        Command::Convert(ConvertArgs { direction: Some(Direction::SingleFileToKeras { checkpoint, out, read, force }), .. }) => {
             let checkpoint = dreambridge::hub::download::local_file_or_hub(&checkpoint)?;
             let done = dreambridge::single_file::convert::single_file_to_keras(&checkpoint, &read.options(), &out, force)?;
             for (kind, name) in &done.files {
                 println!("{kind} -> {}", done.out.join(name).display());
             }
         }
-        Command::Convert(Direction::DiffusersToKeras { model, out, force, sd_version }) => {
+        Command::Convert(ConvertArgs { direction: Some(Direction::DiffusersToKeras { model, out, force, sd_version }), .. }) => {
             let done = diffusers_to_keras(&model, &out, force, sd_version)?;
             for (kind, name) in &done.files {
                 println!("{kind} -> {}", done.out.join(name).display());
@@ -706,17 +793,25 @@ fn kebab_flags(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::
 
 fn main() -> ExitCode {
     dreambridge::alloc::keep_freed_memory();
-    match run(Cli::parse_from(kebab_flags(std::env::args_os()))) {
+    let argv = kebab_flags(std::env::args_os());
+    match run(Cli::parse_from(argv.clone()), &argv) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(ManifestFailed(status)) = e.downcast_ref::<ManifestFailed>() {
+                eprintln!("error: {e}");
+                return ExitCode::from(*status);
+            }
             eprintln!("error: {}", dreambridge::output::one_line(&e));
             match e.downcast_ref::<dreambridge::train::interrupt::Interrupted>() {
                 Some(stopped) => {
-                    if stopped.checkpoint.is_some() {
+                    if argv.iter().any(|w| w.to_string_lossy().starts_with("--manifest")) {
+                        eprintln!("rerun the same command: finished rows are skipped and this row resumes from its checkpoint");
+                    } else if stopped.checkpoint.is_some() {
                         eprintln!("resume with: {}", resume_command());
                     }
                     ExitCode::from(stopped.exit_code())
                 }
+                None if dreambridge::failure::is_retryable(&e) => ExitCode::from(dreambridge::failure::RETRYABLE_EXIT),
                 None => ExitCode::FAILURE,
             }
         }

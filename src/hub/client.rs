@@ -60,7 +60,7 @@ impl HubClient {
                 Err(Failure::Transient(msg)) => last = msg,
             }
         }
-        bail!("{what}: failed after {} attempts (last: {last})", self.max_attempts)
+        Err(crate::failure::Retryable(format!("{what}: failed after {} attempts (last: {last})", self.max_attempts)).into())
     }
 
     fn classify<T>(&self, r: Result<T, ureq::Error>) -> Result<T, Failure> {

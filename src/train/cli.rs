@@ -11,8 +11,8 @@ use std::path::PathBuf;
 pub struct TrainCli {
     /// Base model: diffusers folder, Hub repo id, or a single-file checkpoint (.safetensors/.ckpt,
     /// local or `hf://owner/repo/file`, or a Hub resolve URL).
-    #[arg(long)]
-    pub pretrained_model_name_or_path: PathBuf,
+    #[arg(long, required_unless_present = "manifest")]
+    pub pretrained_model_name_or_path: Option<PathBuf>,
     /// Branch, tag or commit of a Hub base model.
     #[arg(long)]
     pub revision: Option<String>,
@@ -23,11 +23,19 @@ pub struct TrainCli {
     #[arg(long)]
     pub tokenizer_name: Option<PathBuf>,
     /// Folder of the subject's images.
-    #[arg(long)]
-    pub instance_data_dir: PathBuf,
+    #[arg(long, required_unless_present = "manifest")]
+    pub instance_data_dir: Option<PathBuf>,
     /// The prompt of every instance image, with the identifier (e.g. "a photo of sks dog").
+    #[arg(long, required_unless_present = "manifest")]
+    pub instance_prompt: Option<String>,
+    /// Many subjects: a JSON-lines file, one object of train flags per row (each with its own
+    /// output_dir). Runs the row --index, JOB_COMPLETION_INDEX or SLURM_ARRAY_TASK_ID names, or
+    /// every row in turn; flags given beside --manifest apply to every row.
     #[arg(long)]
-    pub instance_prompt: String,
+    pub manifest: Option<PathBuf>,
+    /// The manifest row to run (0-based; default: the job array's index variable, else all rows).
+    #[arg(long, requires = "manifest")]
+    pub index: Option<usize>,
     /// Folder of class images (generated up to --num_class_images when short).
     #[arg(long)]
     pub class_data_dir: Option<PathBuf>,
@@ -265,6 +273,8 @@ pub enum Script {
 
 /// Runs `dreambridge train` (or `train-lora`).
 pub fn run(a: TrainCli, script: Script) -> Result<()> {
+    anyhow::ensure!(a.manifest.is_none(), "--manifest rows cannot name another manifest");
+    let instance_prompt = a.instance_prompt.clone().context("--instance_prompt is required")?;
     anyhow::ensure!(a.class_labels_conditioning.is_none(), "--class_labels_conditioning is for DeepFloyd IF: not supported for Stable Diffusion");
     anyhow::ensure!(a.validation_images.is_empty(), "--validation_images is for DeepFloyd IF's upscaler: not supported for Stable Diffusion");
     anyhow::ensure!(
@@ -335,9 +345,9 @@ pub fn run(a: TrainCli, script: Script) -> Result<()> {
         }
     };
     let args = TrainArgs {
-        pretrained_model: a.pretrained_model_name_or_path.clone(),
-        instance_data_dir: a.instance_data_dir,
-        instance_prompt: a.instance_prompt.clone(),
+        pretrained_model: a.pretrained_model_name_or_path.clone().context("--pretrained_model_name_or_path is required")?,
+        instance_data_dir: a.instance_data_dir.clone().context("--instance_data_dir is required")?,
+        instance_prompt: instance_prompt.clone(),
         class_data_dir: a.class_data_dir,
         class_prompt: a.class_prompt,
         with_prior_preservation: a.with_prior_preservation,
@@ -410,7 +420,7 @@ pub fn run(a: TrainCli, script: Script) -> Result<()> {
         println!("KerasCV files -> {}", keras.out.display());
     }
     if let Some(repo) = push_repo {
-        let card = crate::hub::model_card::CardInfo { repo_id: repo.clone(), instance_prompt: Some(a.instance_prompt), ..Default::default() };
+        let card = crate::hub::model_card::CardInfo { repo_id: repo.clone(), instance_prompt: Some(instance_prompt), ..Default::default() };
         let opts = crate::hub::push::PushOptions { repo: repo.clone(), token: a.hub_token, card, commit_message: Some("End of training".into()), ..Default::default() };
         println!("pushed {repo} as commit {}", crate::hub::push::push(&done.output_dir, &opts)?.commit);
     }

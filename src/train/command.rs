@@ -494,8 +494,16 @@ fn prior_dtype(a: &TrainArgs, dev: &Device) -> Result<candle_core::DType> {
 /// class prompt (saved for reuse, never replacing the user's images), `--sample_batch_size` at a
 /// time in `--prior_generation_precision`. Image `i` comes from its own stream, so an interrupted
 /// top-up continues with the images it would have made, whatever the batch size.
+/// Jobs sharing a class folder (rows of one class in a manifest, running at once) take turns:
+/// the first generates, the others then find the images there.
 fn generate_class_images(pipe: &mut Pipeline, dir: &Path, prompt: &str, a: &TrainArgs) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let lock_path = dir.join(".dreambridge-class.lock");
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).with_context(|| format!("{}: cannot open", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        eprintln!("{}: another job is generating class images; waiting for it", dir.display());
+        lock.lock().with_context(|| format!("{}: cannot lock", lock_path.display()))?;
+    }
     let have = image_files(dir).map(|f| f.len()).unwrap_or(0);
     if have >= a.num_class_images {
         return Ok(());

@@ -73,6 +73,10 @@ pub struct Trainer<'a> {
     /// LoRA adapter plans, told the micro-batch index before each forward (it seeds dropout, so a
     /// resumed run draws the same masks).
     pub adapters: Vec<std::sync::Arc<crate::models::lora::AdapterPlan>>,
+    /// Data parallelism: this rank's group. Each optimiser step's global batch (train_batch_size
+    /// x world) is drawn from the one RNG stream every rank holds, each rank computes its shard,
+    /// and the gradients are averaged over the ranks; only rank 0 writes checkpoints.
+    pub collective: std::sync::Arc<dyn crate::scale::collective::Collective>,
 }
 
 impl<'a> Trainer<'a> {
@@ -81,7 +85,7 @@ impl<'a> Trainer<'a> {
         let optimizer = Optimizer::new(vars, config.adam, config.use_8bit_adam)?;
         let rng = TrainRng::new(config.seed);
         let scaler = (config.compute_dtype == candle_core::DType::F16).then(LossScaler::default);
-        Ok(Trainer { unet, varmap, text: None, schedule, config, optimizer, rng, step: 0, scaler, skipped_steps: 0, stop: StopRequest::default(), adapters: Vec::new() })
+        Ok(Trainer { unet, varmap, text: None, schedule, config, optimizer, rng, step: 0, scaler, skipped_steps: 0, stop: StopRequest::default(), adapters: Vec::new(), collective: std::sync::Arc::new(crate::scale::collective::WorldOfOne) })
     }
 
     /// Trains the text encoder too: prompt embeddings are recomputed each step, with gradients.
@@ -97,6 +101,8 @@ impl<'a> Trainer<'a> {
         if let Some((_, tv)) = self.text {
             all.extend(tv.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())));
         }
+        // By name: every rank walks its Vars in the same order (the all-reduce pairs them up).
+        all.sort_by(|a, b| a.0.cmp(&b.0));
         all
     }
 
@@ -122,24 +128,31 @@ impl<'a> Trainer<'a> {
         checkpoint::save(&self.config.checkpoint_dir, &weights, &self.optimizer.state(), &state, self.config.checkpoints_total_limit)
     }
 
-    /// Draws one micro-batch: instance examples, then as many class examples with prior preservation.
+    /// Draws one micro-batch of the global batch (instance examples, then as many class examples
+    /// with prior preservation) and returns this rank's shard of it: every draw is made for the
+    /// whole global batch, so the shards of any world size add up to the same batch.
     fn micro_batch(&mut self, instances: &[Example], classes: &[Example]) -> Result<(Tensor, Tensor, Tensor, Vec<usize>)> {
-        let mut picked: Vec<&Example> = (0..self.config.train_batch_size).map(|_| &instances[self.rng.below(instances.len())]).collect();
+        let (rank, world) = (self.collective.rank(), self.collective.world());
+        let (b, global) = (self.config.train_batch_size, self.config.train_batch_size * world);
+        let mut picked: Vec<&Example> = (0..global).map(|_| &instances[self.rng.below(instances.len())]).collect();
+        let mut shard: Vec<usize> = (rank * b..(rank + 1) * b).collect();
         if self.config.loss.with_prior_preservation {
-            let class: Vec<&Example> = (0..self.config.train_batch_size).map(|_| &classes[self.rng.below(classes.len())]).collect();
+            let class: Vec<&Example> = (0..global).map(|_| &classes[self.rng.below(classes.len())]).collect();
             picked.extend(class);
+            shard.extend((rank * b..(rank + 1) * b).map(|i| global + i));
         }
         let dev = picked[0].latent_mean.device().clone();
         let mean = Tensor::stack(&picked.iter().map(|e| e.latent_mean.clone()).collect::<Vec<_>>(), 0)?;
         let std = Tensor::stack(&picked.iter().map(|e| e.latent_std.clone()).collect::<Vec<_>>(), 0)?;
+        let mine: Vec<&Example> = shard.iter().map(|&i| picked[i]).collect();
         let context = match self.text {
             Some((text, _)) => {
-                let ids = picked.iter().map(|e| e.ids.clone().ok_or_else(|| anyhow::anyhow!("text-encoder training needs token ids"))).collect::<Result<Vec<_>>>()?;
-                let masks: Option<Vec<Tensor>> = picked.iter().map(|e| e.attention_mask.clone()).collect();
+                let ids = mine.iter().map(|e| e.ids.clone().ok_or_else(|| anyhow::anyhow!("text-encoder training needs token ids"))).collect::<Result<Vec<_>>>()?;
+                let masks: Option<Vec<Tensor>> = mine.iter().map(|e| e.attention_mask.clone()).collect();
                 let mask = masks.map(|m| Tensor::stack(&m, 0)).transpose()?;
                 text.forward_masked(&Tensor::stack(&ids, 0)?, mask.as_ref(), candle_core::DType::F32)?
             }
-            None => Tensor::stack(&picked.iter().map(|e| e.context.clone()).collect::<Vec<_>>(), 0)?,
+            None => Tensor::stack(&mine.iter().map(|e| e.context.clone()).collect::<Vec<_>>(), 0)?,
         };
         let shape = mean.dims().to_vec();
         let latents = (&mean + (std * self.rng.normal(&shape, &dev)?.to_dtype(mean.dtype())?)?)?;
@@ -149,9 +162,14 @@ impl<'a> Trainer<'a> {
             noise = noise.broadcast_add(&(offset * self.config.noise_offset)?)?;
         }
         let n = self.schedule.alphas_cumprod.len();
-        let timesteps = (0..shape[0]).map(|_| self.rng.below(n)).collect();
+        let timesteps: Vec<usize> = (0..shape[0]).map(|_| self.rng.below(n)).collect();
         let dt = self.config.compute_dtype;
-        Ok((latents.to_dtype(dt)?, noise.to_dtype(dt)?, context.to_dtype(dt)?, timesteps))
+        if world == 1 {
+            return Ok((latents.to_dtype(dt)?, noise.to_dtype(dt)?, context.to_dtype(dt)?, timesteps));
+        }
+        let rows = Tensor::new(shard.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(), &dev)?;
+        let timesteps = shard.iter().map(|&i| timesteps[i]).collect();
+        Ok((latents.index_select(&rows, 0)?.to_dtype(dt)?, noise.index_select(&rows, 0)?.to_dtype(dt)?, context.to_dtype(dt)?, timesteps))
     }
 
     /// Trains up to `max_train_steps` (or `stop_at`), calling `on_step(step, loss, lr)`; returns the losses.
@@ -190,7 +208,10 @@ impl<'a> Trainer<'a> {
                     }
                 });
             }
-            let grads = total.expect("at least one micro-batch");
+            let mut grads = total.expect("at least one micro-batch");
+            if self.collective.world() > 1 {
+                loss_sum = self.average_over_ranks(&mut grads, &vars, loss_sum)?;
+            }
             // Unscaling (fp16) and clipping are folded into the optimiser's gradient factor.
             let loss_scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
             let norm = grad_norm(&grads, &vars)? / loss_scale;
@@ -206,19 +227,40 @@ impl<'a> Trainer<'a> {
             self.step += 1;
             losses.push(loss_sum);
             on_step(self.step, loss_sum, lr);
-            let saved = match c.checkpointing_steps.is_some_and(|n| self.step % n == 0) {
+            let saved = match c.checkpointing_steps.is_some_and(|n| self.step % n == 0) && self.collective.rank() == 0 {
                 true => Some(self.save_checkpoint()?),
                 false => None,
             };
             if let Some(signal) = self.stop.signal() {
                 let checkpoint = match saved {
-                    Some(path) => path,
-                    None => self.save_checkpoint()?,
+                    Some(path) => Some(path),
+                    None if self.collective.rank() == 0 => Some(self.save_checkpoint()?),
+                    None => None,
                 };
-                return Err(Interrupted { signal, step: self.step, checkpoint: Some(checkpoint) }.into());
+                return Err(Interrupted { signal, step: self.step, checkpoint }.into());
             }
         }
         Ok(losses)
+    }
+
+    /// Sums every gradient (and the loss) over the ranks and divides by the world size: the
+    /// gradient of the global batch's loss, the same on every rank.
+    fn average_over_ranks(&self, grads: &mut GradStore, vars: &[Var], loss: f32) -> Result<f32> {
+        let world = self.collective.world() as f64;
+        for v in vars {
+            let Some(g) = grads.remove(v.as_tensor()) else {
+                // A Var without a gradient here has none on any rank (same graph): keep it absent.
+                continue;
+            };
+            let shape = g.shape().clone();
+            let mut values = g.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            self.collective.all_reduce_sum(&mut values)?;
+            let summed = Tensor::from_vec(values, shape, g.device())?.to_dtype(g.dtype())?;
+            grads.insert(v.as_tensor(), (summed / world)?);
+        }
+        let mut l = [loss];
+        self.collective.all_reduce_sum(&mut l)?;
+        Ok((l[0] as f64 / world) as f32)
     }
 
     /// Why training stops at this step: which value is not finite, and what is kept.
@@ -324,6 +366,66 @@ mod tests {
         assert_eq!(weights(&varmap_c), weights(&varmap_a), "and so must the final weights");
         let kept: Vec<usize> = checkpoint::list(dir_b.path()).unwrap().into_iter().map(|(s, _)| s).collect();
         assert_eq!(kept, vec![4, 6], "checkpoints_total_limit keeps the newest two");
+    }
+
+    fn max_rel_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f64 {
+        let (mut diff, mut scale) = (0f64, 0f64);
+        for ((ka, va), (kb, vb)) in a.iter().zip(b) {
+            assert_eq!(ka, kb);
+            for (x, y) in va.iter().zip(vb) {
+                diff = diff.max((x - y).abs() as f64);
+                scale = scale.max(x.abs() as f64);
+            }
+        }
+        diff / scale
+    }
+
+    #[test]
+    fn two_ranks_of_batch_one_equal_one_rank_of_batch_two_and_resume_on_either() {
+        let schedule = NoiseSchedule::new(&serde_json::from_str::<ScheduleConfig>("{}").unwrap()).unwrap();
+        let (inst, class) = (examples(3, 1), examples(4, 2));
+        let cfg = |dir: &std::path::Path, batch: usize| TrainConfig { train_batch_size: batch, ..config(dir) };
+        let dir_one = tempfile::tempdir().unwrap();
+        let (varmap_one, unet_one) = unet();
+        let mut one = Trainer::new(&unet_one, &varmap_one, &schedule, cfg(dir_one.path(), 2)).unwrap();
+        let losses_one = one.run(&inst, &class, None, |_, _, _| {}).unwrap();
+
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let ranks = crate::scale::collective::in_process_group(2);
+        let results: Vec<(Vec<f32>, Vec<(String, Vec<f32>)>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = ranks
+                .into_iter()
+                .zip(&dirs)
+                .map(|(rank, dir)| {
+                    let (schedule, inst, class) = (&schedule, &inst, &class);
+                    s.spawn(move || {
+                        let (varmap, unet) = unet();
+                        let mut t = Trainer::new(&unet, &varmap, schedule, cfg(dir.path(), 1)).unwrap();
+                        t.collective = std::sync::Arc::new(rank);
+                        let losses = t.run(inst, class, None, |_, _, _| {}).unwrap();
+                        (losses, weights(&varmap))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(results[0].1, results[1].1, "every rank holds the same weights");
+        let rel = max_rel_diff(&results[0].1, &weights(&varmap_one));
+        assert!(rel < 1e-5, "2 ranks x batch 1 vs 1 rank x batch 2: max rel diff {rel}");
+        for (a, b) in results[0].0.iter().zip(&losses_one) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "losses {:?} vs {losses_one:?}", results[0].0);
+        }
+        assert_eq!(checkpoint::list(dirs[0].path()).unwrap().len(), 2, "rank 0 writes the checkpoints");
+        assert!(std::fs::read_dir(dirs[1].path()).unwrap().next().is_none(), "rank 1 writes nothing");
+
+        // The 2-rank checkpoint of step 4, resumed by one rank with the same global batch.
+        let (varmap_r, unet_r) = unet();
+        let mut resumed = Trainer::new(&unet_r, &varmap_r, &schedule, cfg(dirs[0].path(), 2)).unwrap();
+        resumed.resume(dirs[0].path().join("checkpoint-4").to_str().unwrap()).unwrap();
+        let rest = resumed.run(&inst, &class, None, |_, _, _| {}).unwrap();
+        assert_eq!(rest.len(), 2);
+        let rel = max_rel_diff(&weights(&varmap_r), &weights(&varmap_one));
+        assert!(rel < 1e-5, "resumed on another rank count: max rel diff {rel}");
     }
 
     #[test]
