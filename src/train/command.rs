@@ -498,11 +498,12 @@ fn prior_dtype(a: &TrainArgs, dev: &Device) -> Result<candle_core::DType> {
 /// the first generates, the others then find the images there.
 fn generate_class_images(pipe: &mut Pipeline, dir: &Path, prompt: &str, a: &TrainArgs) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let lock_path = dir.join(".dreambridge-class.lock");
-    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).with_context(|| format!("{}: cannot open", lock_path.display()))?;
+    // The folder itself is the lock (flock on its handle), so the folder holds only images, as
+    // diffusers leaves it; the lock goes with the handle when this function returns or the job dies.
+    let lock = std::fs::File::open(dir).with_context(|| format!("{}: cannot open", dir.display()))?;
     if lock.try_lock().is_err() {
         eprintln!("{}: another job is generating class images; waiting for it", dir.display());
-        lock.lock().with_context(|| format!("{}: cannot lock", lock_path.display()))?;
+        lock.lock().with_context(|| format!("{}: cannot lock", dir.display()))?;
     }
     let have = image_files(dir).map(|f| f.len()).unwrap_or(0);
     if have >= a.num_class_images {
