@@ -2,7 +2,7 @@
 # The GPU benchmark run, for a machine with an NVIDIA GPU, its driver and the CUDA 13 runtime, and
 # python3 with torch (cu13) — no Rust. Prepare on the build machine, then run there:
 #
-#   scripts/build-cuda.sh                  # -> dist/dreambridge-cuda-sm90.tar.xz
+#   scripts/build-cuda.sh --nccl           # -> dist/dreambridge-cuda-sm90.tar.xz
 #   bench/gpu_session.sh --fetch-wheels    # -> .whl/: diffusers and what it needs beyond torch's image
 #   # copy the repo (with dist/ and .whl/) to the GPU machine, then there:
 #   bench/gpu_session.sh [--quick]         # results in $OUT (default bench/.cache/gpu)
@@ -65,6 +65,12 @@ stage() { # name, seconds, command...
 }
 stage gpu_check 90 sh -c '"$0" bench gpu-check --device "$1" --mixed-precision "$2" --json "$OUT/checks.json"' "$DB" "$DEVICE" "$DTYPE"
 stage gpu_check_gc 90 sh -c '"$0" bench gpu-check --device "$1" --mixed-precision "$2" --gradient-checkpointing --json "$OUT/checks.json"' "$DB" "$DEVICE" "$DTYPE"
+# NCCL at world size 1 (the binary of scripts/build-cuda.sh --nccl; tcp on the CPU dry run).
+if [ "$MODE" = cpu ]; then
+    stage nccl_smoke 60 bench/nccl_smoke.sh --device cpu --backend tcp
+else
+    stage nccl_smoke 60 bench/nccl_smoke.sh --device "$DEVICE" --backend nccl
+fi
 if [ "$(cat "$OUT/gpu_check/rc")" = 0 ] && [ "$(cat "$OUT/gpu_check_gc/rc")" = 0 ]; then
     stage train 150 bench/vs_diffusers.sh train --device "$DEVICE" --mixed-precision "$DTYPE" --steps "$STEPS" "${SIZE[@]}"
     stage train_gc 150 bench/vs_diffusers.sh train --device "$DEVICE" --mixed-precision "$DTYPE" --steps "$STEPS" --gradient-checkpointing "${SIZE[@]}"
@@ -103,6 +109,7 @@ for key, stage, what, field, scale in [
         res[key] = {side: r[field]["median_ms"] / (scale or 1) for side, r in p.items()}
     else:
         res[key] = {side: r["peak_memory_bytes"] / scale for side, r in p.items()}
+res["nccl_smoke"] = json.load(open(f"{out}/nccl_smoke/nccl.json")) if os.path.exists(f"{out}/nccl_smoke/nccl.json") else None
 res["stages"] = {s: open(f"{out}/{s}/rc").read().strip() for s in sorted(os.listdir(out)) if os.path.exists(f"{out}/{s}/rc")}
 json.dump(res, open(f"{out}/gpu.json", "w"), indent=2)
 print(json.dumps({k: v for k, v in res.items() if k != "gpu_check"}, indent=2))

@@ -24,9 +24,10 @@ make_venv() { # name, pip requirements...
 }
 make_venv keras "tensorflow-cpu==2.14.1" "keras-cv==0.6.4" "h5py==3.16.0" "huggingface_hub==0.26.5"
 make_venv keras3 "tensorflow-cpu==2.17.1" "keras-cv==0.9.0" "h5py==3.16.0"
-make_venv torch "torch==2.15.0" "diffusers==0.42.1" "transformers==5.23.0" "safetensors==0.8.0" "accelerate==1.15.0" "h5py==3.16.0" "peft==0.21.2" "tensorboard==2.21.0"
+make_venv torch "torch==2.15.0" "diffusers==0.42.1" "transformers==5.23.0" "safetensors==0.8.0" "accelerate==1.15.0" "h5py==3.16.0" "peft==0.21.2" "tensorboard==2.21.0" "bitsandbytes==0.50.2"
 # Added later: a venv made before gets it on the next run.
 "$P/.venv-torch/bin/python" -c "import tensorboard" 2>/dev/null || "$P/.venv-torch/bin/pip" install -q "tensorboard==2.21.0"
+"$P/.venv-torch/bin/python" -c "import bitsandbytes" 2>/dev/null || "$P/.venv-torch/bin/pip" install -q "bitsandbytes==0.50.2"
 [ "${1:-}" = "--setup" ] && exit 0
 
 start=$(date +%s)
@@ -79,6 +80,10 @@ step "dreambridge train output in diffusers"
 step "train_dreambooth.py's flags: LR schedules (get_scheduler), TensorBoard files (EventAccumulator), CLIPTokenizer, masked CLIPTextModel, saved folders"
 "$P/.venv-torch/bin/python" "$P/train_flags_parity.py" "$DB"
 
+step "8-bit AdamW (--use_8bit_adam) against bitsandbytes' AdamW8bit, step by step"
+"$P/.venv-torch/bin/python" "$P/adam8bit_parity.py" "$DB" || adam8bit_rc=$?
+step "Data parallel under torchrun --no-python: 2 CPU ranks against one process of the whole batch"
+"$P/.venv-torch/bin/python" "$P/torchrun_parity.py" "$DB" || torchrun_rc=$?
 step "LoRA files: dreambridge's in diffusers (load_lora_weights, fuse_lora), peft's in dreambridge"
 "$P/.venv-torch/bin/python" "$P/lora_parity.py" "$DB"
 
@@ -102,4 +107,4 @@ step "Hub: the loopback emulator against the official huggingface_hub client"
 
 echo
 "$P/.venv-torch/bin/python" "$P/report.py" "$W/results.jsonl" "$(( $(date +%s) - start ))"
-exit "$(( ${single_file_rc:-0} | ${tf_formats_rc:-0} | ${schedulers_rc:-0} | ${eval_rc:-0} ))" # a crash that recorded no row still fails the suite
+exit "$(( ${single_file_rc:-0} | ${tf_formats_rc:-0} | ${schedulers_rc:-0} | ${eval_rc:-0} | ${adam8bit_rc:-0} | ${torchrun_rc:-0} ))" # a crash that recorded no row still fails the suite

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Builds the CUDA (+cuDNN) dreambridge binary on a machine with no GPU and no CUDA install.
 #
-#   scripts/build-cuda.sh [--no-cudnn] [--compute-cap 90]
+#   scripts/build-cuda.sh [--no-cudnn] [--nccl] [--compute-cap 90]
 #
 # 1. Fetches the CUDA 13.0.x toolchain and runtime wheels from PyPI (nvcc pinned to 13.0: PTX from
 #    nvcc 13.1+ does not load on R580 drivers, which report CUDA 13.0).
 # 2. Unpacks them into a CUDA_HOME-shaped tree, restores exec bits, adds the unversioned .so links
 #    the linker needs, and generates a link stub for the driver library (libcuda.so, soname
 #    libcuda.so.1; the real one comes from the GPU machine's driver).
-# 3. Builds `--features cuda[,cudnn]` with CUDA_COMPUTE_CAP (90 = H100/H200), in target/cuda.
+#    With --nccl also NCCL 2.30 (the API version candle's cudarc bindings are generated for), for
+#    data-parallel training over several GPUs.
+# 3. Builds `--features cuda[,cudnn][,nccl]` with CUDA_COMPUTE_CAP (90 = H100/H200), in target/cuda.
 # 4. Strips the binary and packs it with its launcher into dist/dreambridge-cuda-sm<cap>.tar.xz.
 #
 # Everything lands under target/ and dist/ (both ignored). A plain `cargo build` needs none of this.
@@ -17,12 +19,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CUDNN=1
+NCCL=0
 CAP=${CUDA_COMPUTE_CAP:-90}
 while [ $# -gt 0 ]; do
     case "$1" in
         --no-cudnn) CUDNN=0 ;;
+        --nccl) NCCL=1 ;;
         --compute-cap) CAP=$2; shift ;;
-        *) echo "usage: $0 [--no-cudnn] [--compute-cap N]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--no-cudnn] [--nccl] [--compute-cap N]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -35,6 +39,7 @@ WHEELS=(
     nvidia-curand==10.4.0.35 nvidia-cublas==13.0.2.14
 )
 [ "$CUDNN" = 1 ] && WHEELS+=(nvidia-cudnn-cu13==9.21.1.3)
+[ "$NCCL" = 1 ] && WHEELS+=(nvidia-nccl-cu13==2.30.7)
 STAMP=$ROOT/.provisioned-$(printf '%s\n' "${WHEELS[@]}" | sha1sum | cut -c1-12)
 
 step() { echo "== $*"; }
@@ -51,15 +56,18 @@ provision() {
         wheel=$(ls "$TOOLKIT/wheels/${name//-/_}-$version-"*.whl)
         python3 -m zipfile -e "$wheel" "$TOOLKIT/unpack"
     done
-    # CUDA 13 wheels share nvidia/cu13/{bin,include,lib,nvvm}; cuDNN ships nvidia/cudnn/{include,lib}.
+    # CUDA 13 wheels share nvidia/cu13/{bin,include,lib,nvvm}; cuDNN and NCCL ship
+    # nvidia/{cudnn,nccl}/{include,lib}.
     cp -a "$TOOLKIT/unpack/nvidia/cu13/." "$ROOT/"
-    if [ -d "$TOOLKIT/unpack/nvidia/cudnn" ]; then
-        cp -a "$TOOLKIT/unpack/nvidia/cudnn/lib/." "$ROOT/lib/"
-        cp -a "$TOOLKIT/unpack/nvidia/cudnn/include/." "$ROOT/include/"
-    fi
+    for extra in cudnn nccl; do
+        if [ -d "$TOOLKIT/unpack/nvidia/$extra" ]; then
+            cp -a "$TOOLKIT/unpack/nvidia/$extra/lib/." "$ROOT/lib/"
+            cp -a "$TOOLKIT/unpack/nvidia/$extra/include/." "$ROOT/include/"
+        fi
+    done
     rm -rf "$TOOLKIT/unpack"
     chmod +x "$ROOT"/bin/* "$ROOT"/nvvm/bin/* # zip extraction drops the exec bit
-    for lib in libcudart libnvrtc libcurand libcublas libcublasLt libcudnn; do
+    for lib in libcudart libnvrtc libcurand libcublas libcublasLt libcudnn libnccl; do
         versioned=$(cd "$ROOT/lib" && ls "$lib".so.[0-9]* 2>/dev/null | sort | head -n1 || true)
         [ -n "$versioned" ] && ln -sf "$versioned" "$ROOT/lib/$lib.so"
     done
@@ -86,6 +94,7 @@ fi
 
 FEATURES=cuda
 [ "$CUDNN" = 1 ] && FEATURES=cuda,cudnn
+[ "$NCCL" = 1 ] && FEATURES=$FEATURES,nccl
 step "cargo build --release --features $FEATURES (CUDA_COMPUTE_CAP=$CAP)"
 export CUDA_HOME=$ROOT CUDA_PATH=$ROOT CUDA_COMPUTE_CAP=$CAP PATH=$ROOT/bin:$PATH
 export LIBRARY_PATH=$ROOT/lib:$ROOT/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}

@@ -40,7 +40,7 @@ found_in() { # soname -> directory holding it, or nothing
 # which libcublas loads.
 needed=(libcublasLt.so.13)
 while read -r lib; do
-    case "$lib" in libcuda.so*|libcudart.so*|libcublas.so*|libcurand.so*|libcudnn.so*) needed+=("$lib") ;; esac
+    case "$lib" in libcuda.so*|libcudart.so*|libcublas.so*|libcurand.so*|libcudnn.so*|libnccl.so*) needed+=("$lib") ;; esac
 done < "$HERE/NEEDED"
 missing=()
 path=""
@@ -57,7 +57,7 @@ if [ ${#missing[@]} -gt 0 ]; then
         echo "dreambridge (CUDA build): missing CUDA 13 runtime libraries: ${missing[*]}"
         echo "  searched: LD_LIBRARY_PATH, \$CUDA_HOME/lib64, /usr/local/cuda*/lib64, <site-packages>/nvidia/*/lib, ldconfig"
         echo "  libcuda.so.1 comes with the NVIDIA driver (R580+); the others with the CUDA 13 toolkit or the"
-        echo "  nvidia-*-cu13 / torch cu13 wheels. Point LD_LIBRARY_PATH at their folder, e.g."
+        echo "  nvidia-*-cu13 / torch cu13 wheels (libnccl.so.2: nvidia-nccl-cu13). Point LD_LIBRARY_PATH at their folder, e.g."
         echo "  LD_LIBRARY_PATH=/usr/local/cuda-13.0/lib64 $0 ..."
     } >&2
     exit 127

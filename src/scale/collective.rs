@@ -1,10 +1,11 @@
 //! Collectives behind one small interface, for data-parallel training: each rank sums its
 //! gradients with every other rank's once per optimiser step. Backends: [`WorldOfOne`] (a single
 //! process: nothing to exchange) and [`InProcess`] (ranks as threads of one process, for tests
-//! and for proving the data-parallel arithmetic on the CPU). A multi-GPU backend (NCCL) plugs in
-//! behind the same trait.
+//! and for proving the data-parallel arithmetic on the CPU); across processes, [`super::tcp`]
+//! (CPU, like torch's gloo) and `super::nccl` (GPUs, the `nccl` cargo feature).
 
 use anyhow::Result;
+use candle_core::Tensor;
 use std::sync::{Arc, Condvar, Mutex};
 
 pub trait Collective: Send + Sync {
@@ -13,6 +14,18 @@ pub trait Collective: Send + Sync {
     /// Replaces `values` on every rank by their element-wise sum over the ranks. Every rank calls
     /// it with the same length, in the same order.
     fn all_reduce_sum(&self, values: &mut [f32]) -> Result<()>;
+    /// The element-wise sum of `t` over the ranks (the same shape on every rank). By default
+    /// through host memory; the NCCL backend reduces in device memory.
+    fn all_reduce_tensor(&self, t: &Tensor) -> Result<Tensor> {
+        let mut values = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        self.all_reduce_sum(&mut values)?;
+        Ok(Tensor::from_vec(values, t.shape(), t.device())?.to_dtype(t.dtype())?)
+    }
+    /// Whether training exchanges gradients through this backend: with peers, and also when a
+    /// cross-process backend was asked for by name on a world of one (a smoke test of it).
+    fn reduces(&self) -> bool {
+        self.world() > 1
+    }
     /// Waits until every rank got here.
     fn barrier(&self) -> Result<()> {
         self.all_reduce_sum(&mut [0.0])

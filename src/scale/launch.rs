@@ -57,21 +57,21 @@ impl Rank {
     }
 }
 
-/// The rank from flags (`--rank`, `--world-size`, `--local-rank`) and the launchers' variables;
+/// The rank from flags (`--dist-rank`, `--dist-world-size`, `--local_rank`) and the launchers' variables;
 /// a single process when none is set. A rank outside the world, or sources that disagree, are
 /// refused.
 pub fn rank(flags: (Option<usize>, Option<usize>, Option<usize>), env: Env) -> Result<Rank> {
-    let rank = agreed(&[("--rank", flags.0), ("RANK", var(env, "RANK")?), ("SLURM_PROCID", var(env, "SLURM_PROCID")?), ("OMPI_COMM_WORLD_RANK", var(env, "OMPI_COMM_WORLD_RANK")?)])?;
-    let world = agreed(&[("--world-size", flags.1), ("WORLD_SIZE", var(env, "WORLD_SIZE")?), ("SLURM_NTASKS", var(env, "SLURM_NTASKS")?), ("OMPI_COMM_WORLD_SIZE", var(env, "OMPI_COMM_WORLD_SIZE")?)])?;
-    let local = agreed(&[("--local-rank", flags.2), ("LOCAL_RANK", var(env, "LOCAL_RANK")?), ("SLURM_LOCALID", var(env, "SLURM_LOCALID")?), ("OMPI_COMM_WORLD_LOCAL_RANK", var(env, "OMPI_COMM_WORLD_LOCAL_RANK")?)])?;
+    let rank = agreed(&[("--dist-rank", flags.0), ("RANK", var(env, "RANK")?), ("SLURM_PROCID", var(env, "SLURM_PROCID")?), ("OMPI_COMM_WORLD_RANK", var(env, "OMPI_COMM_WORLD_RANK")?)])?;
+    let world = agreed(&[("--dist-world-size", flags.1), ("WORLD_SIZE", var(env, "WORLD_SIZE")?), ("SLURM_NTASKS", var(env, "SLURM_NTASKS")?), ("OMPI_COMM_WORLD_SIZE", var(env, "OMPI_COMM_WORLD_SIZE")?)])?;
+    let local = agreed(&[("--local_rank", flags.2), ("LOCAL_RANK", var(env, "LOCAL_RANK")?), ("SLURM_LOCALID", var(env, "SLURM_LOCALID")?), ("OMPI_COMM_WORLD_LOCAL_RANK", var(env, "OMPI_COMM_WORLD_LOCAL_RANK")?)])?;
     let r = match (rank, world) {
         (None, None) => return Ok(Rank { local_rank: local.map_or(0, |l| l.1), ..Rank::SINGLE }),
         (Some((from, r)), Some((_, w))) => {
             anyhow::ensure!(w >= 1 && r < w, "{from} {r} is outside a world of {w} processes");
             Rank { rank: r, world: w, local_rank: local.map_or(r, |l| l.1) }
         }
-        (Some((from, _)), None) => bail!("{from} is set but no world size (WORLD_SIZE, SLURM_NTASKS, OMPI_COMM_WORLD_SIZE or --world-size)"),
-        (None, Some((from, _))) => bail!("{from} is set but no rank (RANK, SLURM_PROCID, OMPI_COMM_WORLD_RANK or --rank)"),
+        (Some((from, _)), None) => bail!("{from} is set but no world size (WORLD_SIZE, SLURM_NTASKS, OMPI_COMM_WORLD_SIZE or --dist-world-size)"),
+        (None, Some((from, _))) => bail!("{from} is set but no rank (RANK, SLURM_PROCID, OMPI_COMM_WORLD_RANK or --dist-rank)"),
     };
     Ok(r)
 }

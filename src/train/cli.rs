@@ -213,9 +213,28 @@ pub struct TrainCli {
     /// tensors between steps.
     #[arg(long)]
     pub set_grads_to_none: bool,
-    /// Accepted for torch.distributed launchers; dreambridge trains in one process.
+    /// This process's GPU on its machine in a data-parallel run (default: LOCAL_RANK,
+    /// SLURM_LOCALID or OMPI_COMM_WORLD_LOCAL_RANK; -1: unset), as torch.distributed launchers pass it.
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     pub local_rank: i64,
+    /// This process's rank in a data-parallel run (default: RANK, SLURM_PROCID or OMPI_COMM_WORLD_RANK).
+    #[arg(long)]
+    pub dist_rank: Option<usize>,
+    /// The number of processes of a data-parallel run (default: WORLD_SIZE, SLURM_NTASKS or
+    /// OMPI_COMM_WORLD_SIZE); each draws its share of the global batch of
+    /// world x --train_batch_size.
+    #[arg(long)]
+    pub dist_world_size: Option<usize>,
+    /// How the ranks sum gradients: nccl (GPUs; a build with --nccl), tcp (CPU processes), or
+    /// auto (nccl on GPUs, tcp on the CPU).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dist_backend: crate::scale::dist::Backend,
+    /// The port rank 0 listens on at MASTER_ADDR (default: MASTER_PORT + 1, else 29501).
+    #[arg(long)]
+    pub dist_port: Option<u16>,
+    /// Seconds the ranks wait for each other to join.
+    #[arg(long, default_value_t = 1800)]
+    pub dist_timeout: u64,
     /// DeepFloyd IF only (refused for Stable Diffusion).
     #[arg(long, hide = true)]
     pub class_labels_conditioning: Option<String>,
@@ -287,10 +306,9 @@ pub fn run(a: TrainCli, script: Script) -> Result<()> {
     if a.set_grads_to_none {
         eprintln!("note: --set_grads_to_none: not needed, dreambridge keeps no zeroed gradients between steps");
     }
-    let env_rank = std::env::var("LOCAL_RANK").ok().and_then(|r| r.parse::<i64>().ok());
-    if let Some(rank) = env_rank.filter(|r| *r != -1).or((a.local_rank != -1).then_some(a.local_rank)) {
-        eprintln!("note: --local_rank {rank}: dreambridge trains in one process on one device, so the rank selects nothing");
-    }
+    let local_rank = usize::try_from(a.local_rank).ok();
+    let rank = crate::scale::launch::rank((a.dist_rank, a.dist_world_size, local_rank), &crate::scale::launch::process_env)?;
+    let dist = crate::scale::dist::DistConfig::new(rank, a.dist_backend, a.dist_port, std::time::Duration::from_secs(a.dist_timeout), &crate::scale::launch::process_env)?;
     if matches!(a.report_to.as_str(), "wandb" | "comet_ml" | "all") {
         eprintln!(
             "note: --report_to {}: dreambridge writes TensorBoard event files only ({}); `wandb sync --sync-tensorboard` or comet's TensorBoard import uploads them",
@@ -319,8 +337,7 @@ pub fn run(a: TrainCli, script: Script) -> Result<()> {
     let default_lr = if lora.is_some() { 5e-4 } else { 5e-6 };
     let mut learning_rate = a.learning_rate.unwrap_or(default_lr);
     if a.scale_lr {
-        // x number of processes, which is 1.
-        learning_rate *= (a.gradient_accumulation_steps * a.train_batch_size) as f64;
+        learning_rate *= (a.gradient_accumulation_steps * a.train_batch_size * rank.world) as f64;
     }
     let interpolation = a.image_interpolation_mode.as_deref().unwrap_or(if script == Script::DreamBoothLora { "lanczos" } else { "bilinear" }).parse()?;
     let (validation_steps, validation_epochs) = match (a.validation_steps, a.validation_epochs, script) {
@@ -332,6 +349,8 @@ pub fn run(a: TrainCli, script: Script) -> Result<()> {
     };
     // The repo is created before training, as diffusers does, so a bad token fails in seconds.
     let push_repo = match &a.push_to_hub {
+        // Rank 0 alone talks to the Hub.
+        _ if !rank.is_main() => None,
         None => None,
         Some(value) => {
             let name = match (a.hub_model_id.as_deref(), value.as_deref()) {
@@ -406,8 +425,13 @@ pub fn run(a: TrainCli, script: Script) -> Result<()> {
         dataloader_num_workers: a.dataloader_num_workers,
         tensorboard: (a.report_to != "none").then(|| a.output_dir.join(&a.logging_dir).join("dreambooth")),
         interpolation,
+        dist,
     };
     let done = train(&args)?;
+    if !done.wrote {
+        println!("rank {} trained {} steps; rank 0 writes {}", rank.rank, done.losses.len(), done.output_dir.display());
+        return Ok(());
+    }
     println!("trained {} steps -> {}", done.losses.len(), done.output_dir.display());
     for f in &done.lora_files {
         println!("LoRA -> {}", f.display());

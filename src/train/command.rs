@@ -121,6 +121,9 @@ pub struct TrainArgs {
     pub tensorboard: Option<PathBuf>,
     /// The resampling filter of training images.
     pub interpolation: super::data::Interpolation,
+    /// This process's place in a data-parallel run (a single process by default): ranks share
+    /// the global batch, and rank 0 alone writes.
+    pub dist: crate::scale::dist::DistConfig,
 }
 
 impl Default for TrainArgs {
@@ -188,6 +191,7 @@ impl Default for TrainArgs {
             dataloader_num_workers: 0,
             tensorboard: None,
             interpolation: super::data::Interpolation::Bilinear,
+            dist: Default::default(),
         }
     }
 }
@@ -246,6 +250,8 @@ pub struct Trained {
     pub lora_files: Vec<PathBuf>,
     /// The whole model as one file (`--save-single-file`, full fine-tuning).
     pub single_file: Option<PathBuf>,
+    /// Whether this process wrote the output (rank 0 of a data-parallel run, or a single process).
+    pub wrote: bool,
 }
 
 /// `<output>/<output folder name>.safetensors`: the trained pipeline in the original layout.
@@ -264,9 +270,15 @@ pub fn steps_per_epoch(instances: usize, classes: usize, batch: usize, accumulat
 }
 
 pub fn train(a: &TrainArgs) -> Result<Trained> {
-    let dev = crate::device::parse(&a.device)?;
+    let dev = crate::device::parse(&a.dist.device_spec(&a.device))?;
     crate::device::allow_tf32(a.allow_tf32);
-    eprintln!("training on {}", crate::device::describe(&dev));
+    let collective = a.dist.connect(&dev)?;
+    // Rank 0 alone writes (class images, logs, validation images, checkpoints, the model).
+    let main = collective.rank() == 0;
+    match collective.world() {
+        1 => eprintln!("training on {}", crate::device::describe(&dev)),
+        w => eprintln!("rank {} of {w}: training on {}", collective.rank(), crate::device::describe(&dev)),
+    }
     ensure!(a.resolution % 8 == 0, "--resolution must be a multiple of 8");
     ensure!(!(a.train_text_encoder && a.pre_compute_text_embeddings), "--train_text_encoder cannot be used with --pre_compute_text_embeddings");
     ensure!(!(a.skip_save_text_encoder && a.save_single_file), "--save-single-file writes the whole model, text encoder included: drop --skip_save_text_encoder");
@@ -294,7 +306,11 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
     let class_dir = if a.with_prior_preservation {
         let dir = a.class_data_dir.clone().context("--with-prior-preservation needs --class-data-dir")?;
         let prompt = a.class_prompt.clone().context("--with-prior-preservation needs --class-prompt")?;
-        generate_class_images(&mut pipe, &dir, &prompt, a)?;
+        if main {
+            generate_class_images(&mut pipe, &dir, &prompt, a)?;
+        }
+        // The other ranks read them once rank 0 has made them.
+        collective.barrier().context("waiting for rank 0's class images")?;
         Some((dir, prompt))
     } else {
         None
@@ -360,21 +376,23 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
     }
     eprintln!("optimizer: {} ({:.1} MiB of state)", trainer.optimizer.name(), trainer.optimizer.state_bytes() as f64 / (1u64 << 20) as f64);
     trainer.stop = a.stop.clone();
+    trainer.collective = collective.clone();
     trainer.adapters = pipe.lora.iter().flat_map(|l| l.plans().cloned()).collect();
     if let Some(spec) = &a.resume_from_checkpoint {
         trainer.resume(spec)?;
         eprintln!("resumed at step {}", trainer.step);
     }
-    let mut log = super::metrics_log::MetricsLog::open(&a.output_dir, trainer.step)?;
-    let mut events = a.tensorboard.as_deref().map(super::tensorboard::EventWriter::create).transpose()?;
+    let mut log = main.then(|| super::metrics_log::MetricsLog::open(&a.output_dir, trainer.step)).transpose()?;
+    let mut events = a.tensorboard.as_deref().filter(|_| main).map(super::tensorboard::EventWriter::create).transpose()?;
+    let validation_prompt = a.validation_prompt.as_ref().filter(|_| main);
     let scorers = match &a.validation_eval {
-        Some(v) => {
+        Some(v) if main => {
             anyhow::ensure!(a.validation_prompt.is_some(), "--validation-eval needs --validation-prompt");
             let clip = crate::eval::clip::Clip::load(&crate::hub::download::local_or_hub(&v.clip_model)?, &dev)?;
             let dino = crate::eval::dino::Dino::load(&crate::hub::download::local_or_hub(&v.dino_model)?, &dev)?;
             Some((clip, dino, crate::eval::preprocess::image_files(&a.instance_data_dir)?))
         }
-        None => None,
+        _ => None,
     };
     let validate_now = |step: usize| match a.validation_epochs {
         // diffusers' LoRA script validates at the end of epochs 0, n, 2n, ...
@@ -382,11 +400,11 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
         None => step % a.validation_steps.max(1) == 0,
     };
     let mut log_error = None;
-    let bar = ProgressBar::new(max_train_steps as u64);
+    let bar = if main { ProgressBar::new(max_train_steps as u64) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("steps {pos}/{len} [{bar:30}] {per_sec} {msg}").expect("template").progress_chars("=> "));
     bar.set_position(trainer.step as u64);
     // Without a terminal (logs, schedulers) the bar draws nothing: one plain line per step instead.
-    let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let plain = main && !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut validation_error = None;
     let mut last_images: Vec<PathBuf> = Vec::new();
     let losses = trainer.run(&instances, &classes, None, |step, loss, lr| {
@@ -395,7 +413,7 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
         if plain {
             eprintln!("step {step}/{max_train_steps} loss {loss:.4} lr {lr:.2e}");
         }
-        if let Err(e) = log.step(step, loss, lr) {
+        if let Some(Err(e)) = log.as_mut().map(|l| l.step(step, loss, lr)) {
             log_error.get_or_insert(e);
         }
         if let Some(w) = events.as_mut() {
@@ -403,7 +421,7 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
                 log_error.get_or_insert(e);
             }
         }
-        if let Some(prompt) = &a.validation_prompt {
+        if let Some(prompt) = validation_prompt {
             if validate_now(step) && validation_error.is_none() {
                 match validate(&pipe, prompt, validation_embeds.as_ref(), a, step) {
                     Err(e) => validation_error = Some(e),
@@ -418,7 +436,7 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
                             let clip_t = super::metrics_log::without_identifier(prompt, &a.instance_prompt, a.class_prompt.as_deref());
                             let prompts = Some([("*".to_string(), clip_t.clone())].into_iter().collect());
                             let inputs = crate::eval::score::EvalInputs { generated: &images, real: instance_files, prompts, strict: true, batch: 8 };
-                            let scored = crate::eval::score::evaluate(&inputs, clip, dino, &pipe.device).and_then(|r| log.scores(step, &r["metrics"], &clip_t));
+                            let scored = crate::eval::score::evaluate(&inputs, clip, dino, &pipe.device).and_then(|r| log.as_mut().map_or(Ok(()), |l| l.scores(step, &r["metrics"], &clip_t)));
                             if let Err(e) = scored {
                                 validation_error = Some(e.context("--validation-eval"));
                             }
@@ -433,12 +451,17 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
     if let Some(e) = log_error {
         return Err(e);
     }
-    log.plot()?;
+    if let Some(l) = &log {
+        l.plot()?;
+    }
     if let Some(e) = validation_error {
         return Err(e.context("validation images"));
     }
     let trained_steps = trainer.step;
     drop(trainer);
+    if !main {
+        return Ok(Trained { output_dir: a.output_dir.clone(), losses, lora_files: Vec::new(), single_file: None, wrote: false });
+    }
     let (lora_files, single_file) = match &a.lora {
         Some(lora) => {
             let mut lora = lora.clone();
@@ -453,7 +476,7 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
             (Vec::new(), single)
         }
     };
-    Ok(Trained { output_dir: a.output_dir.clone(), losses, lora_files, single_file })
+    Ok(Trained { output_dir: a.output_dir.clone(), losses, lora_files, single_file, wrote: true })
 }
 
 /// How training prompts are tokenized and encoded (`--tokenizer_max_length`,
@@ -501,9 +524,17 @@ fn generate_class_images(pipe: &mut Pipeline, dir: &Path, prompt: &str, a: &Trai
     // The folder itself is the lock (flock on its handle), so the folder holds only images, as
     // diffusers leaves it; the lock goes with the handle when this function returns or the job dies.
     let lock = std::fs::File::open(dir).with_context(|| format!("{}: cannot open", dir.display()))?;
-    if lock.try_lock().is_err() {
+    let flock = |op| {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this function owns (`lock` outlives every call).
+        match unsafe { libc::flock(lock.as_raw_fd(), op) } {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        }
+    };
+    if flock(libc::LOCK_EX | libc::LOCK_NB).is_err() {
         eprintln!("{}: another job is generating class images; waiting for it", dir.display());
-        lock.lock().with_context(|| format!("{}: cannot lock", dir.display()))?;
+        flock(libc::LOCK_EX).with_context(|| format!("{}: cannot lock", dir.display()))?;
     }
     let have = image_files(dir).map(|f| f.len()).unwrap_or(0);
     if have >= a.num_class_images {

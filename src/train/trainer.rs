@@ -209,8 +209,13 @@ impl<'a> Trainer<'a> {
                 });
             }
             let mut grads = total.expect("at least one micro-batch");
-            if self.collective.world() > 1 {
-                loss_sum = self.average_over_ranks(&mut grads, &vars, loss_sum)?;
+            // Across ranks the stop request is read once, before the all-reduce that shares it.
+            let mut stop_now = None;
+            if self.collective.reduces() {
+                let own = self.stop.signal();
+                let any;
+                (loss_sum, any) = self.average_over_ranks(&mut grads, &vars, loss_sum, own.is_some())?;
+                stop_now = own.or(any.then_some(15));
             }
             // Unscaling (fp16) and clipping are folded into the optimiser's gradient factor.
             let loss_scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
@@ -231,7 +236,10 @@ impl<'a> Trainer<'a> {
                 true => Some(self.save_checkpoint()?),
                 false => None,
             };
-            if let Some(signal) = self.stop.signal() {
+            // Alone: a request that came at any time up to here; with peers: one any rank had
+            // when the step's all-reduce ran (a peer's counts as SIGTERM).
+            let stop = if self.collective.reduces() { stop_now } else { self.stop.signal() };
+            if let Some(signal) = stop {
                 let checkpoint = match saved {
                     Some(path) => Some(path),
                     None if self.collective.rank() == 0 => Some(self.save_checkpoint()?),
@@ -243,24 +251,28 @@ impl<'a> Trainer<'a> {
         Ok(losses)
     }
 
-    /// Sums every gradient (and the loss) over the ranks and divides by the world size: the
-    /// gradient of the global batch's loss, the same on every rank.
-    fn average_over_ranks(&self, grads: &mut GradStore, vars: &[Var], loss: f32) -> Result<f32> {
+    /// Sums every gradient, the loss and the stop requests over the ranks in one all-reduce (one
+    /// flat f32 bucket) and divides by the world size: the gradient of the global batch's loss,
+    /// the same on every rank. Returns the mean loss and whether any rank was asked to stop, so
+    /// that every rank stops after the same step.
+    fn average_over_ranks(&self, grads: &mut GradStore, vars: &[Var], loss: f32, stopping: bool) -> Result<(f32, bool)> {
         let world = self.collective.world() as f64;
-        for v in vars {
-            let Some(g) = grads.remove(v.as_tensor()) else {
-                // A Var without a gradient here has none on any rank (same graph): keep it absent.
-                continue;
-            };
-            let shape = g.shape().clone();
-            let mut values = g.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            self.collective.all_reduce_sum(&mut values)?;
-            let summed = Tensor::from_vec(values, shape, g.device())?.to_dtype(g.dtype())?;
-            grads.insert(v.as_tensor(), (summed / world)?);
+        // A Var without a gradient here has none on any rank (same graph): it stays absent.
+        let present: Vec<(&Var, Tensor)> = vars.iter().filter_map(|v| grads.remove(v.as_tensor()).map(|g| (v, g))).collect();
+        let dev = vars.first().map_or(candle_core::Device::Cpu, |v| v.device().clone());
+        let stop = if stopping { 1.0f32 } else { 0.0 };
+        let mut parts: Vec<Tensor> = present.iter().map(|(_, g)| g.to_dtype(candle_core::DType::F32)?.flatten_all()).collect::<candle_core::Result<_>>()?;
+        parts.push(Tensor::new(&[loss, stop], &dev)?);
+        let summed = self.collective.all_reduce_tensor(&Tensor::cat(&parts, 0)?)?;
+        let mut at = 0;
+        for (v, g) in &present {
+            let n = g.elem_count();
+            let mean = (summed.narrow(0, at, n)?.reshape(g.shape())?.to_dtype(g.dtype())? / world)?;
+            grads.insert(v.as_tensor(), mean);
+            at += n;
         }
-        let mut l = [loss];
-        self.collective.all_reduce_sum(&mut l)?;
-        Ok((l[0] as f64 / world) as f32)
+        let tail = summed.narrow(0, at, 2)?.to_vec1::<f32>()?;
+        Ok(((tail[0] as f64 / world) as f32, tail[1] > 0.0))
     }
 
     /// Why training stops at this step: which value is not finite, and what is kept.
