@@ -794,7 +794,11 @@ fn kebab_flags(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::
 fn main() -> ExitCode {
     dreambridge::alloc::keep_freed_memory();
     let argv = kebab_flags(std::env::args_os());
-    match run(Cli::parse_from(argv.clone()), &argv) {
+    let result = run(Cli::parse_from(argv.clone()), &argv);
+    if dreambridge::convert::phases::enabled() {
+        eprintln!("{}", dreambridge::convert::phases::report());
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if let Some(ManifestFailed(status)) = e.downcast_ref::<ManifestFailed>() {

@@ -1,5 +1,6 @@
 //! Conversions between KerasCV weight files and diffusers pipeline folders.
 
+pub mod phases;
 pub mod plan;
 pub mod textual_inversion;
 pub mod to_diffusers;

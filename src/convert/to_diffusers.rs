@@ -1,5 +1,6 @@
 //! KerasCV `.h5` files -> a diffusers `StableDiffusionPipeline` folder.
 
+use super::phases::{time, Phase};
 use super::plan::{detect, Plan};
 use crate::diffusers::configs::{model_index, scheduler_config, text_encoder_config, unet_config, vae_config};
 use crate::diffusers::layout::{find_weights, Component};
@@ -221,28 +222,50 @@ fn write_weights(
     let total: u64 = pending.iter().map(|t| (t.shape.iter().product::<usize>() * t.dtype.size()) as u64).sum();
     let progress = Progress::new(component.dir(), total);
     let mut writer = StWriter::create(&staging.path(&relative)?, pending.clone())?;
-    let mut index = 0;
-    for m in parts {
-        for t in &m.plan.tensors {
-            let ctx = || format!("{}: tensor `{}`", m.file.path.display(), t.source);
-            let raw = m.file.read(&t.source).with_context(ctx)?;
-            let (dtype, elem) = (raw.dtype, raw.dtype.size());
-            let data = t.spec.op.to_diffusers(raw.data, &raw.shape, elem).with_context(ctx)?;
-            let tensor = crate::tensor::RawTensor { dtype, shape: t.diffusers_shape.clone(), data };
-            let tensor = tensor.cast(pending[index].dtype);
-            writer.write_next(&t.spec.key, &tensor).with_context(ctx)?;
-            progress.advance(&t.spec.key, tensor.data.len() as u64);
-            index += 1;
-        }
-    }
-    if let Some(base) = overlay {
-        for p in &pending[index..] {
-            let tensor = base.read(&p.key).with_context(|| format!("{}: tensor `{}`", base.path.display(), p.key))?.cast(p.dtype);
-            writer.write_next(&p.key, &tensor)?;
-            progress.advance(&p.key, tensor.data.len() as u64);
-        }
-    }
-    writer.finish()?;
+    // Reading and re-laying-out the next tensors (this thread) overlaps writing the previous
+    // ones (a writer thread): two tensors in flight at most, so memory stays at a few tensors.
+    let (send, receive) = std::sync::mpsc::sync_channel::<(String, crate::tensor::RawTensor)>(1);
+    std::thread::scope(|scope| -> Result<()> {
+        let progress = &progress;
+        let written = scope.spawn(move || -> Result<StWriter> {
+            for (key, tensor) in receive {
+                time(Phase::Write, tensor.data.len(), || writer.write_next(&key, &tensor))?;
+                progress.advance(&key, tensor.data.len() as u64);
+            }
+            Ok(writer)
+        });
+        let produced = (|| -> Result<()> {
+            let mut index = 0;
+            for m in parts {
+                for t in &m.plan.tensors {
+                    let ctx = || format!("{}: tensor `{}`", m.file.path.display(), t.source);
+                    let bytes = pending[index].shape.iter().product::<usize>() * t.dtype.size();
+                    let raw = time(Phase::Read, bytes, || m.file.read(&t.source)).with_context(ctx)?;
+                    let (dtype, elem) = (raw.dtype, raw.dtype.size());
+                    let data = time(Phase::Permute, bytes, || t.spec.op.to_diffusers(raw.data, &raw.shape, elem)).with_context(ctx)?;
+                    let tensor = crate::tensor::RawTensor { dtype, shape: t.diffusers_shape.clone(), data };
+                    let tensor = time(Phase::Cast, bytes, || tensor.cast(pending[index].dtype));
+                    if send.send((t.spec.key.clone(), tensor)).is_err() {
+                        return Ok(()); // the writer stopped: its error is the one to report
+                    }
+                    index += 1;
+                }
+            }
+            if let Some(base) = overlay {
+                for p in &pending[index..] {
+                    let tensor = time(Phase::Read, 0, || base.read(&p.key)).with_context(|| format!("{}: tensor `{}`", base.path.display(), p.key))?.cast(p.dtype);
+                    if send.send((p.key.clone(), tensor)).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(())
+        })();
+        drop(send);
+        let writer = written.join().expect("the writer thread panicked");
+        produced?;
+        writer?.finish()
+    })?;
     progress.finish(&format!("{} tensors -> {relative}", pending.len()));
     Ok(())
 }

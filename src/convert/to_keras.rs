@@ -1,5 +1,6 @@
 //! A diffusers pipeline folder -> KerasCV legacy `.h5` files (one per KerasCV sub-model).
 
+use super::phases::{time, Phase};
 use super::plan::{detect, Plan};
 use crate::diffusers::layout::{find_weights, Component};
 use crate::diffusers::st_read::StFile;
@@ -106,14 +107,21 @@ pub(crate) fn write_h5(path: &Path, file: &dyn TensorSource, plan: &Plan) -> Res
         let names: Vec<String> = tensors.iter().map(|t| format!("{}/{}:0", layer.keras3_key, t.spec.keras_path)).collect();
         writer.begin_layer(&layer.keras3_key, &names)?;
         for (t, name) in tensors.iter().zip(&names) {
-            let raw = file.read(&t.source)?;
+            let n = t.diffusers_shape.iter().product::<usize>() * t.dtype.size();
+            let raw = time(Phase::Read, n, || file.read(&t.source))?;
             let (dtype, bytes) = (raw.dtype, raw.data.len() as u64);
-            let data = t.spec.op.to_keras(raw.data, &t.diffusers_shape, dtype.size()).with_context(|| format!("tensor `{}`", t.source))?;
-            writer.write(&layer.keras3_key, name, RawTensor { dtype, shape: t.keras_shape.clone(), data })?;
+            let data = time(Phase::Permute, n, || t.spec.op.to_keras(raw.data, &t.diffusers_shape, dtype.size())).with_context(|| format!("tensor `{}`", t.source))?;
+            time(Phase::Write, n, || writer.write(&layer.keras3_key, name, RawTensor { dtype, shape: t.keras_shape.clone(), data }))?;
             progress.advance(&t.source, bytes);
         }
     }
-    writer.finish()?;
+    time(Phase::Write, 0, || writer.finish())?;
+    // Durable before the staging folder is renamed into place, as the safetensors writer's files.
+    let synced = std::fs::File::open(path).and_then(|f| {
+        let len = f.metadata()?.len() as usize;
+        time(Phase::Sync, len, || f.sync_all())
+    });
+    synced.with_context(|| format!("{}: cannot sync", path.display()))?;
     progress.finish(&format!("{} tensors -> {}", plan.tensors.len(), path.file_name().unwrap_or_default().to_string_lossy()));
     Ok(())
 }

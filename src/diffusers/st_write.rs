@@ -79,7 +79,10 @@ impl StWriter {
 
     pub fn finish(mut self) -> Result<()> {
         ensure!(self.pending.next().is_none(), "not every announced tensor was written");
-        let (flushed, path) = (self.out.flush().and_then(|()| self.out.get_ref().sync_all()), &self.path);
+        let len = self.out.get_ref().metadata().map_or(0, |m| m.len() as usize);
+        let flushed = crate::convert::phases::time(crate::convert::phases::Phase::Write, 0, || self.out.flush())
+            .and_then(|()| crate::convert::phases::time(crate::convert::phases::Phase::Sync, len, || self.out.get_ref().sync_all()));
+        let path = &self.path;
         flushed.with_context(|| format!("{}: cannot write", path.display()))
     }
 

@@ -41,23 +41,75 @@ impl Op {
 
     /// Keras-layout bytes (shape `keras_shape`) to diffusers-layout bytes.
     pub fn to_diffusers(self, data: Vec<u8>, keras_shape: &[usize], elem: usize) -> Result<Vec<u8>> {
-        match self {
-            Op::Copy => Ok(data),
-            Op::Dense => permute(&data, keras_shape, &[1, 0], elem),
-            Op::Conv => permute(&data, keras_shape, &[3, 2, 0, 1], elem),
-            Op::Conv1x1Linear => {
-                ensure!(keras_shape.len() == 4 && keras_shape[..2] == [1, 1], "expected a 1x1 kernel, got {keras_shape:?}");
-                permute(&data, &keras_shape[2..], &[1, 0], elem)
-            }
+        match (self, keras_shape) {
+            (Op::Copy, _) => Ok(data),
+            // [in, out] -> [out, in]
+            (Op::Dense, &[i, o]) => Transpose { rows: i, cols: o, in_row: o, out_row: i, batch: 1, in_batch: 0, out_batch: 0 }.run(&data, elem),
+            // [kh·kw, in, out] -> [out, in, kh·kw]: per input channel, a (kh·kw) x out transpose.
+            (Op::Conv, &[kh, kw, i, o]) => Transpose { rows: kh * kw, cols: o, in_row: i * o, out_row: i * kh * kw, batch: i, in_batch: o, out_batch: kh * kw }.run(&data, elem),
+            (Op::Conv1x1Linear, &[1, 1, i, o]) => Transpose { rows: i, cols: o, in_row: o, out_row: i, batch: 1, in_batch: 0, out_batch: 0 }.run(&data, elem),
+            (Op::Conv1x1Linear, _) => bail!("expected a 1x1 kernel, got {keras_shape:?}"),
+            (Op::Dense, _) => permute(&data, keras_shape, &[1, 0], elem),
+            (Op::Conv, _) => permute(&data, keras_shape, &[3, 2, 0, 1], elem),
         }
     }
 
     /// Diffusers-layout bytes (shape `diffusers_shape`) to Keras-layout bytes.
     pub fn to_keras(self, data: Vec<u8>, diffusers_shape: &[usize], elem: usize) -> Result<Vec<u8>> {
-        match self {
-            Op::Copy => Ok(data),
-            Op::Dense | Op::Conv1x1Linear => permute(&data, diffusers_shape, &[1, 0], elem),
-            Op::Conv => permute(&data, diffusers_shape, &[2, 3, 1, 0], elem),
+        match (self, diffusers_shape) {
+            (Op::Copy, _) => Ok(data),
+            // [out, in] -> [in, out]
+            (Op::Dense | Op::Conv1x1Linear, &[o, i]) => Transpose { rows: o, cols: i, in_row: i, out_row: o, batch: 1, in_batch: 0, out_batch: 0 }.run(&data, elem),
+            // [out, in, kh·kw] -> [kh·kw, in, out]: per input channel, an out x (kh·kw) transpose.
+            (Op::Conv, &[o, i, kh, kw]) => Transpose { rows: o, cols: kh * kw, in_row: i * kh * kw, out_row: i * o, batch: i, in_batch: kh * kw, out_batch: o }.run(&data, elem),
+            (Op::Dense | Op::Conv1x1Linear, _) => permute(&data, diffusers_shape, &[1, 0], elem),
+            (Op::Conv, _) => permute(&data, diffusers_shape, &[2, 3, 1, 0], elem),
+        }
+    }
+}
+
+/// A batch of strided 2-D transposes, in elements: for every `b < batch`, `r < rows`,
+/// `c < cols`, `out[b·out_batch + c·out_row + r] = in[b·in_batch + r·in_row + c]`. Every layout
+/// change of the tables is one of these; done in square tiles so that both sides stay in cache
+/// (a plain strided walk misses the cache on every element of the strided side).
+struct Transpose {
+    rows: usize,
+    cols: usize,
+    in_row: usize,
+    out_row: usize,
+    batch: usize,
+    in_batch: usize,
+    out_batch: usize,
+}
+
+impl Transpose {
+    fn run(&self, data: &[u8], elem: usize) -> Result<Vec<u8>> {
+        let n = self.rows * self.cols * self.batch;
+        ensure!(data.len() == n * elem, "{} bytes do not hold {n} {elem}-byte elements", data.len());
+        let mut out = vec![0u8; data.len()];
+        match elem {
+            2 => self.tiles::<2>(data, &mut out),
+            4 => self.tiles::<4>(data, &mut out),
+            _ => bail!("unsupported element size {elem}"),
+        }
+        Ok(out)
+    }
+
+    fn tiles<const E: usize>(&self, src: &[u8], dst: &mut [u8]) {
+        const TILE: usize = 32;
+        for b in 0..self.batch {
+            let (ib, ob) = (b * self.in_batch, b * self.out_batch);
+            for r0 in (0..self.rows).step_by(TILE) {
+                for c0 in (0..self.cols).step_by(TILE) {
+                    for c in c0..(c0 + TILE).min(self.cols) {
+                        let o = (ob + c * self.out_row) * E;
+                        for r in r0..(r0 + TILE).min(self.rows) {
+                            let i = (ib + r * self.in_row + c) * E;
+                            dst[o + r * E..o + r * E + E].copy_from_slice(&src[i..i + E]);
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -111,6 +163,25 @@ mod tests {
 
     fn f32_bytes(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn tiled_transposes_equal_the_plain_permutation() {
+        for (kh, kw, i, o) in [(3, 3, 37, 70), (1, 1, 33, 65), (3, 3, 1, 1), (2, 1, 64, 31)] {
+            for elem in [2, 4] {
+                let n = kh * kw * i * o * elem;
+                let data: Vec<u8> = (0..n).map(|v| (v * 7 % 251) as u8).collect();
+                let conv = Op::Conv.to_diffusers(data.clone(), &[kh, kw, i, o], elem).unwrap();
+                assert_eq!(conv, permute(&data, &[kh, kw, i, o], &[3, 2, 0, 1], elem).unwrap());
+                assert_eq!(Op::Conv.to_keras(conv.clone(), &[o, i, kh, kw], elem).unwrap(), data);
+                let dense = Op::Dense.to_diffusers(data.clone(), &[kh * kw * i, o], elem).unwrap();
+                assert_eq!(dense, permute(&data, &[kh * kw * i, o], &[1, 0], elem).unwrap());
+                assert_eq!(Op::Dense.to_keras(dense, &[o, kh * kw * i], elem).unwrap(), data);
+                if (kh, kw) == (1, 1) {
+                    assert_eq!(Op::Conv1x1Linear.to_diffusers(data.clone(), &[1, 1, i, o], elem).unwrap(), permute(&data, &[i, o], &[1, 0], elem).unwrap());
+                }
+            }
+        }
     }
 
     #[test]
