@@ -308,6 +308,9 @@ pub fn run(a: TrainCli, script: Script) -> Result<()> {
     }
     let local_rank = usize::try_from(a.local_rank).ok();
     let rank = crate::scale::launch::rank((a.dist_rank, a.dist_world_size, local_rank), &crate::scale::launch::process_env)?;
+    if rank.world == 1 && (local_rank.is_some() || std::env::var_os("LOCAL_RANK").is_some()) {
+        eprintln!("note: --local_rank {}: no world size was given (WORLD_SIZE, SLURM_NTASKS, OMPI_COMM_WORLD_SIZE or --dist-world-size), so this process trains alone on --device", rank.local_rank);
+    }
     let dist = crate::scale::dist::DistConfig::new(rank, a.dist_backend, a.dist_port, std::time::Duration::from_secs(a.dist_timeout), &crate::scale::launch::process_env)?;
     if matches!(a.report_to.as_str(), "wandb" | "comet_ml" | "all") {
         eprintln!(
