@@ -1,6 +1,7 @@
 //! A tensor as raw little-endian bytes with its element type and shape.
 
 use anyhow::{bail, Result};
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +65,12 @@ pub trait TensorSource {
     fn contains(&self, key: &str) -> bool;
     fn info(&self, key: &str) -> Result<TensorInfo>;
     fn read(&self, key: &str) -> Result<RawTensor>;
+    /// Runs `f` on `key`'s bytes (dtype, shape, data): where they lie for a mapped file, else
+    /// after [`TensorSource::read`].
+    fn with_bytes(&self, key: &str, f: &mut dyn FnMut(DType, &[usize], &[u8]) -> Result<()>) -> Result<()> {
+        let raw = self.read(key)?;
+        f(raw.dtype, &raw.shape, &raw.data)
+    }
     /// How messages name `key` (a view names the file's own key beside diffusers').
     fn describe(&self, key: &str) -> String {
         format!("`{key}`")
@@ -101,19 +108,90 @@ impl RawTensor {
         if dtype == self.dtype {
             return self;
         }
-        let values = self.to_f32_values();
-        let data = match dtype {
-            DType::F32 => bytemuck::cast_slice(&values).to_vec(),
-            DType::F16 => bytemuck::cast_slice(&values.iter().map(|v| f16::from_f32(*v)).collect::<Vec<_>>()).to_vec(),
-            DType::BF16 => bytemuck::cast_slice(&values.iter().map(|v| bf16::from_f32(*v)).collect::<Vec<_>>()).to_vec(),
-        };
+        let mut data = Vec::new();
+        cast_into(self.dtype, &self.data, dtype, &mut data);
         RawTensor { dtype, shape: self.shape, data }
+    }
+}
+
+/// `buf` holding exactly `len` bytes, reusing its memory: it is only zeroed where it grows, so
+/// the caller must overwrite every byte. Conversions keep a few such buffers for all their
+/// tensors instead of fresh pages per tensor.
+pub fn reuse(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    buf.truncate(len);
+    buf
+}
+
+/// Little-endian elements of `from` (any alignment) re-encoded as `to` into `out` (its memory
+/// reused): exact when widening, round to nearest even when narrowing, in cache-sized blocks
+/// through the `half` crate's slice conversions (F16C where the CPU has it).
+pub fn cast_into(from: DType, src: &[u8], to: DType, out: &mut Vec<u8>) {
+    const BLOCK: usize = 4096;
+    let count = src.len() / from.size();
+    let dst = reuse(out, count * to.size());
+    if from == to {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let mut wide = [0f32; BLOCK];
+    let mut narrow = [0u16; BLOCK];
+    for (s, d) in src.chunks(BLOCK * from.size()).zip(dst.chunks_mut(BLOCK * to.size())) {
+        let n = s.len() / from.size();
+        let wide = &mut wide[..n];
+        match from {
+            DType::F32 => bytemuck::cast_slice_mut::<f32, u8>(wide).copy_from_slice(s),
+            DType::F16 | DType::BF16 => {
+                let narrow = &mut narrow[..n];
+                bytemuck::cast_slice_mut::<u16, u8>(narrow).copy_from_slice(s);
+                if from == DType::F16 {
+                    bytemuck::cast_slice::<u16, f16>(narrow).convert_to_f32_slice(wide);
+                } else {
+                    bytemuck::cast_slice::<u16, bf16>(narrow).convert_to_f32_slice(wide);
+                }
+            }
+        }
+        match to {
+            DType::F32 => d.copy_from_slice(bytemuck::cast_slice(wide)),
+            DType::F16 | DType::BF16 => {
+                let narrow = &mut narrow[..n];
+                if to == DType::F16 {
+                    bytemuck::cast_slice_mut::<u16, f16>(narrow).convert_from_f32_slice(wide);
+                } else {
+                    bytemuck::cast_slice_mut::<u16, bf16>(narrow).convert_from_f32_slice(wide);
+                }
+                d.copy_from_slice(bytemuck::cast_slice(narrow));
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_casts_equal_the_scalar_roundings_at_any_alignment() {
+        // A spread of f32 bit patterns (normals, subnormals, infinities, NaNs), unaligned.
+        let values: Vec<f32> = (0..300_000u64).map(|i| f32::from_bits((i * 14_323) as u32 ^ (i as u32).rotate_left(19))).collect();
+        let mut src = vec![0u8];
+        src.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        let src = &src[1..];
+        let (mut h, mut b, mut back) = (Vec::new(), Vec::new(), Vec::new());
+        cast_into(DType::F32, src, DType::F16, &mut h);
+        cast_into(DType::F32, src, DType::BF16, &mut b);
+        let scalar_h: Vec<u8> = values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect();
+        let scalar_b: Vec<u8> = values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect();
+        assert!(h == scalar_h && b == scalar_b);
+        cast_into(DType::F16, &h, DType::F32, &mut back);
+        let widened: Vec<u8> = h.chunks(2).flat_map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32().to_le_bytes()).collect();
+        assert!(back == widened);
+        // A reused buffer that shrinks keeps no stale tail.
+        cast_into(DType::F32, &src[..8], DType::F16, &mut h);
+        assert_eq!(h, scalar_h[..4]);
+    }
 
     #[test]
     fn casts_round_trip_through_half() {

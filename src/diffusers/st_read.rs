@@ -84,6 +84,19 @@ impl StFile {
         Ok(RawTensor { dtype, shape: info.shape.clone(), data })
     }
 
+    /// Runs `f` on a tensor's bytes where they lie in the map (no copy), then drops those pages
+    /// from the resident set as [`StFile::read`] does.
+    pub fn with_bytes<R>(&self, key: &str, f: impl FnOnce(DType, &[usize], &[u8]) -> R) -> Result<R> {
+        let info = self.metadata.info(key).with_context(|| format!("tensor `{key}`: not found"))?;
+        let dtype = DType::from_safetensors(info.dtype).with_context(|| format!("tensor `{key}`"))?;
+        let (start, end) = info.data_offsets;
+        let base = 8 + self.header_len;
+        ensure!(base + end <= self.map.len(), "tensor `{key}`: data runs past the end of the file (truncated?)");
+        let out = f(dtype, &info.shape, &self.map[base + start..base + end]);
+        self.release(base + start, end - start);
+        Ok(out)
+    }
+
     /// Drops the mapped pages of a range already copied out, so streaming a file through the map
     /// does not grow the resident set to the file's size (the page cache keeps them).
     fn release(&self, offset: usize, len: usize) {
@@ -112,6 +125,9 @@ impl TensorSource for StFile {
     }
     fn read(&self, key: &str) -> Result<RawTensor> {
         StFile::read(self, key)
+    }
+    fn with_bytes(&self, key: &str, f: &mut dyn FnMut(DType, &[usize], &[u8]) -> Result<()>) -> Result<()> {
+        StFile::with_bytes(self, key, f)?
     }
     fn metadata(&self) -> std::collections::BTreeMap<String, String> {
         StFile::metadata(self)

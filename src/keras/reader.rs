@@ -7,7 +7,7 @@
 use super::strings::{read_string, read_string_list};
 use super::tf_bundle::TfBundle;
 use crate::tensor::{DType, RawTensor};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use hdf5::types::{FloatSize, TypeDescriptor};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -38,7 +38,7 @@ impl KerasFormat {
 enum Backend {
     /// An HDF5 file; for a `.keras` archive, its `model.weights.h5` extracted to a temp file
     /// (kept until the file is dropped).
-    Hdf5(hdf5::File, #[allow(dead_code)] Option<tempfile::TempPath>),
+    Hdf5(hdf5::File, #[allow(dead_code)] Option<tempfile::TempPath>, Option<memmap2::Mmap>),
     Bundle(TfBundle),
 }
 
@@ -96,8 +96,8 @@ impl KerasFile {
         let temp = temp.into_temp_path();
         let mut opened = Self::open_hdf5(&temp, None).context("model.weights.h5")?;
         opened.path = path.to_owned();
-        if let Backend::Hdf5(f, _) = opened.backend {
-            opened.backend = Backend::Hdf5(f, Some(temp));
+        if let Backend::Hdf5(f, _, map) = opened.backend {
+            opened.backend = Backend::Hdf5(f, Some(temp), map);
         }
         Ok(opened)
     }
@@ -105,6 +105,9 @@ impl KerasFile {
     fn open_hdf5(path: &Path, temp: Option<tempfile::TempPath>) -> Result<KerasFile> {
         check_signature(path)?;
         let file = hdf5::File::open(path).map_err(|e| anyhow::anyhow!("cannot open as HDF5 ({e}); is the file truncated?"))?;
+        // Contiguous datasets are read straight from a map of the file; without one, libhdf5 reads.
+        // SAFETY: read-only, and the file is not modified while dreambridge runs.
+        let map = std::fs::File::open(path).ok().and_then(|f| unsafe { memmap2::Mmap::map(&f) }.ok());
         let root: hdf5::Group = if read_string_list(&file, "layer_names")?.is_none() && file.link_exists("model_weights") {
             file.group("model_weights")? // full-model save: weights live one level down
         } else {
@@ -123,24 +126,24 @@ impl KerasFile {
                     layers.push(KerasLayer { name, weights });
                 }
             }
-            return Ok(KerasFile { path: path.to_owned(), format: KerasFormat::Legacy, layers, keras_version, backend: Backend::Hdf5(file, temp) });
+            return Ok(KerasFile { path: path.to_owned(), format: KerasFormat::Legacy, layers, keras_version, backend: Backend::Hdf5(file, temp, map) });
         }
         if file.link_exists("layers") {
-            return Ok(KerasFile { path: path.to_owned(), format: KerasFormat::Keras3, layers: Vec::new(), keras_version, backend: Backend::Hdf5(file, temp) });
+            return Ok(KerasFile { path: path.to_owned(), format: KerasFormat::Keras3, layers: Vec::new(), keras_version, backend: Backend::Hdf5(file, temp, map) });
         }
         bail!("not a Keras weights file: no `layer_names` attribute and no `layers` group")
     }
 
     fn hdf5(&self) -> Result<&hdf5::File> {
         match &self.backend {
-            Backend::Hdf5(f, _) => Ok(f),
+            Backend::Hdf5(f, _, _) => Ok(f),
             Backend::Bundle(_) => bail!("not an HDF5 file"),
         }
     }
 
     pub fn has_dataset(&self, path: &str) -> bool {
         let file = match &self.backend {
-            Backend::Hdf5(f, _) => f,
+            Backend::Hdf5(f, _, _) => f,
             Backend::Bundle(b) => return b.entries.contains_key(path),
         };
         // link_exists needs every parent to exist; walk down so a missing parent is just "absent".
@@ -180,6 +183,34 @@ impl KerasFile {
             _ => bytemuck::cast_slice(&ds.read_raw::<half::f16>().map_err(fail)?).to_vec(),
         };
         Ok(RawTensor { dtype, shape: ds.shape(), data })
+    }
+
+    /// Runs `f` on one dataset's little-endian bytes in its own float type. A contiguous,
+    /// unfiltered little-endian dataset is passed where it lies in the file's map (no copy; its
+    /// pages leave the resident set afterwards); anything else (chunked, compressed, big-endian,
+    /// TF bundles) goes through [`KerasFile::read`].
+    pub fn with_bytes<R>(&self, path: &str, f: impl FnOnce(DType, &[usize], &[u8]) -> R) -> Result<R> {
+        if let Backend::Hdf5(file, _, Some(map)) = &self.backend {
+            let ds = file.dataset(path).with_context(|| format!("tensor `{path}`: not found"))?;
+            let dtype = float_dtype(&ds, path)?;
+            let shape = ds.shape();
+            let len = shape.iter().product::<usize>() * dtype.size();
+            let little = ds.dtype().is_ok_and(|t| matches!(t.byte_order(), hdf5::datatype::ByteOrder::LittleEndian));
+            let plain = ds.layout() == hdf5::dataset::Layout::Contiguous && ds.filters().is_empty() && little;
+            if let Some(offset) = ds.offset().filter(|_| plain && len > 0).map(|o| o as usize) {
+                ensure!(offset.checked_add(len).is_some_and(|end| end <= map.len()), "tensor `{path}`: data runs past the end of the file (truncated?)");
+                let out = f(dtype, &shape, &map[offset..offset + len]);
+                // SAFETY: a read-only map, and no reference into the range outlives `f`; dropped
+                // pages are read back from the page cache if touched again.
+                #[cfg(unix)]
+                unsafe {
+                    let _ = map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len);
+                }
+                return Ok(out);
+            }
+        }
+        let raw = self.read(path)?;
+        Ok(f(raw.dtype, &raw.shape, &raw.data))
     }
 
     /// Every dataset under `layers/` (Keras 3) with its info, sorted by path.

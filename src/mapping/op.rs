@@ -41,30 +41,145 @@ impl Op {
 
     /// Keras-layout bytes (shape `keras_shape`) to diffusers-layout bytes.
     pub fn to_diffusers(self, data: Vec<u8>, keras_shape: &[usize], elem: usize) -> Result<Vec<u8>> {
+        if self == Op::Copy {
+            return Ok(data);
+        }
+        let mut out = Vec::new();
+        self.to_diffusers_into(&data, keras_shape, elem, &mut out)?;
+        Ok(out)
+    }
+
+    /// As [`Op::to_diffusers`], into `out` (its memory reused, see [`crate::tensor::reuse`]).
+    pub fn to_diffusers_into(self, data: &[u8], keras_shape: &[usize], elem: usize, out: &mut Vec<u8>) -> Result<()> {
         match (self, keras_shape) {
-            (Op::Copy, _) => Ok(data),
+            (Op::Copy, _) => Ok(crate::tensor::reuse(out, data.len()).copy_from_slice(data)),
             // [in, out] -> [out, in]
-            (Op::Dense, &[i, o]) => Transpose { rows: i, cols: o, in_row: o, out_row: i, batch: 1, in_batch: 0, out_batch: 0 }.run(&data, elem),
+            (Op::Dense, &[i, o]) => Transpose { rows: i, cols: o, in_row: o, out_row: i, batch: 1, in_batch: 0, out_batch: 0 }.run(data, elem, out),
             // [kh·kw, in, out] -> [out, in, kh·kw]: per input channel, a (kh·kw) x out transpose.
-            (Op::Conv, &[kh, kw, i, o]) => Transpose { rows: kh * kw, cols: o, in_row: i * o, out_row: i * kh * kw, batch: i, in_batch: o, out_batch: kh * kw }.run(&data, elem),
-            (Op::Conv1x1Linear, &[1, 1, i, o]) => Transpose { rows: i, cols: o, in_row: o, out_row: i, batch: 1, in_batch: 0, out_batch: 0 }.run(&data, elem),
+            (Op::Conv, &[kh, kw, i, o]) => Transpose { rows: kh * kw, cols: o, in_row: i * o, out_row: i * kh * kw, batch: i, in_batch: o, out_batch: kh * kw }.run(data, elem, out),
+            (Op::Conv1x1Linear, &[1, 1, i, o]) => Transpose { rows: i, cols: o, in_row: o, out_row: i, batch: 1, in_batch: 0, out_batch: 0 }.run(data, elem, out),
             (Op::Conv1x1Linear, _) => bail!("expected a 1x1 kernel, got {keras_shape:?}"),
-            (Op::Dense, _) => permute(&data, keras_shape, &[1, 0], elem),
-            (Op::Conv, _) => permute(&data, keras_shape, &[3, 2, 0, 1], elem),
+            (Op::Dense, _) => Ok(*out = permute(data, keras_shape, &[1, 0], elem)?),
+            (Op::Conv, _) => Ok(*out = permute(data, keras_shape, &[3, 2, 0, 1], elem)?),
         }
     }
 
     /// Diffusers-layout bytes (shape `diffusers_shape`) to Keras-layout bytes.
     pub fn to_keras(self, data: Vec<u8>, diffusers_shape: &[usize], elem: usize) -> Result<Vec<u8>> {
-        match (self, diffusers_shape) {
-            (Op::Copy, _) => Ok(data),
-            // [out, in] -> [in, out]
-            (Op::Dense | Op::Conv1x1Linear, &[o, i]) => Transpose { rows: o, cols: i, in_row: i, out_row: o, batch: 1, in_batch: 0, out_batch: 0 }.run(&data, elem),
-            // [out, in, kh·kw] -> [kh·kw, in, out]: per input channel, an out x (kh·kw) transpose.
-            (Op::Conv, &[o, i, kh, kw]) => Transpose { rows: o, cols: kh * kw, in_row: i * kh * kw, out_row: i * o, batch: i, in_batch: kh * kw, out_batch: o }.run(&data, elem),
-            (Op::Dense | Op::Conv1x1Linear, _) => permute(&data, diffusers_shape, &[1, 0], elem),
-            (Op::Conv, _) => permute(&data, diffusers_shape, &[2, 3, 1, 0], elem),
+        if self == Op::Copy {
+            return Ok(data);
         }
+        let mut out = Vec::new();
+        self.to_keras_into(&data, diffusers_shape, elem, &mut out)?;
+        Ok(out)
+    }
+
+    /// As [`Op::to_keras`], into `out` (its memory reused).
+    pub fn to_keras_into(self, data: &[u8], diffusers_shape: &[usize], elem: usize, out: &mut Vec<u8>) -> Result<()> {
+        match (self, diffusers_shape) {
+            (Op::Copy, _) => Ok(crate::tensor::reuse(out, data.len()).copy_from_slice(data)),
+            // [out, in] -> [in, out]
+            (Op::Dense | Op::Conv1x1Linear, &[o, i]) => Transpose { rows: o, cols: i, in_row: i, out_row: o, batch: 1, in_batch: 0, out_batch: 0 }.run(data, elem, out),
+            // [out, in, kh·kw] -> [kh·kw, in, out]: per input channel, an out x (kh·kw) transpose.
+            (Op::Conv, &[o, i, kh, kw]) => Transpose { rows: o, cols: kh * kw, in_row: i * kh * kw, out_row: i * o, batch: i, in_batch: kh * kw, out_batch: o }.run(data, elem, out),
+            (Op::Dense | Op::Conv1x1Linear, _) => Ok(*out = permute(data, diffusers_shape, &[1, 0], elem)?),
+            (Op::Conv, _) => Ok(*out = permute(data, diffusers_shape, &[2, 3, 1, 0], elem)?),
+        }
+    }
+}
+
+/// A tensor's layout change as slabs of whole output rows (the outermost output axis), so a
+/// large tensor can be produced and written a few megabytes at a time.
+pub enum Relayout {
+    /// The bytes as they are.
+    Same,
+    /// One of the tables' transposes.
+    Transposed(Transpose),
+    /// Any other shape: the whole tensor at once, already permuted.
+    Whole(Vec<u8>),
+}
+
+impl Relayout {
+    /// How `op` changes `data` (of `shape`, in `elem`-byte elements) to diffusers' layout
+    /// (`to_diffusers`) or back to Keras' (`!to_diffusers`).
+    pub fn new(op: Op, to_diffusers: bool, data: &[u8], shape: &[usize], elem: usize) -> Result<Relayout> {
+        let t = |rows, cols, in_row, out_row, batch, in_batch, out_batch| Transpose { rows, cols, in_row, out_row, batch, in_batch, out_batch };
+        let plan = match (op, to_diffusers, shape) {
+            (Op::Copy, _, _) => return Ok(Relayout::Same),
+            (Op::Dense, true, &[i, o]) | (Op::Conv1x1Linear, true, &[1, 1, i, o]) => t(i, o, o, i, 1, 0, 0),
+            (Op::Conv, true, &[kh, kw, i, o]) => t(kh * kw, o, i * o, i * kh * kw, i, o, kh * kw),
+            (Op::Conv1x1Linear, true, _) => bail!("expected a 1x1 kernel, got {shape:?}"),
+            (Op::Dense | Op::Conv1x1Linear, false, &[o, i]) => t(o, i, i, o, 1, 0, 0),
+            (Op::Conv, false, &[o, i, kh, kw]) => t(o, kh * kw, i * kh * kw, i * o, i, kh * kw, o),
+            _ => {
+                let mut out = Vec::new();
+                if to_diffusers { op.to_diffusers_into(data, shape, elem, &mut out)? } else { op.to_keras_into(data, shape, elem, &mut out)? }
+                return Ok(Relayout::Whole(out));
+            }
+        };
+        let n = plan.rows * plan.cols * plan.batch;
+        ensure!(data.len() == n * elem, "{} bytes do not hold {n} {elem}-byte elements", data.len());
+        ensure!(matches!(elem, 2 | 4), "unsupported element size {elem}");
+        Ok(Relayout::Transposed(plan))
+    }
+
+    /// The output in pieces of at most `max_bytes` (at least one output row each), in order:
+    /// `emit(piece_len, fill)` is called per piece, and `fill(out)` writes that piece into `out`.
+    pub fn pieces(&self, data: &[u8], elem: usize, max_bytes: usize, mut emit: impl FnMut(usize, &dyn Fn(&mut [u8])) -> Result<()>) -> Result<()> {
+        match self {
+            Relayout::Same => {
+                for chunk in data.chunks(max_bytes.max(1)) {
+                    emit(chunk.len(), &|out: &mut [u8]| out.copy_from_slice(chunk))?;
+                }
+                Ok(())
+            }
+            Relayout::Whole(all) => emit(all.len(), &|out: &mut [u8]| out.copy_from_slice(all)),
+            Relayout::Transposed(t) => {
+                let row_bytes = t.out_row * elem;
+                let step = (max_bytes / row_bytes.max(1)).max(1);
+                for c0 in (0..t.cols).step_by(step) {
+                    let c1 = (c0 + step).min(t.cols);
+                    emit((c1 - c0) * row_bytes, &|out: &mut [u8]| match elem {
+                        2 => t.tiles::<2>(data, out, c0, c1),
+                        _ => t.tiles::<4>(data, out, c0, c1),
+                    })?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Relayout {
+    /// As [`Relayout::pieces`] for a writer that can place bytes anywhere in the output:
+    /// `emit(runs, len, fill)` also gets the runs (output byte offset, length) that the piece's
+    /// bytes fill, in order. A transpose with few output rows (Keras' conv kernels, `kh·kw` rows)
+    /// is cut across its batch instead of its rows, so each piece reads its input once.
+    pub fn placed_pieces(&self, data: &[u8], elem: usize, max_bytes: usize, mut emit: impl FnMut(&[(usize, usize)], usize, &dyn Fn(&mut [u8])) -> Result<()>) -> Result<()> {
+        let t = match self {
+            Relayout::Transposed(t) if t.batch > 1 && t.cols < 64 && t.out_batch * t.batch == t.out_row => t,
+            _ => {
+                let mut at = 0;
+                return self.pieces(data, elem, max_bytes, |len, fill| {
+                    emit(&[(at, len)], len, fill)?;
+                    at += len;
+                    Ok(())
+                });
+            }
+        };
+        let step = (max_bytes / (t.cols * t.out_batch * elem).max(1)).max(1);
+        for b0 in (0..t.batch).step_by(step) {
+            let nb = (b0 + step).min(t.batch) - b0;
+            let run = nb * t.out_batch * elem;
+            let runs: Vec<(usize, usize)> = (0..t.cols).map(|c| ((c * t.out_row + b0 * t.out_batch) * elem, run)).collect();
+            let part = Transpose { out_row: nb * t.out_batch, batch: nb, ..*t };
+            let src = &data[b0 * t.in_batch * elem..];
+            emit(&runs, run * t.cols, &|out: &mut [u8]| match elem {
+                2 => part.tiles::<2>(src, out, 0, part.cols),
+                _ => part.tiles::<4>(src, out, 0, part.cols),
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -72,7 +187,8 @@ impl Op {
 /// `c < cols`, `out[b·out_batch + c·out_row + r] = in[b·in_batch + r·in_row + c]`. Every layout
 /// change of the tables is one of these; done in square tiles so that both sides stay in cache
 /// (a plain strided walk misses the cache on every element of the strided side).
-struct Transpose {
+#[derive(Clone, Copy)]
+pub struct Transpose {
     rows: usize,
     cols: usize,
     in_row: usize,
@@ -83,29 +199,43 @@ struct Transpose {
 }
 
 impl Transpose {
-    fn run(&self, data: &[u8], elem: usize) -> Result<Vec<u8>> {
+    /// Every output element is written, so `out`'s reused memory needs no clearing.
+    fn run(&self, data: &[u8], elem: usize, out: &mut Vec<u8>) -> Result<()> {
         let n = self.rows * self.cols * self.batch;
         ensure!(data.len() == n * elem, "{} bytes do not hold {n} {elem}-byte elements", data.len());
-        let mut out = vec![0u8; data.len()];
+        let out = crate::tensor::reuse(out, data.len());
         match elem {
-            2 => self.tiles::<2>(data, &mut out),
-            4 => self.tiles::<4>(data, &mut out),
+            2 => self.tiles::<2>(data, out, 0, self.cols),
+            4 => self.tiles::<4>(data, out, 0, self.cols),
             _ => bail!("unsupported element size {elem}"),
         }
-        Ok(out)
+        Ok(())
     }
 
-    fn tiles<const E: usize>(&self, src: &[u8], dst: &mut [u8]) {
+    /// Output columns `c0..c1` (every table's outermost output axis, `out_row` elements each)
+    /// into `dst`, which holds exactly those.
+    fn tiles<const E: usize>(&self, src: &[u8], dst: &mut [u8], c0: usize, c1: usize) {
         const TILE: usize = 32;
+        if self.rows == 0 || c1 <= c0 || self.batch == 0 {
+            return;
+        }
+        let base = c0 * self.out_row;
+        // Every index below is at most these, checked once so the loop can skip the checks.
+        let last_in = (self.batch - 1) * self.in_batch + (self.rows - 1) * self.in_row + (c1 - 1);
+        let last_out = (self.batch - 1) * self.out_batch + (c1 - 1) * self.out_row - base + (self.rows - 1);
+        assert!((last_in + 1) * E <= src.len() && (last_out + 1) * E <= dst.len(), "transpose out of bounds");
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
         for b in 0..self.batch {
             let (ib, ob) = (b * self.in_batch, b * self.out_batch);
             for r0 in (0..self.rows).step_by(TILE) {
-                for c0 in (0..self.cols).step_by(TILE) {
-                    for c in c0..(c0 + TILE).min(self.cols) {
-                        let o = (ob + c * self.out_row) * E;
-                        for r in r0..(r0 + TILE).min(self.rows) {
-                            let i = (ib + r * self.in_row + c) * E;
-                            dst[o + r * E..o + r * E + E].copy_from_slice(&src[i..i + E]);
+                let r1 = (r0 + TILE).min(self.rows);
+                for ct in (c0..c1).step_by(TILE) {
+                    for c in ct..(ct + TILE).min(c1) {
+                        let o = ob + c * self.out_row - base;
+                        for r in r0..r1 {
+                            let i = ib + r * self.in_row + c;
+                            // SAFETY: i <= last_in and o + r <= last_out, both checked above.
+                            unsafe { std::ptr::copy_nonoverlapping(s.add(i * E), d.add((o + r) * E), E) };
                         }
                     }
                 }
@@ -179,6 +309,57 @@ mod tests {
                 assert_eq!(Op::Dense.to_keras(dense, &[o, kh * kw * i], elem).unwrap(), data);
                 if (kh, kw) == (1, 1) {
                     assert_eq!(Op::Conv1x1Linear.to_diffusers(data.clone(), &[1, 1, i, o], elem).unwrap(), permute(&data, &[i, o], &[1, 0], elem).unwrap());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pieces_join_to_the_whole_layout_change() {
+        for (kh, kw, i, o) in [(3, 3, 37, 70), (1, 1, 33, 65), (2, 1, 64, 31)] {
+            for elem in [2, 4] {
+                let data: Vec<u8> = (0..kh * kw * i * o * elem).map(|v| (v * 13 % 251) as u8).collect();
+                for (op, to_diffusers, shape) in [
+                    (Op::Conv, true, vec![kh, kw, i, o]),
+                    (Op::Conv, false, vec![o, i, kh, kw]),
+                    (Op::Dense, true, vec![kh * kw * i, o]),
+                    (Op::Dense, false, vec![o, kh * kw * i]),
+                    (Op::Copy, true, vec![data.len() / elem]),
+                ] {
+                    let whole = if to_diffusers { op.to_diffusers(data.clone(), &shape, elem) } else { op.to_keras(data.clone(), &shape, elem) }.unwrap();
+                    for max in [1, 100, 4096, 40_000, usize::MAX] {
+                        let (mut joined, mut sizes) = (Vec::new(), Vec::new());
+                        Relayout::new(op, to_diffusers, &data, &shape, elem)
+                            .unwrap()
+                            .pieces(&data, elem, max, |len, fill| {
+                                let mut piece = vec![0u8; len];
+                                fill(&mut piece);
+                                joined.extend(piece);
+                                sizes.push(len);
+                                Ok(())
+                            })
+                            .unwrap();
+                        assert_eq!(joined, whole, "{op:?} {shape:?} max {max}");
+                        // A piece is one output row at least (at most 9·37·2 or 37·70 elements here).
+                        assert!(sizes.iter().all(|&s| s <= max.max(37 * 70 * elem)), "{sizes:?}");
+                        assert!(max < whole.len() || sizes.len() == 1);
+                        let mut placed = vec![0u8; whole.len()];
+                        Relayout::new(op, to_diffusers, &data, &shape, elem)
+                            .unwrap()
+                            .placed_pieces(&data, elem, max, |runs, len, fill| {
+                                let mut piece = vec![0u8; len];
+                                fill(&mut piece);
+                                let mut from = 0;
+                                for &(at, n) in runs {
+                                    placed[at..at + n].copy_from_slice(&piece[from..from + n]);
+                                    from += n;
+                                }
+                                assert_eq!(from, len);
+                                Ok(())
+                            })
+                            .unwrap();
+                        assert_eq!(placed, whole, "placed {op:?} {shape:?} max {max}");
+                    }
                 }
             }
         }
