@@ -1,51 +1,120 @@
 #!/usr/bin/env bash
-# Benchmark (not a test): convert a full-size KerasCV SD1 UNet .h5 (3.4 GB, 686 tensors) to
-# diffusers safetensors and compare wall time and peak memory with a plain copy of the same file.
+# Benchmark (not a test): conversion against a durable copy of the same bytes, side by side.
 #
-#   bench/convert_unet.sh
+#   bench/convert_unet.sh [PAIRS]      (default 3 pairs per case)
 #
-# The input is made once with real keras_cv (DiffusionModel, random init) in parity/.venv-keras
-# (`parity/run.sh --setup` creates it) and cached in bench/.cache/.
+# Inputs are full-size SD1 models made once with real keras_cv (random init, `save_weights`) in
+# parity/.venv-keras (`parity/run.sh --setup` creates it) and cached in bench/.cache/: the UNet
+# (3.44 GB, 686 tensors) and the text encoder, VAE encoder and decoder (a whole pipeline, 4.4 GB).
+#
+# Cases: KerasCV -> diffusers (UNet alone, UNet --half, whole pipeline, whole pipeline --half)
+# and diffusers -> KerasCV (UNet alone, whole pipeline). Every case runs PAIRS times, each time
+# a durable copy of the case's input files (cp + sync, the floor for moving those bytes) next to
+# the conversion, alternating which goes first; the table prints the medians and their ratio.
+# dreambridge fsyncs every file it writes before the atomic rename of its output folder.
+#
+# DREAMBRIDGE_PROFILE=1 is set for the conversions: the phase seconds of the median run follow.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PAIRS=${1:-3}
 CACHE=bench/.cache
 mkdir -p "$CACHE"
-UNET="$CACHE/unet_sd1.h5"
-if [ ! -f "$UNET" ]; then
-    echo "== building a full-size KerasCV DiffusionModel and saving $UNET"
-    TF_CPP_MIN_LOG_LEVEL=3 parity/.venv-keras/bin/python - "$UNET" <<'PY' 2>&1 | { grep -v "^WARNING\|Using TensorFlow" || true; }
-import sys
+KERAS=(unet_sd1.h5 text_encoder_sd1.h5 image_encoder.h5 decoder.h5)
+missing=0
+for f in "${KERAS[@]}"; do [ -f "$CACHE/$f" ] || missing=1; done
+if [ "$missing" = 1 ]; then
+    echo "== building full-size KerasCV SD1 models with keras_cv and saving them in $CACHE"
+    TF_CPP_MIN_LOG_LEVEL=3 parity/.venv-keras/bin/python - "$CACHE" <<'PY' 2>&1 | { grep -v "^WARNING\|Using TensorFlow" || true; }
+import os, sys
+from keras_cv.src.models.stable_diffusion.decoder import Decoder
 from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModel
-import os
-part = sys.argv[1][: -len(".h5")] + ".part.h5"  # Keras picks the format from the suffix
-DiffusionModel(512, 512, 77, download_weights=False).save_weights(part)
-os.replace(part, sys.argv[1])
+from keras_cv.src.models.stable_diffusion.image_encoder import ImageEncoder
+from keras_cv.src.models.stable_diffusion.text_encoder import TextEncoder
+cache = sys.argv[1]
+for name, make in [("unet_sd1", lambda: DiffusionModel(512, 512, 77, download_weights=False)),
+                   ("text_encoder_sd1", lambda: TextEncoder(77, download_weights=False)),
+                   ("image_encoder", lambda: ImageEncoder(download_weights=False)),
+                   ("decoder", lambda: Decoder(64, 64, download_weights=False))]:
+    path = os.path.join(cache, name + ".h5")
+    if os.path.exists(path):
+        continue
+    part = os.path.join(cache, name + ".part.h5")  # Keras picks the format from the suffix
+    make().save_weights(part)
+    os.replace(part, path)
 PY
 fi
 command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }
 cargo build --release -q
+DB=target/release/dreambridge
 TMP=$(mktemp -d "$CACHE/run.XXXX")
 trap 'rm -rf "$TMP"' EXIT
-cat "$UNET" > /dev/null # both runs start from a warm page cache
+C=$CACHE
 
-measure() { # label, command... -> "seconds max_rss_kb"
-    /usr/bin/time -f "%e %M" -o "$TMP/time" "$@" > /dev/null 2>&1
+# The diffusers folders the reverse cases start from (made once per run, not timed).
+$DB convert keras-to-diffusers --unet "$C/unet_sd1.h5" --out "$TMP/src_unet" > /dev/null 2>&1
+$DB convert keras-to-diffusers --unet "$C/unet_sd1.h5" --text-encoder "$C/text_encoder_sd1.h5" \
+    --vae-encoder "$C/image_encoder.h5" --vae-decoder "$C/decoder.h5" --out "$TMP/src_pipe" > /dev/null 2>&1
+PIPE_IN=(--unet "$C/unet_sd1.h5" --text-encoder "$C/text_encoder_sd1.h5" --vae-encoder "$C/image_encoder.h5" --vae-decoder "$C/decoder.h5")
+
+measure() { # -> "seconds max_rss_kb" of the command; its stderr goes to $TMP/err
+    /usr/bin/time -f "%e %M" -o "$TMP/time" "$@" > /dev/null 2> "$TMP/err"
     cat "$TMP/time"
 }
-read -r cp_s cp_kb < <(measure cp "$UNET" "$TMP/copy.h5")
-rm -f "$TMP/copy.h5"
-# dreambridge fsyncs its output before the atomic rename; so does this copy.
-read -r cs_s cs_kb < <(measure sh -c 'cp "$1" "$2" && sync "$2"' sh "$UNET" "$TMP/copy.h5")
-rm -f "$TMP/copy.h5"
-read -r db_s db_kb < <(measure target/release/dreambridge convert keras-to-diffusers --unet "$UNET" --out "$TMP/pipe")
-size=$(stat -c %s "$UNET")
-out=$(stat -c %s "$TMP/pipe/unet/diffusion_pytorch_model.safetensors")
-awk -v cs="$cp_s" -v ck="$cp_kb" -v ss="$cs_s" -v sk="$cs_kb" -v ds="$db_s" -v dk="$db_kb" -v size="$size" -v out="$out" 'BEGIN {
-    printf "\n%-28s %10s %14s\n", "", "wall (s)", "peak RSS (MB)"
-    printf "%-28s %10.2f %14.1f\n", "cp (plain file copy)", cs, ck / 1024
-    printf "%-28s %10.2f %14.1f\n", "cp + sync (durable copy)", ss, sk / 1024
-    printf "%-28s %10.2f %14.1f\n", "dreambridge convert (UNet)", ds, dk / 1024
-    printf "%-28s %10.2f %14.2f\n", "ratio dreambridge / cp", ds / cs, dk / ck
-    printf "%-28s %10.2f %14.2f\n", "ratio dreambridge / cp+sync", ds / ss, dk / sk
-    printf "\ninput %.2f GB, output %.2f GB; dreambridge peak RSS = %.1f%% of the file size\n", size / 1e9, out / 1e9, 100 * dk * 1024 / size
-}'
+durable_copy() { # files... -> copies them into $TMP/copy and syncs each
+    mkdir -p "$TMP/copy"
+    for f in "$@"; do cp "$f" "$TMP/copy/"; done
+    sync "$TMP"/copy/*
+}
+median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
+ROWS=()
+run_case() { # label, output folder, "input files", dreambridge args...
+    local label=$1 out=$2 inputs=$3
+    shift 3
+    local bytes
+    bytes=$(stat -c %s $inputs | awk '{ s += $1 } END { print s }')
+    : > "$TMP/cp.txt"
+    : > "$TMP/db.txt"
+    for i in $(seq "$PAIRS"); do
+        for who in $( [ $((i % 2)) = 1 ] && echo "cp db" || echo "db cp"); do
+            if [ "$who" = cp ]; then
+                export -f durable_copy
+                measure bash -c 'TMP=$0; durable_copy "$@"' "$TMP" $inputs >> "$TMP/cp.txt"
+                rm -rf "$TMP/copy"
+            else
+                read -r s kb < <(DREAMBRIDGE_PROFILE=1 measure $DB convert "$@" --out "$out")
+                echo "$s $kb $(grep '^profile:' "$TMP/err" | sed 's/^profile: //')" >> "$TMP/db.txt"
+                rm -rf "$out"
+            fi
+        done
+    done
+    local cs ds dk prof
+    cs=$(cut -d' ' -f1 "$TMP/cp.txt" | median)
+    ds=$(cut -d' ' -f1 "$TMP/db.txt" | median)
+    dk=$(cut -d' ' -f2 "$TMP/db.txt" | sort -g | tail -1)
+    prof=$(awk -v m="$ds" '$1 == m { $1 = ""; $2 = ""; print; exit }' "$TMP/db.txt")
+    ROWS+=("$(awk -v l="$label" -v b="$bytes" -v cs="$cs" -v ds="$ds" -v dk="$dk" -v all_cp="$(cut -d' ' -f1 "$TMP/cp.txt" | tr '\n' ' ')" -v all_db="$(cut -d' ' -f1 "$TMP/db.txt" | tr '\n' ' ')" 'BEGIN {
+        printf "%-34s %7.2f %8.2f %10.2f %9.0f %7.1f%%   cp: %s  dreambridge: %s", l, b / 1e9, cs, ds, dk / 1024, 100 * dk * 1024 / b, all_cp, all_db
+        printf "\n%-34s %s", "", "x " sprintf("%.2f", ds / cs) " of the durable copy"
+    }')")
+    ROWS+=("$(printf '%-34s profile:%s' '' "$prof")")
+}
+
+cat "$C"/*.h5 > /dev/null # every case starts from a warm page cache
+run_case "keras -> diffusers, UNet" "$TMP/o" "$C/unet_sd1.h5" keras-to-diffusers --unet "$C/unet_sd1.h5"
+run_case "keras -> diffusers, UNet --half" "$TMP/o" "$C/unet_sd1.h5" keras-to-diffusers --half --unet "$C/unet_sd1.h5"
+cat "$TMP/src_unet/unet/diffusion_pytorch_model.safetensors" > /dev/null
+run_case "diffusers -> keras, UNet" "$TMP/o" "$TMP/src_unet/unet/diffusion_pytorch_model.safetensors" diffusers-to-keras --model "$TMP/src_unet"
+PIPE_FILES="$C/unet_sd1.h5 $C/text_encoder_sd1.h5 $C/image_encoder.h5 $C/decoder.h5"
+run_case "keras -> diffusers, pipeline" "$TMP/o" "$PIPE_FILES" keras-to-diffusers "${PIPE_IN[@]}"
+run_case "keras -> diffusers, pipeline --half" "$TMP/o" "$PIPE_FILES" keras-to-diffusers --half "${PIPE_IN[@]}"
+SRC_FILES=$(ls "$TMP"/src_pipe/*/*.safetensors | tr '\n' ' ')
+cat $SRC_FILES > /dev/null # dreambridge drops what it wrote from the page cache; warm it as the .h5 files
+run_case "diffusers -> keras, pipeline" "$TMP/o" "$SRC_FILES" diffusers-to-keras --model "$TMP/src_pipe"
+
+printf "\n%-34s %7s %8s %10s %9s %8s\n" "medians of $PAIRS alternating pairs" "GB in" "cp+sync" "dreambridge" "peak MB" "of input"
+printf "%-34s %7s %8s %10s %9s %8s\n" "" "" "(s)" "(s)" "RSS" "bytes"
+for r in "${ROWS[@]}"; do echo "$r"; done
+largest=$(stat -c %s "$C/unet_sd1.h5")
+echo
+echo "peak RSS is the largest of the runs; the target is at most 10 % of the largest tensor file ($(awk -v b="$largest" 'BEGIN { printf "%.0f MB", b / 1e6 / 10 }'))."

@@ -166,6 +166,55 @@ pub fn copy_tree(from: &Path, to: &Path, skip: &dyn Fn(&str) -> bool) -> Result<
     walk(from, from, to, skip)
 }
 
+/// Streams a large output file to disk while it is written: each finished region is handed to
+/// the disk at once (Linux `sync_file_range`), and regions more than `LAG` bytes behind are
+/// waited for and dropped from the page cache, so a multi-gigabyte conversion neither leaves
+/// its whole output dirty for the final fsync nor grows the page cache by the file's size (its
+/// pages are reused instead). The final `sync_all` still makes the file durable. Elsewhere than
+/// Linux, and with `DREAMBRIDGE_NO_STREAMING_WRITES` set, nothing is done here.
+#[derive(Default)]
+pub struct Streamer {
+    /// Regions handed to the disk and not yet dropped, oldest first, with their byte total.
+    kicked: std::collections::VecDeque<(u64, u64)>,
+    in_flight: u64,
+}
+
+impl Streamer {
+    const LAG: u64 = 256 << 20;
+
+    /// Bytes `offset..offset + len` of `file` are written.
+    pub fn written(&mut self, file: &std::fs::File, offset: u64, len: u64) {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            if len == 0 || *OFF.get_or_init(|| std::env::var_os("DREAMBRIDGE_NO_STREAMING_WRITES").is_some()) {
+                return;
+            }
+            let fd = file.as_raw_fd();
+            // SAFETY: a valid descriptor; these calls only schedule, wait for or drop cached I/O.
+            unsafe {
+                libc::sync_file_range(fd, offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
+            }
+            self.kicked.push_back((offset, len));
+            self.in_flight += len;
+            while self.in_flight > Self::LAG {
+                let Some((at, n)) = self.kicked.pop_front() else { break };
+                self.in_flight -= n;
+                let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+                // SAFETY: as above.
+                unsafe {
+                    if libc::sync_file_range(fd, at as i64, n as i64, wait) == 0 {
+                        libc::posix_fadvise(fd, at as i64, n as i64, libc::POSIX_FADV_DONTNEED);
+                    }
+                }
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (file, offset, len);
+    }
+}
+
 /// Makes a rename in `dir` durable (best effort: not every file system syncs folders).
 pub fn sync_dir(dir: &Path) {
     if let Ok(d) = std::fs::File::open(dir) {

@@ -1,6 +1,8 @@
 //! Where a conversion's time goes: wall time summed per phase (reading tensors, changing their
 //! layout, casting, writing, syncing to disk), printed at the end when `DREAMBRIDGE_PROFILE` is
-//! set. Phases run on several threads at once can add up to more than the wall time.
+//! set. Phases run on several threads at once can add up to more than the wall time. Inputs
+//! read from a memory map are read during the permute (their pages fault in there), so `read`
+//! shows only what goes through a library's own reads.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;

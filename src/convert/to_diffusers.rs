@@ -10,6 +10,7 @@ use crate::diffusers::tokenizer;
 use crate::keras::KerasFile;
 use crate::output::{copy_file, copy_tree, Staging};
 use crate::progress::Progress;
+use crate::mapping::op::Relayout;
 use crate::tensor::DType;
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::BTreeSet;
@@ -183,6 +184,11 @@ pub(crate) fn write_json(staging: &Staging, relative: &str, value: &serde_json::
 }
 
 
+/// Output buffers circulating between the converting thread and the writer thread.
+const IN_FLIGHT: usize = 3;
+/// The most bytes of a tensor produced at once (more for a tensor whose output rows are larger).
+const PIECE: usize = 16 << 20;
+
 /// Streams one component's safetensors file from the matched Keras files, optionally on top of a
 /// base file whose other tensors are kept (half a VAE).
 fn write_weights(
@@ -223,38 +229,85 @@ fn write_weights(
     let progress = Progress::new(component.dir(), total);
     let mut writer = StWriter::create(&staging.path(&relative)?, pending.clone())?;
     // Reading and re-laying-out the next tensors (this thread) overlaps writing the previous
-    // ones (a writer thread): two tensors in flight at most, so memory stays at a few tensors.
-    let (send, receive) = std::sync::mpsc::sync_channel::<(String, crate::tensor::RawTensor)>(1);
+    // ones (a writer thread). Tensors travel in pieces of at most PIECE bytes, in buffers that
+    // circulate between the two threads, so memory stays at a few pieces plus the mapped input
+    // tensor, and every piece reuses memory already touched.
+    let (send, receive) = std::sync::mpsc::sync_channel::<(usize, bool, Vec<u8>)>(1);
+    let (give_back, take) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..IN_FLIGHT {
+        give_back.send(Vec::new()).expect("the pool's receiver is here");
+    }
+    let pending = &pending;
     std::thread::scope(|scope| -> Result<()> {
         let progress = &progress;
         let written = scope.spawn(move || -> Result<StWriter> {
-            for (key, tensor) in receive {
-                time(Phase::Write, tensor.data.len(), || writer.write_next(&key, &tensor))?;
-                progress.advance(&key, tensor.data.len() as u64);
+            for (index, first, data) in receive {
+                let p = &pending[index];
+                time(Phase::Write, data.len(), || -> Result<()> {
+                    if first {
+                        writer.begin_next(&p.key, p.dtype, &p.shape)?;
+                    }
+                    writer.write_part(&p.key, &data)
+                })?;
+                progress.advance(&p.key, data.len() as u64);
+                let _ = give_back.send(data);
             }
             Ok(writer)
         });
+        // Sends tensor `index` piece by piece; false once the writer has stopped (its error is
+        // the one to report).
+        let send_pieces = |index: usize, from: DType, relayout: &Relayout, data: &[u8], elem: usize| -> Result<bool> {
+            let to = pending[index].dtype;
+            let mut first = true;
+            let mut open = true;
+            let mut scratch = Vec::new();
+            relayout.pieces(data, elem, PIECE, |len, fill| {
+                let Ok(mut out) = take.recv() else {
+                    open = false;
+                    return Ok(());
+                };
+                if from == to {
+                    time(Phase::Permute, len, || fill(crate::tensor::reuse(&mut out, len)));
+                } else {
+                    time(Phase::Permute, len, || fill(crate::tensor::reuse(&mut scratch, len)));
+                    time(Phase::Cast, len, || crate::tensor::cast_into(from, &scratch, to, &mut out));
+                }
+                open = open && send.send((index, first, out)).is_ok();
+                first = false;
+                Ok(())
+            })?;
+            if first && open {
+                open = send.send((index, true, Vec::new())).is_ok(); // a tensor without elements
+            }
+            Ok(open)
+        };
         let produced = (|| -> Result<()> {
             let mut index = 0;
             for m in parts {
                 for t in &m.plan.tensors {
                     let ctx = || format!("{}: tensor `{}`", m.file.path.display(), t.source);
-                    let bytes = pending[index].shape.iter().product::<usize>() * t.dtype.size();
-                    let raw = time(Phase::Read, bytes, || m.file.read(&t.source)).with_context(ctx)?;
-                    let (dtype, elem) = (raw.dtype, raw.dtype.size());
-                    let data = time(Phase::Permute, bytes, || t.spec.op.to_diffusers(raw.data, &raw.shape, elem)).with_context(ctx)?;
-                    let tensor = crate::tensor::RawTensor { dtype, shape: t.diffusers_shape.clone(), data };
-                    let tensor = time(Phase::Cast, bytes, || tensor.cast(pending[index].dtype));
-                    if send.send((t.spec.key.clone(), tensor)).is_err() {
-                        return Ok(()); // the writer stopped: its error is the one to report
+                    let open = m
+                        .file
+                        .with_bytes(&t.source, |dtype, shape, data| {
+                            let relayout = Relayout::new(t.spec.op, true, data, shape, dtype.size())?;
+                            send_pieces(index, dtype, &relayout, data, dtype.size())
+                        })
+                        .and_then(|r| r)
+                        .with_context(ctx)?;
+                    if !open {
+                        return Ok(());
                     }
                     index += 1;
                 }
             }
             if let Some(base) = overlay {
-                for p in &pending[index..] {
-                    let tensor = time(Phase::Read, 0, || base.read(&p.key)).with_context(|| format!("{}: tensor `{}`", base.path.display(), p.key))?.cast(p.dtype);
-                    if send.send((p.key.clone(), tensor)).is_err() {
+                for i in index..pending.len() {
+                    let key = &pending[i].key;
+                    let open = base
+                        .with_bytes(key, |dtype, _, data| send_pieces(i, dtype, &Relayout::Same, data, dtype.size()))
+                        .and_then(|r| r)
+                        .with_context(|| format!("{}: tensor `{}`", base.path.display(), key))?;
+                    if !open {
                         return Ok(());
                     }
                 }

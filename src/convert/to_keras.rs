@@ -7,7 +7,8 @@ use crate::diffusers::st_read::StFile;
 use crate::keras::LegacyWriter;
 use crate::output::Staging;
 use crate::progress::Progress;
-use crate::tensor::{RawTensor, TensorSource};
+use crate::mapping::op::Relayout;
+use crate::tensor::{DType, TensorSource};
 use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -96,32 +97,111 @@ pub fn diffusers_to_keras(model: &Path, out: &Path, force: bool, sd_version: Opt
 }
 
 /// Writes one Keras-2 legacy file: group per layer named by its Keras-3 key, weights named
-/// `<group>/<sub-layer path>/<variable>:0` as Keras would.
+/// `<group>/<sub-layer path>/<variable>:0` as Keras would. libhdf5 lays out the file (groups,
+/// attributes, every dataset's storage); the tensors' bytes are re-laid-out in pieces and
+/// written at their datasets' places by a writer thread, overlapping the next tensor's work.
 pub(crate) fn write_h5(path: &Path, file: &dyn TensorSource, plan: &Plan) -> Result<()> {
     let groups: Vec<String> = plan.layout.layers.iter().map(|l| l.keras3_key.clone()).collect();
     let writer = LegacyWriter::create(path, &groups)?;
+    let data_file = std::fs::OpenOptions::new().write(true).open(path).with_context(|| format!("{}: cannot open for writing", path.display()))?;
     let total: u64 = plan.tensors.iter().map(|t| (t.diffusers_shape.iter().product::<usize>() * t.dtype.size()) as u64).sum();
     let progress = Progress::new(&plan.table.kind, total);
-    for layer in &plan.layout.layers {
-        let tensors = &plan.tensors[layer.tensors.clone()];
-        let names: Vec<String> = tensors.iter().map(|t| format!("{}/{}:0", layer.keras3_key, t.spec.keras_path)).collect();
-        writer.begin_layer(&layer.keras3_key, &names)?;
-        for (t, name) in tensors.iter().zip(&names) {
-            let n = t.diffusers_shape.iter().product::<usize>() * t.dtype.size();
-            let raw = time(Phase::Read, n, || file.read(&t.source))?;
-            let (dtype, bytes) = (raw.dtype, raw.data.len() as u64);
-            let data = time(Phase::Permute, n, || t.spec.op.to_keras(raw.data, &t.diffusers_shape, dtype.size())).with_context(|| format!("tensor `{}`", t.source))?;
-            time(Phase::Write, n, || writer.write(&layer.keras3_key, name, RawTensor { dtype, shape: t.keras_shape.clone(), data }))?;
-            progress.advance(&t.source, bytes);
-        }
+    let (send, receive) = std::sync::mpsc::sync_channel::<(u64, Vec<(usize, usize)>, Vec<u8>, String)>(1);
+    let (give_back, take) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..IN_FLIGHT {
+        give_back.send(Vec::new()).expect("the pool's receiver is here");
     }
+    std::thread::scope(|scope| -> Result<()> {
+        let (progress, data_file) = (&progress, &data_file);
+        let written = scope.spawn(move || -> Result<()> {
+            use std::os::unix::fs::FileExt;
+            let mut streamer = crate::output::Streamer::default();
+            for (base, runs, data, key) in receive {
+                let mut from = 0;
+                for (at, n) in runs {
+                    let offset = base + at as u64;
+                    time(Phase::Write, n, || data_file.write_all_at(&data[from..from + n], offset)).with_context(|| format!("{}: cannot write", path.display()))?;
+                    streamer.written(data_file, offset, n as u64);
+                    from += n;
+                }
+                progress.advance(&key, data.len() as u64);
+                let _ = give_back.send(data);
+            }
+            Ok(())
+        });
+        let produced = (|| -> Result<()> {
+            let mut scratch = Vec::new();
+            for layer in &plan.layout.layers {
+                let tensors = &plan.tensors[layer.tensors.clone()];
+                let names: Vec<String> = tensors.iter().map(|t| format!("{}/{}:0", layer.keras3_key, t.spec.keras_path)).collect();
+                writer.begin_layer(&layer.keras3_key, &names)?;
+                for (t, name) in tensors.iter().zip(&names) {
+                    let mut open = true;
+                    file.with_bytes(&t.source, &mut |from, _, data| {
+                        let elem = from.size();
+                        let to = if from == DType::BF16 { DType::F32 } else { from }; // HDF5 has no bf16
+                        let relayout = Relayout::new(t.spec.op, false, data, &t.diffusers_shape, elem)?;
+                        let place = time(Phase::Write, 0, || writer.create_placed(&layer.keras3_key, name, to, &t.keras_shape))?;
+                        let (mut whole, mut own) = (Vec::new(), Vec::new()); // for a dataset without a place
+                        let pieces = |emit: &mut dyn FnMut(&[(usize, usize)], usize, &dyn Fn(&mut [u8])) -> Result<()>| match place {
+                            Some(_) => relayout.placed_pieces(data, elem, PIECE * elem / to.size(), emit),
+                            None => relayout.pieces(data, elem, PIECE, |len, fill| emit(&[(0, len)], len, fill)),
+                        };
+                        pieces(&mut |runs, len, fill| {
+                            let mut out = match place {
+                                Some(_) => match take.recv() {
+                                    Ok(buffer) => buffer,
+                                    Err(_) => {
+                                        open = false;
+                                        return Ok(());
+                                    }
+                                },
+                                None => std::mem::take(&mut own),
+                            };
+                            if from == to {
+                                time(Phase::Permute, len, || fill(crate::tensor::reuse(&mut out, len)));
+                            } else {
+                                time(Phase::Permute, len, || fill(crate::tensor::reuse(&mut scratch, len)));
+                                time(Phase::Cast, len, || crate::tensor::cast_into(from, &scratch, to, &mut out));
+                            }
+                            if place.is_none() {
+                                whole.extend_from_slice(&out);
+                                own = out;
+                                return Ok(());
+                            }
+                            // Runs count bytes of the re-laid-out tensor; a cast to f32 doubles them.
+                            let scale = to.size() / elem;
+                            let runs = runs.iter().map(|&(at, n)| (at * scale, n * scale)).collect();
+                            open = open && send.send((place.unwrap_or(0), runs, out, t.source.clone())).is_ok();
+                            Ok(())
+                        })?;
+                        if place.is_none() {
+                            time(Phase::Write, whole.len(), || writer.write_unplaced(&layer.keras3_key, name, to, &whole))?;
+                        }
+                        Ok(())
+                    })
+                    .with_context(|| format!("tensor `{}`", t.source))?;
+                    if !open {
+                        return Ok(()); // the writer stopped: its error is the one to report
+                    }
+                }
+            }
+            Ok(())
+        })();
+        drop(send);
+        let wrote = written.join().expect("the writer thread panicked");
+        produced?;
+        wrote
+    })?;
     time(Phase::Write, 0, || writer.finish())?;
     // Durable before the staging folder is renamed into place, as the safetensors writer's files.
-    let synced = std::fs::File::open(path).and_then(|f| {
-        let len = f.metadata()?.len() as usize;
-        time(Phase::Sync, len, || f.sync_all())
-    });
-    synced.with_context(|| format!("{}: cannot sync", path.display()))?;
+    let len = data_file.metadata().map_or(0, |m| m.len() as usize);
+    time(Phase::Sync, len, || data_file.sync_all()).with_context(|| format!("{}: cannot sync", path.display()))?;
     progress.finish(&format!("{} tensors -> {}", plan.tensors.len(), path.file_name().unwrap_or_default().to_string_lossy()));
     Ok(())
 }
+
+/// Output buffers circulating between the converting thread and the writer thread.
+const IN_FLIGHT: usize = 3;
+/// The most bytes of a tensor produced at once (more for a tensor whose output rows are larger).
+const PIECE: usize = 16 << 20;

@@ -28,7 +28,16 @@ pub struct StWriter {
     path: std::path::PathBuf,
     out: BufWriter<std::fs::File>,
     pending: std::vec::IntoIter<PendingTensor>,
+    /// Bytes handed to `out`, and how far the disk has been asked to write back.
+    put: u64,
+    kicked: u64,
+    /// Bytes the tensor begun last still lacks.
+    owed: usize,
+    streamer: crate::output::Streamer,
 }
+
+/// Written bytes are streamed to disk (see [`crate::output::Streamer`]) this many at a time.
+const KICK_EVERY: u64 = 64 << 20;
 
 impl StWriter {
     /// Writes the header for `tensors` (data order = this order) with metadata `{"format": "pt"}`.
@@ -55,7 +64,7 @@ impl StWriter {
             text.push(b' '); // the format pads the header with spaces to 8-byte alignment
         }
         let file = std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
-        let mut w = StWriter { path: path.to_owned(), out: BufWriter::with_capacity(8 << 20, file), pending: tensors.into_iter() };
+        let mut w = StWriter { path: path.to_owned(), out: BufWriter::with_capacity(8 << 20, file), pending: tensors.into_iter(), put: 0, kicked: 0, owed: 0, streamer: Default::default() };
         let header_len = (text.len() as u64).to_le_bytes();
         w.put(&header_len)?;
         w.put(&text)?;
@@ -64,21 +73,41 @@ impl StWriter {
 
     /// Writes the next tensor's data; it must match the next announced key, dtype and shape.
     pub fn write_next(&mut self, key: &str, tensor: &RawTensor) -> Result<()> {
+        self.write_next_bytes(key, tensor.dtype, &tensor.shape, &tensor.data)
+    }
+
+    /// As [`StWriter::write_next`], from borrowed parts.
+    pub fn write_next_bytes(&mut self, key: &str, dtype: DType, shape: &[usize], data: &[u8]) -> Result<()> {
+        self.begin_next(key, dtype, shape)?;
+        self.write_part(key, data)
+    }
+
+    /// Starts the next tensor, whose bytes then come in order through [`StWriter::write_part`].
+    pub fn begin_next(&mut self, key: &str, dtype: DType, shape: &[usize]) -> Result<()> {
+        ensure!(self.owed == 0, "tensor `{key}` began before the previous one was complete");
         let expected = self.pending.next().with_context(|| format!("tensor `{key}` was not announced"))?;
         ensure!(
-            expected.key == key && expected.dtype == tensor.dtype && expected.shape == tensor.shape && tensor.data.len() == expected.byte_len(),
+            expected.key == key && expected.dtype == dtype && expected.shape == shape,
             "tensor `{key}` ({} {:?}) does not match the header entry `{}` ({} {:?})",
-            tensor.dtype,
-            tensor.shape,
+            dtype,
+            shape,
             expected.key,
             expected.dtype,
             expected.shape
         );
-        self.put(&tensor.data)
+        self.owed = expected.byte_len();
+        Ok(())
+    }
+
+    /// The next bytes of the tensor begun last.
+    pub fn write_part(&mut self, key: &str, data: &[u8]) -> Result<()> {
+        ensure!(data.len() <= self.owed, "tensor `{key}`: {} bytes more than its shape holds", data.len() - self.owed);
+        self.owed -= data.len();
+        self.put(data)
     }
 
     pub fn finish(mut self) -> Result<()> {
-        ensure!(self.pending.next().is_none(), "not every announced tensor was written");
+        ensure!(self.pending.next().is_none() && self.owed == 0, "not every announced tensor was written");
         let len = self.out.get_ref().metadata().map_or(0, |m| m.len() as usize);
         let flushed = crate::convert::phases::time(crate::convert::phases::Phase::Write, 0, || self.out.flush())
             .and_then(|()| crate::convert::phases::time(crate::convert::phases::Phase::Sync, len, || self.out.get_ref().sync_all()));
@@ -88,7 +117,14 @@ impl StWriter {
 
     /// Writes bytes; a failure (a full disk, say) names the file.
     fn put(&mut self, bytes: &[u8]) -> Result<()> {
-        self.out.write_all(bytes).with_context(|| format!("{}: cannot write", self.path.display()))
+        self.out.write_all(bytes).with_context(|| format!("{}: cannot write", self.path.display()))?;
+        self.put += bytes.len() as u64;
+        let on_disk_side = self.put - self.out.buffer().len() as u64;
+        if on_disk_side >= self.kicked + KICK_EVERY {
+            self.streamer.written(self.out.get_ref(), self.kicked, on_disk_side - self.kicked);
+            self.kicked = on_disk_side;
+        }
+        Ok(())
     }
 }
 
@@ -139,6 +175,23 @@ mod tests {
         w.finish().unwrap();
         let got = StFile::open(&path).unwrap().metadata();
         assert_eq!(got, BTreeMap::from([("format".to_string(), "pt".to_string()), ("ss_network_dim".to_string(), "4".to_string())]));
+    }
+
+    #[test]
+    fn a_tensor_in_parts_must_add_up_to_its_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        let (a, b, mut w) = announced(&path);
+        w.begin_next("a.weight", a.dtype, &a.shape).unwrap();
+        w.write_part("a.weight", &a.data[..10]).unwrap();
+        let early = w.begin_next("b", b.dtype, &b.shape).unwrap_err().to_string();
+        assert!(early.contains("began before the previous one was complete"), "{early}");
+        let over = w.write_part("a.weight", &a.data).unwrap_err().to_string();
+        assert!(over.contains("10 bytes more than its shape holds"), "{over}");
+        w.write_part("a.weight", &a.data[10..]).unwrap();
+        w.write_next("b", &b).unwrap();
+        w.finish().unwrap();
+        assert_eq!(StFile::open(&path).unwrap().read("a.weight").unwrap(), a);
     }
 
     #[test]

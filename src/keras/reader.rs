@@ -209,7 +209,7 @@ impl KerasFile {
                 return Ok(out);
             }
         }
-        let raw = self.read(path)?;
+        let raw = crate::convert::phases::time(crate::convert::phases::Phase::Read, 0, || self.read(path))?;
         Ok(f(raw.dtype, &raw.shape, &raw.data))
     }
 
@@ -289,4 +289,39 @@ fn check_signature(path: &Path) -> Result<()> {
         offset = if offset == 0 { 512 } else { offset * 2 };
     }
     bail!("not an HDF5 file (no HDF5 signature)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A legacy file with one contiguous dataset (read from the map) and one chunked one (read
+    /// by libhdf5), both f32 [3, 5].
+    fn two_layouts(path: &Path) -> Vec<f32> {
+        let values: Vec<f32> = (0..15).map(|v| v as f32 * 0.5 - 3.0).collect();
+        let array = ndarray::Array2::from_shape_vec((3, 5), values.clone()).unwrap();
+        let file = hdf5::File::create(path).unwrap();
+        file.new_dataset_builder().with_data(&array).create("contiguous").unwrap();
+        file.new_dataset_builder().chunk((1, 5)).with_data(&array).create("chunked").unwrap();
+        values
+    }
+
+    #[test]
+    fn mapped_and_libhdf5_reads_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.h5");
+        let values = two_layouts(&path);
+        let hdf5 = hdf5::File::open(&path).unwrap();
+        assert!(hdf5.dataset("contiguous").unwrap().offset().is_some());
+        assert!(hdf5.dataset("chunked").unwrap().offset().is_none());
+        let map = unsafe { memmap2::Mmap::map(&std::fs::File::open(&path).unwrap()) }.ok();
+        let file = KerasFile { path: path.clone(), format: KerasFormat::Keras3, layers: Vec::new(), keras_version: None, backend: Backend::Hdf5(hdf5, None, map) };
+        for name in ["contiguous", "chunked"] {
+            let (dtype, shape, bytes) = file.with_bytes(name, |d, s, b| (d, s.to_vec(), b.to_vec())).unwrap();
+            assert_eq!((dtype, shape.as_slice()), (DType::F32, &[3usize, 5][..]), "{name}");
+            assert_eq!(bytes, bytemuck::cast_slice::<f32, u8>(&values), "{name}");
+            assert_eq!(file.read(name).unwrap().data, bytes, "{name}");
+        }
+        assert!(file.with_bytes("missing", |_, _, _| ()).unwrap_err().to_string().contains("tensor `missing`: not found"));
+    }
 }

@@ -51,6 +51,33 @@ impl LegacyWriter {
         Ok(())
     }
 
+    /// Creates `<group>/<weight_name>` with its storage allocated at once and never filled, and
+    /// returns where in the file its bytes go (None where HDF5 gives no such place: then
+    /// [`LegacyWriter::write`] it). The caller writes the bytes there itself, so large tensors
+    /// stream from the converting thread to disk without libhdf5's copies.
+    pub fn create_placed(&self, group: &str, weight_name: &str, dtype: DType, shape: &[usize]) -> Result<Option<u64>> {
+        use hdf5::dataset::{AllocTime, FillTime};
+        let g = h5(self.file.group(group))?;
+        let builder = match dtype {
+            DType::F32 => g.new_dataset::<f32>(),
+            DType::F16 => g.new_dataset::<half::f16>(),
+            DType::BF16 => bail!("bf16 has no HDF5 type; cast to f32 first"),
+        };
+        let ds = h5(builder.shape(shape.to_vec()).alloc_time(Some(AllocTime::Early)).fill_time(FillTime::Never).create(weight_name))
+            .with_context(|| format!("tensor `{group}/{weight_name}`: cannot create"))?;
+        Ok(ds.offset())
+    }
+
+    /// Writes the bytes of a dataset made by [`LegacyWriter::create_placed`] that has no place.
+    pub fn write_unplaced(&self, group: &str, weight_name: &str, dtype: DType, data: &[u8]) -> Result<()> {
+        let ds = h5(self.file.dataset(&format!("{group}/{weight_name}")))?;
+        let written = match dtype {
+            DType::F32 => ds.write_raw(&bytemuck::pod_collect_to_vec::<u8, f32>(data)),
+            _ => ds.write_raw(&bytemuck::pod_collect_to_vec::<u8, half::f16>(data)),
+        };
+        h5(written).with_context(|| format!("tensor `{group}/{weight_name}`: cannot write"))
+    }
+
     pub fn finish(self) -> Result<()> {
         h5(self.file.flush())?;
         h5(self.file.close())?;
