@@ -1,6 +1,7 @@
 //! KerasCV `.h5` files -> a diffusers `StableDiffusionPipeline` folder.
 
 use super::phases::{time, Phase};
+use super::pieces::{fill_piece, pool, PIECE};
 use super::plan::{detect, Plan};
 use crate::diffusers::configs::{model_index, scheduler_config, text_encoder_config, unet_config, vae_config};
 use crate::diffusers::layout::{find_weights, Component};
@@ -184,10 +185,6 @@ pub(crate) fn write_json(staging: &Staging, relative: &str, value: &serde_json::
 }
 
 
-/// Output buffers circulating between the converting thread and the writer thread.
-const IN_FLIGHT: usize = 3;
-/// The most bytes of a tensor produced at once (more for a tensor whose output rows are larger).
-const PIECE: usize = 16 << 20;
 
 /// Streams one component's safetensors file from the matched Keras files, optionally on top of a
 /// base file whose other tensors are kept (half a VAE).
@@ -233,10 +230,7 @@ fn write_weights(
     // circulate between the two threads, so memory stays at a few pieces plus the mapped input
     // tensor, and every piece reuses memory already touched.
     let (send, receive) = std::sync::mpsc::sync_channel::<(usize, bool, Vec<u8>)>(1);
-    let (give_back, take) = std::sync::mpsc::channel::<Vec<u8>>();
-    for _ in 0..IN_FLIGHT {
-        give_back.send(Vec::new()).expect("the pool's receiver is here");
-    }
+    let (give_back, take) = pool();
     let pending = &pending;
     std::thread::scope(|scope| -> Result<()> {
         let progress = &progress;
@@ -266,12 +260,7 @@ fn write_weights(
                     open = false;
                     return Ok(());
                 };
-                if from == to {
-                    time(Phase::Permute, len, || fill(crate::tensor::reuse(&mut out, len)));
-                } else {
-                    time(Phase::Permute, len, || fill(crate::tensor::reuse(&mut scratch, len)));
-                    time(Phase::Cast, len, || crate::tensor::cast_into(from, &scratch, to, &mut out));
-                }
+                fill_piece(from, to, len, fill, &mut out, &mut scratch);
                 open = open && send.send((index, first, out)).is_ok();
                 first = false;
                 Ok(())

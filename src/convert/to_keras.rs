@@ -1,6 +1,7 @@
 //! A diffusers pipeline folder -> KerasCV legacy `.h5` files (one per KerasCV sub-model).
 
 use super::phases::{time, Phase};
+use super::pieces::{fill_piece, pool, PIECE};
 use super::plan::{detect, Plan};
 use crate::diffusers::layout::{find_weights, Component};
 use crate::diffusers::st_read::StFile;
@@ -107,10 +108,7 @@ pub(crate) fn write_h5(path: &Path, file: &dyn TensorSource, plan: &Plan) -> Res
     let total: u64 = plan.tensors.iter().map(|t| (t.diffusers_shape.iter().product::<usize>() * t.dtype.size()) as u64).sum();
     let progress = Progress::new(&plan.table.kind, total);
     let (send, receive) = std::sync::mpsc::sync_channel::<(u64, Vec<(usize, usize)>, Vec<u8>, String)>(1);
-    let (give_back, take) = std::sync::mpsc::channel::<Vec<u8>>();
-    for _ in 0..IN_FLIGHT {
-        give_back.send(Vec::new()).expect("the pool's receiver is here");
-    }
+    let (give_back, take) = pool();
     std::thread::scope(|scope| -> Result<()> {
         let (progress, data_file) = (&progress, &data_file);
         let written = scope.spawn(move || -> Result<()> {
@@ -158,12 +156,7 @@ pub(crate) fn write_h5(path: &Path, file: &dyn TensorSource, plan: &Plan) -> Res
                                 },
                                 None => std::mem::take(&mut own),
                             };
-                            if from == to {
-                                time(Phase::Permute, len, || fill(crate::tensor::reuse(&mut out, len)));
-                            } else {
-                                time(Phase::Permute, len, || fill(crate::tensor::reuse(&mut scratch, len)));
-                                time(Phase::Cast, len, || crate::tensor::cast_into(from, &scratch, to, &mut out));
-                            }
+                            fill_piece(from, to, len, fill, &mut out, &mut scratch);
                             if place.is_none() {
                                 whole.extend_from_slice(&out);
                                 own = out;
@@ -201,7 +194,3 @@ pub(crate) fn write_h5(path: &Path, file: &dyn TensorSource, plan: &Plan) -> Res
     Ok(())
 }
 
-/// Output buffers circulating between the converting thread and the writer thread.
-const IN_FLIGHT: usize = 3;
-/// The most bytes of a tensor produced at once (more for a tensor whose output rows are larger).
-const PIECE: usize = 16 << 20;
