@@ -57,6 +57,9 @@ pub struct TensorInfo {
 
 /// Named tensors read one at a time: a safetensors file, a torch pickle, or a view of either
 /// under another layout's names. Errors name the tensor; callers add the file.
+/// What [`TensorSource::with_bytes`] runs on a tensor: its dtype, shape and bytes.
+pub type BytesFn<'a> = dyn FnMut(DType, &[usize], &[u8]) -> Result<()> + 'a;
+
 pub trait TensorSource {
     /// The file the tensors come from (for messages).
     fn origin(&self) -> &std::path::Path;
@@ -67,7 +70,7 @@ pub trait TensorSource {
     fn read(&self, key: &str) -> Result<RawTensor>;
     /// Runs `f` on `key`'s bytes (dtype, shape, data): where they lie for a mapped file, else
     /// after [`TensorSource::read`].
-    fn with_bytes(&self, key: &str, f: &mut dyn FnMut(DType, &[usize], &[u8]) -> Result<()>) -> Result<()> {
+    fn with_bytes(&self, key: &str, f: &mut BytesFn<'_>) -> Result<()> {
         let raw = self.read(key)?;
         f(raw.dtype, &raw.shape, &raw.data)
     }

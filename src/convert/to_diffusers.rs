@@ -290,8 +290,8 @@ fn write_weights(
                 }
             }
             if let Some(base) = overlay {
-                for i in index..pending.len() {
-                    let key = &pending[i].key;
+                for (i, p) in pending.iter().enumerate().skip(index) {
+                    let key = &p.key;
                     let open = base
                         .with_bytes(key, |dtype, _, data| send_pieces(i, dtype, &Relayout::Same, data, dtype.size()))
                         .and_then(|r| r)

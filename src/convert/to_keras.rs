@@ -8,7 +8,7 @@ use crate::diffusers::st_read::StFile;
 use crate::keras::LegacyWriter;
 use crate::output::Staging;
 use crate::progress::Progress;
-use crate::mapping::op::Relayout;
+use crate::mapping::op::{PlacedEmit, Relayout};
 use crate::tensor::{DType, TensorSource};
 use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
@@ -141,7 +141,7 @@ pub(crate) fn write_h5(path: &Path, file: &dyn TensorSource, plan: &Plan) -> Res
                         let relayout = Relayout::new(t.spec.op, false, data, &t.diffusers_shape, elem)?;
                         let place = time(Phase::Write, 0, || writer.create_placed(&layer.keras3_key, name, to, &t.keras_shape))?;
                         let (mut whole, mut own) = (Vec::new(), Vec::new()); // for a dataset without a place
-                        let pieces = |emit: &mut dyn FnMut(&[(usize, usize)], usize, &dyn Fn(&mut [u8])) -> Result<()>| match place {
+                        let pieces = |emit: &mut PlacedEmit<'_>| match place {
                             Some(_) => relayout.placed_pieces(data, elem, PIECE * elem / to.size(), emit),
                             None => relayout.pieces(data, elem, PIECE, |len, fill| emit(&[(0, len)], len, fill)),
                         };

@@ -126,7 +126,7 @@ impl TensorSource for StFile {
     fn read(&self, key: &str) -> Result<RawTensor> {
         StFile::read(self, key)
     }
-    fn with_bytes(&self, key: &str, f: &mut dyn FnMut(DType, &[usize], &[u8]) -> Result<()>) -> Result<()> {
+    fn with_bytes(&self, key: &str, f: &mut crate::tensor::BytesFn<'_>) -> Result<()> {
         StFile::with_bytes(self, key, f)?
     }
     fn metadata(&self) -> std::collections::BTreeMap<String, String> {

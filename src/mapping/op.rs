@@ -52,15 +52,24 @@ impl Op {
     /// As [`Op::to_diffusers`], into `out` (its memory reused, see [`crate::tensor::reuse`]).
     pub fn to_diffusers_into(self, data: &[u8], keras_shape: &[usize], elem: usize, out: &mut Vec<u8>) -> Result<()> {
         match (self, keras_shape) {
-            (Op::Copy, _) => Ok(crate::tensor::reuse(out, data.len()).copy_from_slice(data)),
+            (Op::Copy, _) => {
+                crate::tensor::reuse(out, data.len()).copy_from_slice(data);
+                Ok(())
+            }
             // [in, out] -> [out, in]
             (Op::Dense, &[i, o]) => Transpose { rows: i, cols: o, in_row: o, out_row: i, batch: 1, in_batch: 0, out_batch: 0 }.run(data, elem, out),
             // [kh·kw, in, out] -> [out, in, kh·kw]: per input channel, a (kh·kw) x out transpose.
             (Op::Conv, &[kh, kw, i, o]) => Transpose { rows: kh * kw, cols: o, in_row: i * o, out_row: i * kh * kw, batch: i, in_batch: o, out_batch: kh * kw }.run(data, elem, out),
             (Op::Conv1x1Linear, &[1, 1, i, o]) => Transpose { rows: i, cols: o, in_row: o, out_row: i, batch: 1, in_batch: 0, out_batch: 0 }.run(data, elem, out),
             (Op::Conv1x1Linear, _) => bail!("expected a 1x1 kernel, got {keras_shape:?}"),
-            (Op::Dense, _) => Ok(*out = permute(data, keras_shape, &[1, 0], elem)?),
-            (Op::Conv, _) => Ok(*out = permute(data, keras_shape, &[3, 2, 0, 1], elem)?),
+            (Op::Dense, _) => {
+                *out = permute(data, keras_shape, &[1, 0], elem)?;
+                Ok(())
+            }
+            (Op::Conv, _) => {
+                *out = permute(data, keras_shape, &[3, 2, 0, 1], elem)?;
+                Ok(())
+            }
         }
     }
 
@@ -77,13 +86,22 @@ impl Op {
     /// As [`Op::to_keras`], into `out` (its memory reused).
     pub fn to_keras_into(self, data: &[u8], diffusers_shape: &[usize], elem: usize, out: &mut Vec<u8>) -> Result<()> {
         match (self, diffusers_shape) {
-            (Op::Copy, _) => Ok(crate::tensor::reuse(out, data.len()).copy_from_slice(data)),
+            (Op::Copy, _) => {
+                crate::tensor::reuse(out, data.len()).copy_from_slice(data);
+                Ok(())
+            }
             // [out, in] -> [in, out]
             (Op::Dense | Op::Conv1x1Linear, &[o, i]) => Transpose { rows: o, cols: i, in_row: i, out_row: o, batch: 1, in_batch: 0, out_batch: 0 }.run(data, elem, out),
             // [out, in, kh·kw] -> [kh·kw, in, out]: per input channel, an out x (kh·kw) transpose.
             (Op::Conv, &[o, i, kh, kw]) => Transpose { rows: o, cols: kh * kw, in_row: i * kh * kw, out_row: i * o, batch: i, in_batch: kh * kw, out_batch: o }.run(data, elem, out),
-            (Op::Dense | Op::Conv1x1Linear, _) => Ok(*out = permute(data, diffusers_shape, &[1, 0], elem)?),
-            (Op::Conv, _) => Ok(*out = permute(data, diffusers_shape, &[2, 3, 1, 0], elem)?),
+            (Op::Dense | Op::Conv1x1Linear, _) => {
+                *out = permute(data, diffusers_shape, &[1, 0], elem)?;
+                Ok(())
+            }
+            (Op::Conv, _) => {
+                *out = permute(data, diffusers_shape, &[2, 3, 1, 0], elem)?;
+                Ok(())
+            }
         }
     }
 }
@@ -149,6 +167,9 @@ impl Relayout {
         }
     }
 }
+
+/// Receives a placed piece: its runs (output byte offset, length), its length, and its filler.
+pub type PlacedEmit<'a> = dyn FnMut(&[(usize, usize)], usize, &dyn Fn(&mut [u8])) -> Result<()> + 'a;
 
 impl Relayout {
     /// As [`Relayout::pieces`] for a writer that can place bytes anywhere in the output:
