@@ -51,26 +51,7 @@ impl Op {
 
     /// As [`Op::to_diffusers`], into `out` (its memory reused, see [`crate::tensor::reuse`]).
     pub fn to_diffusers_into(self, data: &[u8], keras_shape: &[usize], elem: usize, out: &mut Vec<u8>) -> Result<()> {
-        match (self, keras_shape) {
-            (Op::Copy, _) => {
-                crate::tensor::reuse(out, data.len()).copy_from_slice(data);
-                Ok(())
-            }
-            // [in, out] -> [out, in]
-            (Op::Dense, &[i, o]) => Transpose { rows: i, cols: o, in_row: o, out_row: i, batch: 1, in_batch: 0, out_batch: 0 }.run(data, elem, out),
-            // [kh·kw, in, out] -> [out, in, kh·kw]: per input channel, a (kh·kw) x out transpose.
-            (Op::Conv, &[kh, kw, i, o]) => Transpose { rows: kh * kw, cols: o, in_row: i * o, out_row: i * kh * kw, batch: i, in_batch: o, out_batch: kh * kw }.run(data, elem, out),
-            (Op::Conv1x1Linear, &[1, 1, i, o]) => Transpose { rows: i, cols: o, in_row: o, out_row: i, batch: 1, in_batch: 0, out_batch: 0 }.run(data, elem, out),
-            (Op::Conv1x1Linear, _) => bail!("expected a 1x1 kernel, got {keras_shape:?}"),
-            (Op::Dense, _) => {
-                *out = permute(data, keras_shape, &[1, 0], elem)?;
-                Ok(())
-            }
-            (Op::Conv, _) => {
-                *out = permute(data, keras_shape, &[3, 2, 0, 1], elem)?;
-                Ok(())
-            }
-        }
+        self.change_into(true, data, keras_shape, elem, out)
     }
 
     /// Diffusers-layout bytes (shape `diffusers_shape`) to Keras-layout bytes.
@@ -85,25 +66,46 @@ impl Op {
 
     /// As [`Op::to_keras`], into `out` (its memory reused).
     pub fn to_keras_into(self, data: &[u8], diffusers_shape: &[usize], elem: usize, out: &mut Vec<u8>) -> Result<()> {
-        match (self, diffusers_shape) {
-            (Op::Copy, _) => {
-                crate::tensor::reuse(out, data.len()).copy_from_slice(data);
-                Ok(())
-            }
-            // [out, in] -> [in, out]
-            (Op::Dense | Op::Conv1x1Linear, &[o, i]) => Transpose { rows: o, cols: i, in_row: i, out_row: o, batch: 1, in_batch: 0, out_batch: 0 }.run(data, elem, out),
-            // [out, in, kh·kw] -> [kh·kw, in, out]: per input channel, an out x (kh·kw) transpose.
-            (Op::Conv, &[o, i, kh, kw]) => Transpose { rows: o, cols: kh * kw, in_row: i * kh * kw, out_row: i * o, batch: i, in_batch: kh * kw, out_batch: o }.run(data, elem, out),
-            (Op::Dense | Op::Conv1x1Linear, _) => {
-                *out = permute(data, diffusers_shape, &[1, 0], elem)?;
-                Ok(())
-            }
-            (Op::Conv, _) => {
-                *out = permute(data, diffusers_shape, &[2, 3, 1, 0], elem)?;
-                Ok(())
-            }
-        }
+        self.change_into(false, data, diffusers_shape, elem, out)
     }
+
+    fn change_into(self, to_diffusers: bool, data: &[u8], shape: &[usize], elem: usize, out: &mut Vec<u8>) -> Result<()> {
+        match self.step(to_diffusers, shape)? {
+            Step::Same => crate::tensor::reuse(out, data.len()).copy_from_slice(data),
+            Step::Transposed(t) => t.run(data, elem, out)?,
+            Step::Permute(perm) => *out = permute(data, shape, perm, elem)?,
+        }
+        Ok(())
+    }
+
+    /// The one table of layout changes: which transpose takes `shape` to diffusers' layout
+    /// (`to_diffusers`) or back to Keras'; shapes outside the tables get a plain permutation.
+    fn step(self, to_diffusers: bool, shape: &[usize]) -> Result<Step> {
+        let t = |rows, cols, in_row, out_row, batch, in_batch, out_batch| Step::Transposed(Transpose { rows, cols, in_row, out_row, batch, in_batch, out_batch });
+        Ok(match (self, to_diffusers, shape) {
+            (Op::Copy, _, _) => Step::Same,
+            // [in, out] -> [out, in]
+            (Op::Dense, true, &[i, o]) | (Op::Conv1x1Linear, true, &[1, 1, i, o]) => t(i, o, o, i, 1, 0, 0),
+            // [kh·kw, in, out] -> [out, in, kh·kw]: per input channel, a (kh·kw) x out transpose.
+            (Op::Conv, true, &[kh, kw, i, o]) => t(kh * kw, o, i * o, i * kh * kw, i, o, kh * kw),
+            (Op::Conv1x1Linear, true, _) => bail!("expected a 1x1 kernel, got {shape:?}"),
+            (Op::Dense, true, _) => Step::Permute(&[1, 0]),
+            (Op::Conv, true, _) => Step::Permute(&[3, 2, 0, 1]),
+            // [out, in] -> [in, out]
+            (Op::Dense | Op::Conv1x1Linear, false, &[o, i]) => t(o, i, i, o, 1, 0, 0),
+            // [out, in, kh·kw] -> [kh·kw, in, out]: per input channel, an out x (kh·kw) transpose.
+            (Op::Conv, false, &[o, i, kh, kw]) => t(o, kh * kw, i * kh * kw, i * o, i, kh * kw, o),
+            (Op::Dense | Op::Conv1x1Linear, false, _) => Step::Permute(&[1, 0]),
+            (Op::Conv, false, _) => Step::Permute(&[2, 3, 1, 0]),
+        })
+    }
+}
+
+/// One layout change, as [`Op::step`] finds it.
+enum Step {
+    Same,
+    Transposed(Transpose),
+    Permute(&'static [usize]),
 }
 
 /// A tensor's layout change as slabs of whole output rows (the outermost output axis), so a
@@ -121,24 +123,16 @@ impl Relayout {
     /// How `op` changes `data` (of `shape`, in `elem`-byte elements) to diffusers' layout
     /// (`to_diffusers`) or back to Keras' (`!to_diffusers`).
     pub fn new(op: Op, to_diffusers: bool, data: &[u8], shape: &[usize], elem: usize) -> Result<Relayout> {
-        let t = |rows, cols, in_row, out_row, batch, in_batch, out_batch| Transpose { rows, cols, in_row, out_row, batch, in_batch, out_batch };
-        let plan = match (op, to_diffusers, shape) {
-            (Op::Copy, _, _) => return Ok(Relayout::Same),
-            (Op::Dense, true, &[i, o]) | (Op::Conv1x1Linear, true, &[1, 1, i, o]) => t(i, o, o, i, 1, 0, 0),
-            (Op::Conv, true, &[kh, kw, i, o]) => t(kh * kw, o, i * o, i * kh * kw, i, o, kh * kw),
-            (Op::Conv1x1Linear, true, _) => bail!("expected a 1x1 kernel, got {shape:?}"),
-            (Op::Dense | Op::Conv1x1Linear, false, &[o, i]) => t(o, i, i, o, 1, 0, 0),
-            (Op::Conv, false, &[o, i, kh, kw]) => t(o, kh * kw, i * kh * kw, i * o, i, kh * kw, o),
-            _ => {
-                let mut out = Vec::new();
-                if to_diffusers { op.to_diffusers_into(data, shape, elem, &mut out)? } else { op.to_keras_into(data, shape, elem, &mut out)? }
-                return Ok(Relayout::Whole(out));
+        match op.step(to_diffusers, shape)? {
+            Step::Same => Ok(Relayout::Same),
+            Step::Permute(perm) => Ok(Relayout::Whole(permute(data, shape, perm, elem)?)),
+            Step::Transposed(plan) => {
+                let n = plan.rows * plan.cols * plan.batch;
+                ensure!(data.len() == n * elem, "{} bytes do not hold {n} {elem}-byte elements", data.len());
+                ensure!(matches!(elem, 2 | 4), "unsupported element size {elem}");
+                Ok(Relayout::Transposed(plan))
             }
-        };
-        let n = plan.rows * plan.cols * plan.batch;
-        ensure!(data.len() == n * elem, "{} bytes do not hold {n} {elem}-byte elements", data.len());
-        ensure!(matches!(elem, 2 | 4), "unsupported element size {elem}");
-        Ok(Relayout::Transposed(plan))
+        }
     }
 
     /// The output in pieces of at most `max_bytes` (at least one output row each), in order:
