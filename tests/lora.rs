@@ -129,10 +129,12 @@ fn adapters_and_merged_weights_give_the_same_model() {
     let mut adapted = Pipeline::load(&sample, &dev).unwrap();
     let config = LoraConfig { rank: 3, alpha: 5.0, targets: Targets::TransformerConv, dropout: 0.0, seed: 9 };
     adapted.attach_lora(&config, true, candle_core::DType::F32).unwrap();
-    // Seeded values (an unseeded draw made the float rounding, and so this test, vary by run).
+    // Seeded adapters of a size that changes the UNet's output by about a third. Larger ones
+    // (0.3) saturated the up blocks: most adapters there no longer moved the output above the
+    // float rounding, and the rounding itself grew 60x from this machine to CI's.
     let mut rng = dreambridge::rng::TrainRng::new(9);
     for (i, v) in adapted.unet_vars.all_vars().iter().chain(adapted.text_vars.all_vars().iter()).enumerate() {
-        let noise = (rng.normal(v.dims(), &dev).unwrap() * (0.3 * (1.0 + i as f64 * 1e-3))).unwrap();
+        let noise = (rng.normal(v.dims(), &dev).unwrap() * (0.05 * (1.0 + i as f64 * 1e-3))).unwrap();
         v.set(&noise).unwrap();
     }
     let set = adapted.lora_set().unwrap();
@@ -145,10 +147,13 @@ fn adapters_and_merged_weights_give_the_same_model() {
     assert!(rel_diff(&ea, &em) < 1e-5, "text encoder: {}", rel_diff(&ea, &em));
     let ctx = em.repeat((2, 1, 1)).unwrap();
     let (ua, um) = (adapted.inference.unet.forward(&x, &t, &ctx).unwrap(), merged.inference.unet.forward(&x, &t, &ctx).unwrap());
-    // (W + BA)x against Wx + BAx through the whole UNet in f32: rounding only.
-    assert!(rel_diff(&ua, &um) < 3e-5, "unet: {}", rel_diff(&ua, &um));
+    // (W + BA)x against Wx + BAx through the whole UNet in f32: rounding only, measured at
+    // 1.5e-6 here. Leaving out any one of 253 of the 278 UNet adapters moves the output by more
+    // than 1e-3 (the rest sit where the tiny model ignores them: time embeddings under one-channel
+    // groups, query and key of a one-token attention).
+    assert!(rel_diff(&ua, &um) < 1e-3, "unet: {}", rel_diff(&ua, &um));
     let base = Pipeline::load(&sample, &dev).unwrap();
-    assert!(rel_diff(&base.inference.unet.forward(&x, &t, &ctx).unwrap(), &um) > 1e-3, "the LoRA changes the model");
+    assert!(rel_diff(&base.inference.unet.forward(&x, &t, &ctx).unwrap(), &um) > 0.1, "the LoRA changes the model");
 }
 
 #[test]
