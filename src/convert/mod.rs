@@ -3,6 +3,7 @@
 pub mod phases;
 pub mod pieces;
 pub mod plan;
+pub mod stream;
 pub mod textual_inversion;
 pub mod to_diffusers;
 pub mod to_keras;

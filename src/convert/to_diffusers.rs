@@ -1,8 +1,7 @@
 //! KerasCV `.h5` files -> a diffusers `StableDiffusionPipeline` folder.
 
-use super::phases::{time, Phase};
-use super::pieces::{fill_piece, pool, PIECE};
 use super::plan::{detect, Plan};
+use super::stream::{total_bytes, write_outputs, Origin, Output, Part};
 use crate::diffusers::configs::{model_index, scheduler_config, text_encoder_config, unet_config, vae_config};
 use crate::diffusers::layout::{find_weights, Component};
 use crate::diffusers::st_read::StFile;
@@ -11,7 +10,6 @@ use crate::diffusers::tokenizer;
 use crate::keras::KerasFile;
 use crate::output::{copy_file, copy_tree, Staging};
 use crate::progress::Progress;
-use crate::mapping::op::Relayout;
 use crate::tensor::DType;
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::BTreeSet;
@@ -197,16 +195,22 @@ fn write_weights(
     dtype: Option<DType>,
 ) -> Result<()> {
     let relative = format!("{}/{}", component.dir(), component.weights_name(half));
-    let mut pending = Vec::new();
-    let mut ours = BTreeSet::new();
+    let output = |origin, key: &str, op, tensor: PendingTensor| {
+        let elements = tensor.shape.iter().product();
+        Output { tensor, parts: vec![Part { origin, key: key.to_string(), op, elements }] }
+    };
+    // The KerasCV tensors re-laid-out by their tables, then the base's others as they are.
+    let mut outputs = Vec::new();
     for m in parts {
         for t in &m.plan.tensors {
-            pending.push(PendingTensor { key: t.spec.key.clone(), dtype: dtype.unwrap_or(t.dtype), shape: t.diffusers_shape.clone() });
-            ours.insert(t.spec.key.clone());
+            let tensor = PendingTensor { key: t.spec.key.clone(), dtype: dtype.unwrap_or(t.dtype), shape: t.diffusers_shape.clone() };
+            outputs.push(output(Origin::Keras(&m.file), &t.source, Some(t.spec.op), tensor));
         }
     }
     if let Some(base) = overlay {
-        for t in &pending {
+        let ours: BTreeSet<String> = outputs.iter().map(|o| o.tensor.key.clone()).collect();
+        for o in &outputs {
+            let t = &o.tensor;
             let info = base.info(&t.key).with_context(|| format!("{}: the base VAE lacks `{}`", base.path.display(), t.key))?;
             ensure!(
                 info.shape == t.shape,
@@ -219,96 +223,14 @@ fn write_weights(
         }
         for key in base.keys().into_iter().filter(|k| !ours.contains(k)) {
             let info = base.info(&key)?;
-            pending.push(PendingTensor { key, dtype: dtype.unwrap_or(info.dtype), shape: info.shape });
+            let tensor = PendingTensor { key: key.clone(), dtype: dtype.unwrap_or(info.dtype), shape: info.shape };
+            outputs.push(output(Origin::Tensors(base), &key, None, tensor));
         }
     }
-    let total: u64 = pending.iter().map(|t| (t.shape.iter().product::<usize>() * t.dtype.size()) as u64).sum();
-    let progress = Progress::new(component.dir(), total);
-    let mut writer = StWriter::create(&staging.path(&relative)?, pending.clone())?;
-    // Reading and re-laying-out the next tensors (this thread) overlaps writing the previous
-    // ones (a writer thread). Tensors travel in pieces of at most PIECE bytes, in buffers that
-    // circulate between the two threads, so memory stays at a few pieces plus the mapped input
-    // tensor, and every piece reuses memory already touched.
-    let (send, receive) = std::sync::mpsc::sync_channel::<(usize, bool, Vec<u8>)>(1);
-    let (give_back, take) = pool();
-    let pending = &pending;
-    std::thread::scope(|scope| -> Result<()> {
-        let progress = &progress;
-        let written = scope.spawn(move || -> Result<StWriter> {
-            for (index, first, data) in receive {
-                let p = &pending[index];
-                time(Phase::Write, data.len(), || -> Result<()> {
-                    if first {
-                        writer.begin_next(&p.key, p.dtype, &p.shape)?;
-                    }
-                    writer.write_part(&p.key, &data)
-                })?;
-                progress.advance(&p.key, data.len() as u64);
-                let _ = give_back.send(data);
-            }
-            Ok(writer)
-        });
-        // Sends tensor `index` piece by piece; false once the writer has stopped (its error is
-        // the one to report).
-        let send_pieces = |index: usize, from: DType, relayout: &Relayout, data: &[u8], elem: usize| -> Result<bool> {
-            let to = pending[index].dtype;
-            let mut first = true;
-            let mut open = true;
-            let mut scratch = Vec::new();
-            relayout.pieces(data, elem, PIECE, |len, fill| {
-                let Ok(mut out) = take.recv() else {
-                    open = false;
-                    return Ok(());
-                };
-                fill_piece(from, to, len, fill, &mut out, &mut scratch);
-                open = open && send.send((index, first, out)).is_ok();
-                first = false;
-                Ok(())
-            })?;
-            if first && open {
-                open = send.send((index, true, Vec::new())).is_ok(); // a tensor without elements
-            }
-            Ok(open)
-        };
-        let produced = (|| -> Result<()> {
-            let mut index = 0;
-            for m in parts {
-                for t in &m.plan.tensors {
-                    let ctx = || format!("{}: tensor `{}`", m.file.path.display(), t.source);
-                    let open = m
-                        .file
-                        .with_bytes(&t.source, |dtype, shape, data| {
-                            let relayout = Relayout::new(t.spec.op, true, data, shape, dtype.size())?;
-                            send_pieces(index, dtype, &relayout, data, dtype.size())
-                        })
-                        .and_then(|r| r)
-                        .with_context(ctx)?;
-                    if !open {
-                        return Ok(());
-                    }
-                    index += 1;
-                }
-            }
-            if let Some(base) = overlay {
-                for (i, p) in pending.iter().enumerate().skip(index) {
-                    let key = &p.key;
-                    let open = base
-                        .with_bytes(key, |dtype, _, data| send_pieces(i, dtype, &Relayout::Same, data, dtype.size()))
-                        .and_then(|r| r)
-                        .with_context(|| format!("{}: tensor `{}`", base.path.display(), key))?;
-                    if !open {
-                        return Ok(());
-                    }
-                }
-            }
-            Ok(())
-        })();
-        drop(send);
-        let writer = written.join().expect("the writer thread panicked");
-        produced?;
-        writer?.finish()
-    })?;
-    progress.finish(&format!("{} tensors -> {relative}", pending.len()));
+    let progress = Progress::new(component.dir(), total_bytes(&outputs));
+    let pending = outputs.iter().map(|o| o.tensor.clone()).collect();
+    write_outputs(StWriter::create(&staging.path(&relative)?, pending)?, &outputs, &progress)?;
+    progress.finish(&format!("{} tensors -> {relative}", outputs.len()));
     Ok(())
 }
 
@@ -337,15 +259,20 @@ fn copy_rest_of_base(base: &Path, staging: &Staging, written: &BTreeSet<&str>, d
 /// A safetensors file re-encoded in `dtype`.
 pub(crate) fn recode_weights(from: &Path, to: &Path, dtype: DType) -> Result<()> {
     let src = StFile::open(from).with_context(|| from.display().to_string())?;
-    let pending: Vec<PendingTensor> = src
+    let outputs = src
         .keys()
         .into_iter()
-        .map(|k| Ok(PendingTensor { dtype, shape: src.info(&k)?.shape, key: k }))
-        .collect::<Result<_>>()?;
-    let mut w = StWriter::create(to, pending.clone())?;
-    for p in &pending {
-        w.write_next(&p.key, &src.read(&p.key)?.cast(dtype))?;
-    }
-    w.finish()
+        .map(|key| {
+            let shape = src.info(&key)?.shape;
+            let elements = shape.iter().product();
+            let tensor = PendingTensor { key: key.clone(), dtype, shape };
+            Ok(Output { tensor, parts: vec![Part { origin: Origin::Tensors(&src), key, op: None, elements }] })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let label = to.parent().and_then(Path::file_name).unwrap_or_default().to_string_lossy().to_string();
+    let progress = Progress::new(&label, total_bytes(&outputs));
+    let pending = outputs.iter().map(|o| o.tensor.clone()).collect();
+    write_outputs(StWriter::create(to, pending)?, &outputs, &progress)?;
+    progress.finish(&format!("{} tensors re-encoded as {dtype}", outputs.len()));
+    Ok(())
 }
-
