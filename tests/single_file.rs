@@ -80,6 +80,19 @@ fn diffusers_to_single_file_and_back_is_bit_exact_for_sd1_and_sd2() {
             assert!(!keys.iter().any(|k| k.contains("text_projection")));
         }
         assert_eq!(st.metadata()["modelspec.architecture"], if version == 1 { "stable-diffusion-v1" } else { "stable-diffusion-v2-512" });
+        // The bytes a view lends in place (split from fused tensors, reshaped) are those it reads.
+        let single = SingleFile::open(&file, &ReadOptions::default()).unwrap();
+        for (component, part) in single.parts() {
+            for key in part.view.keys() {
+                let read = part.view.read(&key).unwrap();
+                part.view
+                    .with_bytes(&key, &mut |dtype, shape, data| {
+                        assert!(dtype == read.dtype && shape == read.shape && data == read.data, "{component} `{key}`");
+                        Ok(())
+                    })
+                    .unwrap();
+            }
+        }
         let back = dir.path().join(format!("back{version}"));
         to_folder(&file, &back);
         assert_same_folder(&pipe, &back);

@@ -6,6 +6,7 @@ use super::detect::{Prediction, PredictionType};
 use super::export::{write_single_file, ExportComponent, ExportTensor};
 use super::{ReadOptions, SingleFile, LAYOUT};
 use crate::convert::plan::Plan;
+use crate::convert::stream::{total_bytes, write_outputs, Origin, Output, Part};
 use crate::convert::to_diffusers::{open_keras, recode_weights, write_json, KerasInputs, Matched};
 use crate::convert::to_keras::{keras_file_name, plan_diffusers_folder, write_h5, ToKerasResult};
 use crate::diffusers::configs::{model_index, scheduler_config, text_encoder_config, unet_config, vae_config};
@@ -15,7 +16,7 @@ use crate::diffusers::tokenizer;
 use crate::mapping::rename::rename_table;
 use crate::output::{atomic_file, copy_tree, Staging};
 use crate::progress::Progress;
-use crate::tensor::{DType, RawTensor, TensorInfo, TensorSource};
+use crate::tensor::{DType, TensorInfo, TensorSource};
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -49,10 +50,9 @@ fn planned_tensors<'a>(source: &'a dyn TensorSource, plans: &'a [Plan]) -> Vec<E
         .map(move |t| ExportTensor {
             key: t.spec.key.clone(),
             info: TensorInfo { dtype: t.dtype, shape: t.diffusers_shape.clone() },
-            read: Box::new(move || {
-                let raw = source.read(&t.source).with_context(|| format!("{}: tensor {}", source.origin().display(), source.describe(&t.source)))?;
-                Ok(RawTensor { shape: t.diffusers_shape.clone(), ..raw })
-            }),
+            origin: Origin::Tensors(source),
+            source_key: t.source.clone(),
+            op: None,
         })
         .collect()
 }
@@ -65,13 +65,9 @@ fn keras_tensors(m: &Matched) -> Vec<ExportTensor<'_>> {
         .map(move |t| ExportTensor {
             key: t.spec.key.clone(),
             info: TensorInfo { dtype: t.dtype, shape: t.diffusers_shape.clone() },
-            read: Box::new(move || {
-                let ctx = || format!("{}: tensor `{}`", m.file.path.display(), t.source);
-                let raw = m.file.read(&t.source).with_context(ctx)?;
-                let elem = raw.dtype.size();
-                let data = t.spec.op.to_diffusers(raw.data, &raw.shape, elem).with_context(ctx)?;
-                Ok(RawTensor { dtype: raw.dtype, shape: t.diffusers_shape.clone(), data })
-            }),
+            origin: Origin::Keras(&m.file),
+            source_key: t.source.clone(),
+            op: Some(t.spec.op),
         })
         .collect()
 }
@@ -454,22 +450,19 @@ fn set_prediction(staging: &Staging, p: PredictionType) -> Result<()> {
 /// Streams one component's weights from a view into the staging folder.
 fn write_part(staging: &Staging, component: Component, source: &dyn TensorSource, plans: &[Plan], half: bool) -> Result<()> {
     let relative = format!("{}/{}", component.dir(), component.weights_name(half));
-    let tensors: Vec<&crate::convert::plan::PlannedTensor> = plans.iter().flat_map(|p| &p.tensors).collect();
-    let pending: Vec<PendingTensor> = tensors
+    let outputs: Vec<Output> = plans
         .iter()
-        .map(|t| PendingTensor { key: t.spec.key.clone(), dtype: if half { DType::F16 } else { t.dtype }, shape: t.diffusers_shape.clone() })
+        .flat_map(|p| &p.tensors)
+        .map(|t| {
+            let tensor = PendingTensor { key: t.spec.key.clone(), dtype: if half { DType::F16 } else { t.dtype }, shape: t.diffusers_shape.clone() };
+            let elements = tensor.shape.iter().product();
+            Output { tensor, parts: vec![Part { origin: Origin::Tensors(source), key: t.source.clone(), op: None, elements }] }
+        })
         .collect();
-    let total: u64 = pending.iter().map(|p| (p.shape.iter().product::<usize>() * p.dtype.size()) as u64).sum();
-    let progress = Progress::new(component.dir(), total);
-    let mut writer = StWriter::create(&staging.path(&relative)?, pending.clone())?;
-    for (t, p) in tensors.iter().zip(&pending) {
-        let raw = source.read(&t.source).with_context(|| format!("{}: tensor {}", source.origin().display(), source.describe(&t.source)))?;
-        let tensor = RawTensor { shape: t.diffusers_shape.clone(), ..raw }.cast(p.dtype);
-        writer.write_next(&p.key, &tensor)?;
-        progress.advance(&p.key, tensor.data.len() as u64);
-    }
-    writer.finish()?;
-    progress.finish(&format!("{} tensors -> {relative}", pending.len()));
+    let progress = Progress::new(component.dir(), total_bytes(&outputs));
+    let pending = outputs.iter().map(|o| o.tensor.clone()).collect();
+    write_outputs(StWriter::create(&staging.path(&relative)?, pending)?, &outputs, &progress)?;
+    progress.finish(&format!("{} tensors -> {relative}", outputs.len()));
     Ok(())
 }
 

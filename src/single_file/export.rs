@@ -1,23 +1,27 @@
 //! Writes one single-file checkpoint from diffusers-named tensors of any origin (a diffusers
 //! folder, KerasCV files seen through their tables, a trained model): each tensor renamed by
-//! its component's table, fused tensors assembled from their parts, streamed one tensor at a
-//! time into a safetensors file that appears only once complete.
+//! its component's table, fused tensors assembled from their parts, streamed in pieces
+//! ([`crate::convert::stream`]) into a safetensors file that appears only once complete.
 
+use crate::convert::stream::{total_bytes, write_outputs, Origin, Output, Part};
 use crate::diffusers::st_write::{PendingTensor, StWriter};
+use crate::mapping::op::Op;
 use crate::mapping::rename::{layout_shape, RenameTable};
 use crate::output::atomic_file;
 use crate::progress::Progress;
-use crate::tensor::{DType, RawTensor, TensorInfo};
+use crate::tensor::{DType, TensorInfo};
 use anyhow::{ensure, Context, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// A diffusers tensor to export: its key, dtype and diffusers shape, and how to read it in
-/// diffusers' layout.
+/// A diffusers tensor to export: its key, dtype and diffusers shape, and where its bytes come
+/// from (a tensor of some origin, re-laid-out by a KerasCV table's op or as it is).
 pub struct ExportTensor<'a> {
     pub key: String,
     pub info: TensorInfo,
-    pub read: Box<dyn Fn() -> Result<RawTensor> + 'a>,
+    pub origin: Origin<'a>,
+    pub source_key: String,
+    pub op: Option<Op>,
 }
 
 /// One component's tensors and its table.
@@ -27,15 +31,15 @@ pub struct ExportComponent<'a> {
 }
 
 /// One output tensor and the (component, tensor) inputs it is made of, in order.
-struct Output {
+struct Planned {
     key: String,
     dtype: DType,
     shape: Vec<usize>,
     parts: Vec<(usize, usize)>,
 }
 
-fn plan_outputs(components: &[ExportComponent], dtype: Option<DType>) -> Result<Vec<Output>> {
-    let mut outputs: Vec<Output> = Vec::new();
+fn plan_outputs(components: &[ExportComponent], dtype: Option<DType>) -> Result<Vec<Planned>> {
+    let mut outputs: Vec<Planned> = Vec::new();
     let mut fused: BTreeMap<String, (usize, Vec<Option<(usize, usize)>>)> = BTreeMap::new();
     for (c, comp) in components.iter().enumerate() {
         for (i, t) in comp.tensors.iter().enumerate() {
@@ -44,7 +48,7 @@ fn plan_outputs(components: &[ExportComponent], dtype: Option<DType>) -> Result<
                 .export(&t.key)
                 .with_context(|| format!("tensor `{}`: the {} table has no name for it", t.key, comp.table.component))?;
             match r.part {
-                None => outputs.push(Output {
+                None => outputs.push(Planned {
                     key: r.key,
                     dtype: dtype.unwrap_or(t.info.dtype),
                     shape: layout_shape(r.op, &t.info.shape),
@@ -52,7 +56,7 @@ fn plan_outputs(components: &[ExportComponent], dtype: Option<DType>) -> Result<
                 }),
                 Some((k, n)) => {
                     let slot = fused.entry(r.key.clone()).or_insert_with(|| {
-                        outputs.push(Output { key: r.key.clone(), dtype: dtype.unwrap_or(t.info.dtype), shape: vec![], parts: vec![] });
+                        outputs.push(Planned { key: r.key.clone(), dtype: dtype.unwrap_or(t.info.dtype), shape: vec![], parts: vec![] });
                         (outputs.len() - 1, vec![None; n])
                     });
                     slot.1[k] = Some((c, i));
@@ -89,31 +93,26 @@ fn plan_outputs(components: &[ExportComponent], dtype: Option<DType>) -> Result<
 /// Writes `components` to `path` (fp16 when `dtype` says so) with `metadata` in the header;
 /// returns the number of tensors written. `path` appears only once the file is complete.
 pub fn write_single_file(path: &Path, components: &[ExportComponent], dtype: Option<DType>, metadata: &BTreeMap<String, String>) -> Result<usize> {
-    let outputs = plan_outputs(components, dtype)?;
-    let pending: Vec<PendingTensor> = outputs.iter().map(|o| PendingTensor { key: o.key.clone(), dtype: o.dtype, shape: o.shape.clone() }).collect();
-    let total: u64 = pending.iter().map(|p| (p.shape.iter().product::<usize>() * p.dtype.size()) as u64).sum();
+    let planned = plan_outputs(components, dtype)?;
+    let outputs: Vec<Output> = planned
+        .iter()
+        .map(|o| Output {
+            tensor: PendingTensor { key: o.key.clone(), dtype: o.dtype, shape: o.shape.clone() },
+            parts: o
+                .parts
+                .iter()
+                .map(|(c, i)| {
+                    let t = &components[*c].tensors[*i];
+                    Part { origin: t.origin, key: t.source_key.clone(), op: t.op, elements: t.info.shape.iter().product() }
+                })
+                .collect(),
+        })
+        .collect();
     let name = path.file_name().unwrap_or_default().to_string_lossy().to_string();
     atomic_file(path, |temp| {
-        let progress = Progress::new(&name, total);
-        let mut writer = StWriter::create_with_metadata(temp, pending.clone(), metadata)?;
-        for o in &outputs {
-            let mut data = Vec::new();
-            for (c, i) in &o.parts {
-                let t = &components[*c].tensors[*i];
-                let raw = (t.read)().with_context(|| format!("tensor `{}`", t.key))?;
-                ensure!(raw.shape == t.info.shape, "tensor `{}`: read shape {:?}, expected {:?}", t.key, raw.shape, t.info.shape);
-                let raw = raw.cast(o.dtype);
-                if o.parts.len() == 1 {
-                    data = raw.data;
-                } else {
-                    data.extend_from_slice(&raw.data);
-                }
-            }
-            let tensor = RawTensor { dtype: o.dtype, shape: o.shape.clone(), data };
-            writer.write_next(&o.key, &tensor)?;
-            progress.advance(&o.key, tensor.data.len() as u64);
-        }
-        writer.finish()?;
+        let progress = Progress::new(&name, total_bytes(&outputs));
+        let pending = outputs.iter().map(|o| o.tensor.clone()).collect();
+        write_outputs(StWriter::create_with_metadata(temp, pending, metadata)?, &outputs, &progress)?;
         progress.finish(&format!("{} tensors -> {name}", outputs.len()));
         Ok(())
     })?;

@@ -3,7 +3,7 @@
 //! The mapping engine then matches it like any diffusers file.
 
 use crate::mapping::rename::{diffusers_shape, Imported, RenameTable, Reshape};
-use crate::tensor::{RawTensor, TensorInfo, TensorSource};
+use crate::tensor::{BytesFn, RawTensor, TensorInfo, TensorSource};
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -130,6 +130,22 @@ impl TensorSource for ComponentView {
             None => raw.data,
         };
         Ok(RawTensor { dtype: raw.dtype, shape, data })
+    }
+
+    fn with_bytes(&self, key: &str, f: &mut BytesFn<'_>) -> Result<()> {
+        let e = self.entries.get(key).with_context(|| format!("tensor {}: not found", self.describe(key)))?;
+        self.source.with_bytes(&e.layout_key, &mut |dtype, shape, data| {
+            let shape = diffusers_shape(e.op, shape, e.part).with_context(|| format!("tensor `{}`", e.layout_key))?;
+            let data = match e.part {
+                Some((k, n)) => {
+                    ensure!(data.len() % n == 0, "tensor `{}`: {} bytes do not split into {n} parts", e.layout_key, data.len());
+                    let size = data.len() / n;
+                    &data[k * size..(k + 1) * size]
+                }
+                None => data,
+            };
+            f(dtype, &shape, data)
+        })
     }
 
     fn describe(&self, key: &str) -> String {
