@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Benchmark (not a test): conversion against a durable copy of the same bytes, side by side.
 #
-#   bench/convert_unet.sh [PAIRS]      (default 3 pairs per case)
+#   bench/convert_unet.sh [PAIRS] [CASES]   (default 3 pairs per case; CASES: a grep pattern
+#                                            over the case labels, default all)
 #
 # Inputs are full-size SD1 models made once with real keras_cv (random init, `save_weights`) in
 # parity/.venv-keras (`parity/run.sh --setup` creates it) and cached in bench/.cache/: the UNet
 # (3.44 GB, 686 tensors) and the text encoder, VAE encoder and decoder (a whole pipeline, 4.4 GB).
 #
-# Cases: KerasCV -> diffusers (UNet alone, UNet --half, whole pipeline, whole pipeline --half)
-# and diffusers -> KerasCV (UNet alone, whole pipeline). Every case runs PAIRS times, each time
+# Cases: KerasCV -> diffusers (UNet alone, UNet --half, whole pipeline, whole pipeline --half),
+# diffusers -> KerasCV (UNet alone, whole pipeline), and the whole pipeline to and from one
+# single-file checkpoint (diffusers -> single file, KerasCV -> single file, single file ->
+# diffusers, single file -> KerasCV). Every case runs PAIRS times, each time
 # a durable copy of the case's input files (cp + sync, the floor for moving those bytes) next to
 # the conversion, alternating which goes first; the table prints the medians and their ratio.
 # dreambridge fsyncs every file it writes before the atomic rename of its output folder.
@@ -17,6 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PAIRS=${1:-3}
+CASES=${2:-.}
 CACHE=bench/.cache
 mkdir -p "$CACHE"
 KERAS=(unet_sd1.h5 text_encoder_sd1.h5 image_encoder.h5 decoder.h5)
@@ -44,8 +48,9 @@ for name, make in [("unet_sd1", lambda: DiffusionModel(512, 512, 77, download_we
 PY
 fi
 command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }
+# DREAMBRIDGE_BIN: another build to measure (an older commit's, for a before/after).
 cargo build --release -q
-DB=target/release/dreambridge
+DB=${DREAMBRIDGE_BIN:-target/release/dreambridge}
 TMP=$(mktemp -d "$CACHE/run.XXXX")
 trap 'rm -rf "$TMP"' EXIT
 C=$CACHE
@@ -71,12 +76,19 @@ ROWS=()
 run_case() { # label, output folder, "input files", dreambridge args...
     local label=$1 out=$2 inputs=$3
     shift 3
+    echo "$label" | grep -q -e "$CASES" || return 0
+    # Every case starts alike: nothing dirty, and of the files only its inputs in the page cache
+    # (earlier cases' files would otherwise crowd memory and slow whichever case came later).
+    sync
+    echo 3 > /proc/sys/vm/drop_caches 2> /dev/null || true
+    cat $inputs > /dev/null
     local bytes
     bytes=$(stat -c %s $inputs | awk '{ s += $1 } END { print s }')
     : > "$TMP/cp.txt"
     : > "$TMP/db.txt"
     for i in $(seq "$PAIRS"); do
         for who in $( [ $((i % 2)) = 1 ] && echo "cp db" || echo "db cp"); do
+            sync # the previous run's deleted output must not still be in flight
             if [ "$who" = cp ]; then
                 export -f durable_copy
                 measure bash -c 'TMP=$0; durable_copy "$@"' "$TMP" $inputs >> "$TMP/cp.txt"
@@ -100,17 +112,21 @@ run_case() { # label, output folder, "input files", dreambridge args...
     ROWS+=("$(printf '%-34s profile:%s' '' "$prof")")
 }
 
-cat "$C"/*.h5 > /dev/null # every case starts from a warm page cache
 run_case "keras -> diffusers, UNet" "$TMP/o" "$C/unet_sd1.h5" keras-to-diffusers --unet "$C/unet_sd1.h5"
 run_case "keras -> diffusers, UNet --half" "$TMP/o" "$C/unet_sd1.h5" keras-to-diffusers --half --unet "$C/unet_sd1.h5"
-cat "$TMP/src_unet/unet/diffusion_pytorch_model.safetensors" > /dev/null
 run_case "diffusers -> keras, UNet" "$TMP/o" "$TMP/src_unet/unet/diffusion_pytorch_model.safetensors" diffusers-to-keras --model "$TMP/src_unet"
 PIPE_FILES="$C/unet_sd1.h5 $C/text_encoder_sd1.h5 $C/image_encoder.h5 $C/decoder.h5"
 run_case "keras -> diffusers, pipeline" "$TMP/o" "$PIPE_FILES" keras-to-diffusers "${PIPE_IN[@]}"
 run_case "keras -> diffusers, pipeline --half" "$TMP/o" "$PIPE_FILES" keras-to-diffusers --half "${PIPE_IN[@]}"
 SRC_FILES=$(ls "$TMP"/src_pipe/*/*.safetensors | tr '\n' ' ')
-cat $SRC_FILES > /dev/null # dreambridge drops what it wrote from the page cache; warm it as the .h5 files
 run_case "diffusers -> keras, pipeline" "$TMP/o" "$SRC_FILES" diffusers-to-keras --model "$TMP/src_pipe"
+run_case "diffusers -> single file" "$TMP/o.safetensors" "$SRC_FILES" diffusers-to-single-file --model "$TMP/src_pipe"
+run_case "keras -> single file" "$TMP/o.safetensors" "$PIPE_FILES" keras-to-single-file "${PIPE_IN[@]}"
+if echo "single file -> diffusers, single file -> keras" | grep -q -e "$CASES"; then
+    $DB convert diffusers-to-single-file --model "$TMP/src_pipe" --out "$TMP/src.safetensors" > /dev/null 2>&1
+fi
+run_case "single file -> diffusers" "$TMP/o" "$TMP/src.safetensors" single-file-to-diffusers --checkpoint "$TMP/src.safetensors"
+run_case "single file -> keras" "$TMP/o" "$TMP/src.safetensors" single-file-to-keras --checkpoint "$TMP/src.safetensors"
 
 printf "\n%-34s %7s %8s %10s %9s %8s\n" "medians of $PAIRS alternating pairs" "GB in" "cp+sync" "dreambridge" "peak MB" "of input"
 printf "%-34s %7s %8s %10s %9s %8s\n" "" "" "(s)" "(s)" "RSS" "bytes"
