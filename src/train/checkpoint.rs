@@ -82,14 +82,66 @@ pub fn list(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(out)
 }
 
-/// Loads `spec` (`latest` or a checkpoint folder): weights, optimiser state, train state.
+/// The checkpoint folder `--resume_from_checkpoint` names, as diffusers' scripts read it:
+/// `latest` is the newest finished checkpoint in `dir`, or `None` when there is none yet (a
+/// fresh run: diffusers starts training, which is what preemptible jobs passing `latest` on every
+/// start rely on). Any other value is a checkpoint folder, either as given or, as diffusers takes
+/// it, by its name in `dir` (`checkpoint-500`); one that does not exist is an error.
+pub fn resolve(dir: &Path, spec: &str) -> Result<Option<PathBuf>> {
+    if spec == "latest" {
+        return Ok(list(dir)?.pop().map(|(_, path)| path));
+    }
+    let given = PathBuf::from(spec);
+    let by_name = given.file_name().map(|name| dir.join(name));
+    for candidate in std::iter::once(given.clone()).chain(by_name) {
+        if candidate.join("state.json").is_file() {
+            return Ok(Some(candidate));
+        }
+    }
+    match given.is_dir() {
+        true => anyhow::bail!("--resume_from_checkpoint {spec}: not a finished checkpoint (no state.json in it)"),
+        false => anyhow::bail!("--resume_from_checkpoint {spec}: no such checkpoint (nor `{}` in {})", given.file_name().unwrap_or_default().to_string_lossy(), dir.display()),
+    }
+}
+
+/// Loads `spec` (`latest` or a checkpoint folder, see [`resolve`]): weights, optimiser state,
+/// train state.
 pub fn load(dir: &Path, spec: &str) -> Result<(HashMap<String, Tensor>, HashMap<String, Tensor>, TrainState)> {
-    let path = if spec == "latest" {
-        list(dir)?.pop().with_context(|| format!("{}: no checkpoint to resume from", dir.display()))?.1
-    } else {
-        PathBuf::from(spec)
-    };
+    let path = resolve(dir, spec)?.with_context(|| format!("{}: no checkpoint to resume from", dir.display()))?;
     let read = |f: &str| candle_core::safetensors::load(path.join(f), &Device::Cpu).with_context(|| format!("{}: {f}", path.display()));
     let state: TrainState = serde_json::from_str(&std::fs::read_to_string(path.join("state.json"))?)?;
     Ok((read("weights.safetensors")?, read("optimizer.safetensors")?, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finished(dir: &Path, step: usize) -> PathBuf {
+        let path = dir.join(format!("checkpoint-{step}"));
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::write(path.join("state.json"), "{}").unwrap();
+        path
+    }
+
+    #[test]
+    fn latest_without_a_checkpoint_is_a_fresh_start_and_a_named_one_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("output");
+        // No output folder yet, then an empty one, then only an unfinished checkpoint.
+        assert_eq!(resolve(&out, "latest").unwrap(), None);
+        std::fs::create_dir_all(out.join("checkpoint-7")).unwrap();
+        assert_eq!(resolve(&out, "latest").unwrap(), None);
+        let err = resolve(&out, "checkpoint-9").unwrap_err().to_string();
+        assert!(err.contains("checkpoint-9") && err.contains("no such checkpoint"), "{err}");
+        let err = resolve(&out, out.join("checkpoint-7").to_str().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("not a finished checkpoint"), "{err}");
+
+        let (two, ten) = (finished(&out, 2), finished(&out, 10));
+        assert_eq!(resolve(&out, "latest").unwrap(), Some(ten.clone()));
+        // diffusers' spelling: the folder's name, looked up in the output folder, from anywhere.
+        assert_eq!(resolve(&out, "checkpoint-2").unwrap(), Some(two.clone()));
+        assert_eq!(resolve(&out, "elsewhere/checkpoint-2").unwrap(), Some(two));
+        assert_eq!(resolve(&out, ten.to_str().unwrap()).unwrap(), Some(ten));
+    }
 }

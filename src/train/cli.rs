@@ -1,7 +1,7 @@
 //! The `train` command line: diffusers' train_dreambooth.py flags (in either spelling, see
 //! `main.rs`), read into [`TrainArgs`], then the run and what follows it (KerasCV export, Hub push).
 
-use super::command::{train, LoraArgs, TrainArgs, ValidationEval};
+use super::command::{train_checked, LoraArgs, TrainArgs, ValidationEval};
 use crate::convert::to_keras::diffusers_to_keras;
 use anyhow::{Context, Result};
 use clap::Args;
@@ -350,22 +350,6 @@ pub fn run(a: TrainCli, script: Script) -> Result<()> {
         (None, None, Script::DreamBoothLora) => (100, Some(50)),
         (Some(_), Some(_), _) => anyhow::bail!("--validation_steps and --validation_epochs: give one of them"),
     };
-    // The repo is created before training, as diffusers does, so a bad token fails in seconds.
-    let push_repo = match &a.push_to_hub {
-        // Rank 0 alone talks to the Hub.
-        _ if !rank.is_main() => None,
-        None => None,
-        Some(value) => {
-            let name = match (a.hub_model_id.as_deref(), value.as_deref()) {
-                (Some(id), Some(v)) if id != v => anyhow::bail!("--push_to_hub {v} and --hub_model_id {id} name different repos"),
-                (Some(id), _) | (None, Some(id)) => id.to_string(),
-                (None, None) => a.output_dir.file_name().map(|n| n.to_string_lossy().to_string()).filter(|n| !n.is_empty()).context("--push_to_hub: the output folder has no name to name the repo; give --hub_model_id")?,
-            };
-            let repo = crate::hub::push::create_repo(&name, a.hub_token.as_deref(), false)?;
-            eprintln!("Hub repo {repo} ready; the trained model is pushed to it at the end");
-            Some(repo)
-        }
-    };
     let args = TrainArgs {
         pretrained_model: a.pretrained_model_name_or_path.clone().context("--pretrained_model_name_or_path is required")?,
         instance_data_dir: a.instance_data_dir.clone().context("--instance_data_dir is required")?,
@@ -430,7 +414,26 @@ pub fn run(a: TrainCli, script: Script) -> Result<()> {
         interpolation,
         dist,
     };
-    let done = train(&args)?;
+    // Every check that needs no model first (a bad combination fails in milliseconds), then the
+    // Hub repo, then training.
+    let ready = super::preflight::check(&args)?;
+    // The repo is created before training, as diffusers does, so a bad token fails in seconds.
+    let push_repo = match &a.push_to_hub {
+        // Rank 0 alone talks to the Hub.
+        _ if !rank.is_main() => None,
+        None => None,
+        Some(value) => {
+            let name = match (a.hub_model_id.as_deref(), value.as_deref()) {
+                (Some(id), Some(v)) if id != v => anyhow::bail!("--push_to_hub {v} and --hub_model_id {id} name different repos"),
+                (Some(id), _) | (None, Some(id)) => id.to_string(),
+                (None, None) => a.output_dir.file_name().map(|n| n.to_string_lossy().to_string()).filter(|n| !n.is_empty()).context("--push_to_hub: the output folder has no name to name the repo; give --hub_model_id")?,
+            };
+            let repo = crate::hub::push::create_repo(&name, a.hub_token.as_deref(), false)?;
+            eprintln!("Hub repo {repo} ready; the trained model is pushed to it at the end");
+            Some(repo)
+        }
+    };
+    let done = train_checked(&args, ready)?;
     if !done.wrote {
         println!("rank {} trained {} steps; rank 0 writes {}", rank.rank, done.losses.len(), done.output_dir.display());
         return Ok(());

@@ -269,8 +269,15 @@ pub fn steps_per_epoch(instances: usize, classes: usize, batch: usize, accumulat
     instances.max(classes).div_ceil(batch.max(1)).div_ceil(accumulation.max(1)).max(1)
 }
 
+/// Checks the command line (see [`super::preflight`]), then trains.
 pub fn train(a: &TrainArgs) -> Result<Trained> {
-    let dev = crate::device::parse(&a.dist.device_spec(&a.device))?;
+    let ready = super::preflight::check(a)?;
+    train_checked(a, ready)
+}
+
+/// Trains, `a` having passed [`super::preflight::check`], which gave `ready`.
+pub fn train_checked(a: &TrainArgs, ready: super::preflight::Ready) -> Result<Trained> {
+    let dev = ready.device;
     crate::device::allow_tf32(a.allow_tf32);
     let collective = a.dist.connect(&dev)?;
     // Rank 0 alone writes (class images, logs, validation images, checkpoints, the model).
@@ -278,13 +285,6 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
     match collective.world() {
         1 => eprintln!("training on {}", crate::device::describe(&dev)),
         w => eprintln!("rank {} of {w}: training on {}", collective.rank(), crate::device::describe(&dev)),
-    }
-    ensure!(a.resolution % 8 == 0, "--resolution must be a multiple of 8");
-    ensure!(!(a.train_text_encoder && a.pre_compute_text_embeddings), "--train_text_encoder cannot be used with --pre_compute_text_embeddings");
-    ensure!(!(a.skip_save_text_encoder && a.save_single_file), "--save-single-file writes the whole model, text encoder included: drop --skip_save_text_encoder");
-    let done = a.output_dir.join("model_index.json").exists() || a.output_dir.join(crate::lora::DIFFUSERS_FILE_NAME).exists();
-    if done && !a.force && a.resume_from_checkpoint.is_none() {
-        bail!("{}: already holds a trained model (use --force to replace it)", a.output_dir.display());
     }
     let base = crate::single_file::base::resolve_base_at(&a.pretrained_model, a.revision.as_deref())?;
     let mut pipe = Pipeline::load_variant(&base, &dev, a.variant.as_deref()).with_context(|| format!("loading {}", base.display()))?;
@@ -335,7 +335,7 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
     if let Some(lora) = &a.lora {
         // After the class images and the cache, which come from the base alone. The frozen base is
         // held in the compute dtype; the adapters stay f32.
-        pipe.attach_lora(&lora.config(a.seed), a.train_text_encoder, compute_dtype(&a.mixed_precision, &dev)?)?;
+        pipe.attach_lora(&lora.config(a.seed), a.train_text_encoder, ready.compute_dtype)?;
         let count = |vars: &candle_nn::VarMap| vars.all_vars().iter().map(|v| v.elem_count()).sum::<usize>();
         let text = if a.train_text_encoder { format!(" + {} in the text encoder", count(&pipe.text_vars)) } else { String::new() };
         eprintln!("LoRA rank {} ({}): {} adapter parameters in the UNet{text}", lora.rank, lora.targets.name(), count(&pipe.unet_vars));
@@ -365,7 +365,7 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
         checkpoints_total_limit: a.checkpoints_total_limit,
         checkpoint_dir: a.output_dir.clone(),
         seed: a.seed,
-        compute_dtype: compute_dtype(&a.mixed_precision, &dev)?,
+        compute_dtype: ready.compute_dtype,
     };
     if a.gradient_checkpointing {
         pipe.unet.enable_gradient_checkpointing(&pipe.unet_vars.all_vars());
@@ -378,16 +378,22 @@ pub fn train(a: &TrainArgs) -> Result<Trained> {
     trainer.stop = a.stop.clone();
     trainer.collective = collective.clone();
     trainer.adapters = pipe.lora.iter().flat_map(|l| l.plans().cloned()).collect();
-    if let Some(spec) = &a.resume_from_checkpoint {
-        trainer.resume(spec)?;
-        eprintln!("resumed at step {}", trainer.step);
+    match (&a.resume_from_checkpoint, &ready.resume) {
+        (_, Some(path)) => {
+            // diffusers' words (the folder's name), then the step reached.
+            eprintln!("Resuming from checkpoint {}", path.file_name().unwrap_or_default().to_string_lossy());
+            trainer.resume(&path.to_string_lossy())?;
+            eprintln!("resumed at step {}", trainer.step);
+        }
+        // diffusers' words again: preemptible jobs pass `latest` on every start.
+        (Some(spec), None) => eprintln!("Checkpoint '{spec}' does not exist. Starting a new training run."),
+        (None, None) => {}
     }
     let mut log = main.then(|| super::metrics_log::MetricsLog::open(&a.output_dir, trainer.step)).transpose()?;
     let mut events = a.tensorboard.as_deref().filter(|_| main).map(super::tensorboard::EventWriter::create).transpose()?;
     let validation_prompt = a.validation_prompt.as_ref().filter(|_| main);
     let scorers = match &a.validation_eval {
         Some(v) if main => {
-            anyhow::ensure!(a.validation_prompt.is_some(), "--validation-eval needs --validation-prompt");
             let clip = crate::eval::clip::Clip::load(&crate::hub::download::local_or_hub(&v.clip_model)?, &dev)?;
             let dino = crate::eval::dino::Dino::load(&crate::hub::download::local_or_hub(&v.dino_model)?, &dev)?;
             Some((clip, dino, crate::eval::preprocess::image_files(&a.instance_data_dir)?))
@@ -499,7 +505,7 @@ pub fn compute_dtype(mixed: &str, dev: &Device) -> Result<candle_core::DType> {
 
 /// The dtype of class-image generation: `--prior_generation_precision`, else fp16 on a GPU and
 /// fp32 on the CPU (as diffusers).
-fn prior_dtype(a: &TrainArgs, dev: &Device) -> Result<candle_core::DType> {
+pub(super) fn prior_dtype(a: &TrainArgs, dev: &Device) -> Result<candle_core::DType> {
     Ok(match a.prior_generation_precision.as_deref() {
         None | Some("no") => match dev.is_cpu() {
             true => candle_core::DType::F32,

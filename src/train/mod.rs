@@ -12,5 +12,6 @@ pub mod loss;
 pub mod loss_scale;
 pub mod metrics_log;
 pub mod optim;
+pub mod preflight;
 pub mod tensorboard;
 pub mod trainer;
