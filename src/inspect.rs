@@ -15,6 +15,8 @@ use std::path::Path;
 pub fn inspect(path: &Path, sd_version: Option<u8>) -> Result<String> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let report = match ext {
+        // A TF checkpoint prefix such as TF's `training_1/cp.ckpt`: the bundle, not a torch file.
+        _ if crate::keras::is_checkpoint_prefix(path) => inspect_keras(path, sd_version),
         "safetensors" => inspect_safetensors(path, sd_version),
         "ckpt" | "pt" | "pth" => inspect_single_file(path, sd_version, open_tensors(path)?),
         _ => inspect_keras(path, sd_version),

@@ -374,3 +374,49 @@ fn kerascv_weights_come_from_hub_files_urls_and_savedmodel_repos_and_the_space_f
     let last = err.trim().lines().last().unwrap().to_string();
     assert!(!ok && !none.exists() && last.contains("gated or private") && last.contains("set HF_TOKEN"), "{err}");
 }
+
+#[test]
+fn tf_checkpoint_prefixes_and_folders_on_the_hub_convert_like_local_ones() {
+    no_hdf5_locks();
+    let hub = Hub::start();
+    let dir = tempfile::tempdir().unwrap();
+    // A pipeline repo with `save_weights("ckpt/ckpt")`'s three files under ckpt/.
+    let pipe = pipeline(dir.path());
+    std::fs::create_dir(pipe.join("ckpt")).unwrap();
+    for e in std::fs::read_dir(fixture("tf_checkpoint")).unwrap().flatten() {
+        std::fs::copy(e.path(), pipe.join("ckpt").join(e.file_name())).unwrap();
+    }
+    push(&pipe, &hub.opts("me/tfck")).unwrap();
+    let home = dir.path().join("hf_home");
+    let convert = |spec: &str, out: &Path| {
+        let done = cli()
+            .args(["convert", "keras-to-diffusers", "--vae-encoder", spec, "--vae-decoder", fixture("decoder.h5").to_str().unwrap(), "--out", out.to_str().unwrap()])
+            .env("HF_ENDPOINT", &hub.url)
+            .env("HF_HOME", &home)
+            .env("HF_TOKEN", TOKEN)
+            .output()
+            .unwrap();
+        (done.status.success(), String::from_utf8_lossy(&done.stderr).to_string())
+    };
+    let vae = |out: &Path| st_tensors(&out.join("vae/diffusion_pytorch_model.safetensors"));
+    let local = dir.path().join("local");
+    let (ok, err) = convert(fixture("tf_checkpoint").to_str().unwrap(), &local);
+    assert!(ok, "{err}");
+    let url = format!("{}/me/tfck/resolve/main/ckpt/ckpt", hub.url);
+    for (spec, out) in [("hf://me/tfck/ckpt/ckpt", "prefix"), ("hf://me/tfck/ckpt", "folder"), (url.as_str(), "url")] {
+        let out = dir.path().join(out);
+        let (ok, err) = convert(spec, &out);
+        assert!(ok, "{spec}: {err}");
+        assert!(vae(&out) == vae(&local), "{spec}: tensors differ from the local checkpoint");
+    }
+    let snapshot = std::fs::read_dir(home.join("hub/models--me--tfck/snapshots")).unwrap().flatten().next().unwrap().path();
+    for f in ["checkpoint", "ckpt.index", "ckpt.data-00000-of-00001"] {
+        assert!(snapshot.join("ckpt").join(f).is_file(), "{f}");
+    }
+    assert!(!snapshot.join("unet").exists(), "only the checkpoint's files are downloaded");
+    // Neither a file, a prefix nor a folder: one line naming the repo and path.
+    let none = dir.path().join("none");
+    let (ok, err) = convert("hf://me/tfck/ckpt/nope", &none);
+    let last = err.trim().lines().last().unwrap().to_string();
+    assert!(!ok && !none.exists() && last.contains("me/tfck") && last.contains("ckpt/nope") && last.contains("404"), "{err}");
+}

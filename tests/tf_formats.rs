@@ -143,3 +143,39 @@ fn textual_inversion_rows_get_their_placeholder_tokens() {
         assert_eq!(t[0].1.data, table.data[row * 32..(row + 1) * 32].to_vec());
     }
 }
+
+/// The CLI in `cwd`, with no Hub to reach (an input taken for a repo id fails at once); (success,
+/// stdout, stderr).
+fn run_in(cwd: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = cli().args(args).current_dir(cwd).env("HF_ENDPOINT", "http://127.0.0.1:9").env("HF_HOME", cwd.join("hf_home")).env_remove("HF_TOKEN").output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+#[test]
+fn tf_checkpoint_prefixes_convert_and_inspect_like_the_h5() {
+    no_hdf5_locks();
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    // `save_weights("tf_checkpoint/ckpt")` as is, and TF's tutorial naming `training_1/cp.ckpt`.
+    copy_dir(&fixture("tf_checkpoint"), &cwd.join("tf_checkpoint"));
+    let training = cwd.join("training_1");
+    std::fs::create_dir(&training).unwrap();
+    for (from, to) in [("ckpt.index", "cp.ckpt.index"), ("ckpt.data-00000-of-00001", "cp.ckpt.data-00000-of-00001")] {
+        std::fs::copy(fixture("tf_checkpoint").join(from), training.join(to)).unwrap();
+    }
+    std::fs::write(training.join("checkpoint"), "model_checkpoint_path: \"cp.ckpt\"\nall_model_checkpoint_paths: \"cp.ckpt\"\n").unwrap();
+    let vae = |out: &str| st_tensors(&cwd.join(out).join("vae/diffusion_pytorch_model.safetensors"));
+    // The VAE's decoder half, the same in every conversion.
+    let decoder = fixture("decoder.h5");
+    let convert = |encoder: &str, out: &str| run_in(cwd, &["convert", "keras-to-diffusers", "--vae-encoder", encoder, "--vae-decoder", decoder.to_str().unwrap(), "--out", out]);
+    let (ok, _, err) = convert(fixture("image_encoder.h5").to_str().unwrap(), "from_h5");
+    assert!(ok, "{err}");
+    for (prefix, out) in [("tf_checkpoint/ckpt", "from_ckpt"), ("training_1/cp.ckpt", "from_cp")] {
+        let (ok, _, err) = convert(prefix, out);
+        assert!(ok, "{prefix}: {err}");
+        assert!(vae(out) == vae("from_h5"), "{prefix}: tensors differ from the .h5");
+        let (ok, report, err) = run_in(cwd, &["inspect", prefix]);
+        assert!(ok, "{prefix}: {err}");
+        assert!(report.contains("format: TensorFlow checkpoint") && report.contains("detected: vae-encoder"), "{prefix}: {report}");
+    }
+}

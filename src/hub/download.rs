@@ -3,7 +3,7 @@
 
 use super::auth::resolve_token;
 use anyhow::{Context, Result};
-use hf_hub::api::sync::ApiBuilder;
+use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Repo, RepoType};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -17,11 +17,14 @@ pub fn snapshot(repo_id: &str, revision: Option<&str>) -> Result<PathBuf> {
     let mut snapshot = None;
     for sibling in &info.siblings {
         let path = repo.get(&sibling.rfilename).with_context(|| format!("{repo_id}: downloading {}", sibling.rfilename))?;
-        // .../snapshots/<commit>/<rfilename>: the snapshot folder is `depth` levels up.
-        let depth = Path::new(&sibling.rfilename).components().count();
-        snapshot = path.ancestors().nth(depth).map(Path::to_path_buf);
+        snapshot = snapshot_root(&path, &sibling.rfilename);
     }
     snapshot.with_context(|| format!("{repo_id}: the repository is empty"))
+}
+
+/// The snapshot folder of a downloaded file: `.../snapshots/<commit>/<rfilename>` less `rfilename`.
+fn snapshot_root(local: &Path, rfilename: &str) -> Option<PathBuf> {
+    local.ancestors().nth(Path::new(rfilename).components().count()).map(Path::to_path_buf)
 }
 
 /// `namespace/name`, not a relative or absolute path.
@@ -84,17 +87,65 @@ pub fn parse_hub_file(spec: &str) -> Option<HubFile> {
     }
 }
 
-/// Downloads one Hub file into the cache (resumable, progress shown) and returns its path.
-pub fn hub_file(file: &HubFile) -> Result<PathBuf> {
+/// The repo of a Hub file at its revision, through its URL's endpoint (else HF_ENDPOINT).
+fn hub_repo(file: &HubFile) -> Result<ApiRepo> {
     let token = resolve_token(None).ok().map(|t| t.secret().to_string());
     // Retries continue a broken download where it stopped (a Range request from the partial file).
     let mut builder = ApiBuilder::from_env().with_token(token).with_progress(std::io::stderr().is_terminal()).with_retries(3);
     if let Some(endpoint) = &file.endpoint {
         builder = builder.with_endpoint(endpoint.clone());
     }
-    let api = builder.build()?;
-    let repo = api.repo(Repo::with_revision(file.repo_id.clone(), RepoType::Model, file.revision.clone()));
+    Ok(builder.build()?.repo(Repo::with_revision(file.repo_id.clone(), RepoType::Model, file.revision.clone())))
+}
+
+/// Downloads one Hub file into the cache (resumable, progress shown) and returns its path.
+pub fn hub_file(file: &HubFile) -> Result<PathBuf> {
+    let repo = hub_repo(file)?;
     repo.get(&file.path).map_err(|e| access_hint(e.into())).with_context(|| format!("{}: downloading {} at {}", file.repo_id, file.path, file.revision))
+}
+
+/// A KerasCV input on the Hub: the file itself; else, when there is no such file (404), a TF
+/// checkpoint prefix or a folder of that name, its files downloaded into one snapshot folder.
+/// Returns the local file, prefix or folder.
+fn hub_keras_file(file: &HubFile) -> Result<PathBuf> {
+    let repo = hub_repo(file)?;
+    let missing = match repo.get(&file.path) {
+        Ok(path) => return Ok(path),
+        Err(e) if is_not_found(&e) => e,
+        Err(e) => return Err(access_hint(e.into())).with_context(|| format!("{}: downloading {} at {}", file.repo_id, file.path, file.revision)),
+    };
+    let names: Vec<String> = repo.info().map(|i| i.siblings.into_iter().map(|s| s.rfilename).collect()).unwrap_or_default();
+    let Some(files) = prefix_or_folder_files(&names, &file.path) else {
+        return Err(anyhow::Error::from(missing))
+            .with_context(|| format!("{}: {} at {}: no such file, TF checkpoint prefix (`.index` + data shards) or folder", file.repo_id, file.path, file.revision));
+    };
+    let mut root = None;
+    for name in &files {
+        let local = repo.get(name).map_err(|e| access_hint(e.into())).with_context(|| format!("{}: downloading {name} at {}", file.repo_id, file.revision))?;
+        root = snapshot_root(&local, name);
+    }
+    Ok(root.context("an empty file list")?.join(file.path.trim_end_matches('/')))
+}
+
+/// The Hub answered 404: no file at that path (a prefix or folder may still be).
+fn is_not_found(e: &ApiError) -> bool {
+    matches!(e, ApiError::RequestError(r) if matches!(**r, ureq::Error::Status(404, _)))
+}
+
+/// The repo files a path that is no file stands for: a TF checkpoint prefix (`path.index`, its
+/// `path.data-NNNNN-of-NNNNN` shards and the folder's `checkpoint` file) or a folder (every file
+/// under `path/`); `None` when it is neither.
+fn prefix_or_folder_files(names: &[String], path: &str) -> Option<Vec<String>> {
+    let path = path.trim_end_matches('/');
+    let index = format!("{path}.index");
+    if names.contains(&index) {
+        let state = path.rsplit_once('/').map_or("checkpoint".to_string(), |(dir, _)| format!("{dir}/checkpoint"));
+        let shard = |n: &str| n.strip_prefix(&format!("{path}.data-")).is_some_and(|rest| rest.contains("-of-"));
+        return Some(names.iter().filter(|n| **n == index || **n == state || shard(n)).cloned().collect());
+    }
+    let folder = format!("{path}/");
+    let files: Vec<String> = names.iter().filter(|n| n.starts_with(&folder)).cloned().collect();
+    (!files.is_empty()).then_some(files)
 }
 
 /// A 401/403 from the Hub means a gated or private repo: say what to do about it.
@@ -145,18 +196,36 @@ mod tests {
         assert_eq!(parse_hub_file("https://example.com/a/b/tree/main/x"), None);
         assert_eq!(parse_hub_file("owner/repo"), None);
     }
+
+    #[test]
+    fn checkpoint_prefixes_and_folders_name_their_files() {
+        let names: Vec<String> = [
+            "README.md", "ckpt/checkpoint", "ckpt/ckpt.index", "ckpt/ckpt.data-00000-of-00001", "ckpt/ckpt-2.index", "cp.ckpt.index",
+            "cp.ckpt.data-00000-of-00002", "cp.ckpt.data-00001-of-00002",
+        ]
+        .map(String::from)
+        .to_vec();
+        let files = |path: &str| prefix_or_folder_files(&names, path);
+        assert_eq!(files("ckpt/ckpt").unwrap(), ["ckpt/checkpoint", "ckpt/ckpt.index", "ckpt/ckpt.data-00000-of-00001"]);
+        assert_eq!(files("cp.ckpt").unwrap(), ["cp.ckpt.index", "cp.ckpt.data-00000-of-00002", "cp.ckpt.data-00001-of-00002"]);
+        assert_eq!(files("ckpt/").unwrap().len(), 4);
+        assert_eq!(files("ckpt/nope"), None);
+        assert_eq!(files("ck"), None);
+    }
 }
 
-/// A KerasCV input as users give it: a local file or folder; a Hub file (`hf://…`, a resolve
-/// URL); or a Hub repo id whose content is a SavedModel (as `push_to_hub_keras` writes it) or a
-/// single weights file (`.h5`, `.keras`).
+/// A KerasCV input as users give it: a local file, folder or TF checkpoint prefix; a Hub file,
+/// prefix or folder (`hf://…`, a resolve URL); or a Hub repo id whose content is a SavedModel (as
+/// `push_to_hub_keras` writes it) or a single weights file (`.h5`, `.keras`).
 pub fn keras_input(spec: &Path) -> Result<PathBuf> {
-    if spec.exists() {
+    // A TF checkpoint prefix (`ckpt/ckpt`) before any Hub reading: it looks like a repo id.
+    if spec.exists() || crate::keras::is_checkpoint_prefix(spec) {
         return Ok(spec.to_owned());
     }
     let text = spec.to_string_lossy().to_string();
-    if parse_hub_file(&text).is_some() {
-        return local_file_or_hub(spec);
+    if let Some(file) = parse_hub_file(&text) {
+        eprintln!("{}: fetching {} from the Hub", file.repo_id, file.path);
+        return hub_keras_file(&file);
     }
     let (repo, revision) = match text.rsplit_once('@') {
         Some((r, rev)) => (r.to_string(), Some(rev.to_string())),

@@ -7,5 +7,5 @@ pub mod tf_bundle;
 pub mod tf_objects;
 pub mod writer;
 
-pub use reader::{DatasetInfo, KerasFile, KerasFormat, KerasLayer};
+pub use reader::{is_checkpoint_prefix, DatasetInfo, KerasFile, KerasFormat, KerasLayer};
 pub use writer::LegacyWriter;

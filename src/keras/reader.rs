@@ -249,10 +249,16 @@ fn bundle_prefix(path: &Path) -> Result<Option<(PathBuf, KerasFormat)>> {
     if let Some(at) = text.rfind(".data-").filter(|at| text[at + 6..].contains("-of-")) {
         return Ok(Some((PathBuf::from(&text[..at]), KerasFormat::TfCheckpoint)));
     }
-    if !path.exists() && Path::new(&format!("{text}.index")).is_file() {
+    if is_checkpoint_prefix(path) {
         return Ok(Some((path.to_owned(), KerasFormat::TfCheckpoint)));
     }
     Ok(None)
+}
+
+/// A TF checkpoint prefix, as `save_weights("ckpt/ckpt")` takes it: no such file or folder, but
+/// `{path}.index` is a file.
+pub fn is_checkpoint_prefix(path: &Path) -> bool {
+    !path.exists() && Path::new(&format!("{}.index", path.to_string_lossy())).is_file()
 }
 
 fn collect_datasets(group: &hdf5::Group, path: &str, out: &mut Vec<String>) -> Result<()> {
