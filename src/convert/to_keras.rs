@@ -105,6 +105,9 @@ pub(crate) fn write_h5(path: &Path, file: &dyn TensorSource, plan: &Plan) -> Res
     let groups: Vec<String> = plan.layout.layers.iter().map(|l| l.keras3_key.clone()).collect();
     let writer = LegacyWriter::create(path, &groups)?;
     let data_file = std::fs::OpenOptions::new().write(true).open(path).with_context(|| format!("{}: cannot open for writing", path.display()))?;
+    // libhdf5 has placed every dataset; reserve the file's blocks at once (a full disk is reported
+    // by the writes below, as libhdf5's own writes would be).
+    let _ = crate::output::preallocate(&data_file, data_file.metadata().map_or(0, |m| m.len()));
     let total: u64 = plan.tensors.iter().map(|t| (t.diffusers_shape.iter().product::<usize>() * t.dtype.size()) as u64).sum();
     let progress = Progress::new(&plan.table.kind, total);
     let (send, receive) = std::sync::mpsc::sync_channel::<(u64, Vec<(usize, usize)>, Vec<u8>, String)>(1);

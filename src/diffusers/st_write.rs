@@ -64,6 +64,7 @@ impl StWriter {
             text.push(b' '); // the format pads the header with spaces to 8-byte alignment
         }
         let file = std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+        crate::output::preallocate(&file, 8 + text.len() as u64 + offset as u64).with_context(|| format!("{}: cannot write", path.display()))?;
         let mut w = StWriter { path: path.to_owned(), out: BufWriter::with_capacity(8 << 20, file), pending: tensors.into_iter(), put: 0, kicked: 0, owed: 0, streamer: Default::default() };
         let header_len = (text.len() as u64).to_le_bytes();
         w.put(&header_len)?;
@@ -151,6 +152,18 @@ mod tests {
         let (_, b, mut w) = announced(&dir.path().join("x.safetensors"));
         let err = w.write_next("b", &b).unwrap_err().to_string();
         assert!(err.contains("does not match the header entry `a.weight`"), "{err}");
+    }
+
+    #[test]
+    fn the_whole_file_is_reserved_when_created() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.safetensors");
+        let pending = vec![PendingTensor { key: "w".into(), dtype: DType::F32, shape: vec![1 << 20] }];
+        let _w = StWriter::create(&path, pending).unwrap();
+        // 4 MiB of data announced, nothing written yet: the blocks are there already.
+        let meta = std::fs::metadata(&path).unwrap();
+        assert!(meta.blocks() * 512 >= 4 << 20, "{} bytes reserved", meta.blocks() * 512);
     }
 
     #[test]
