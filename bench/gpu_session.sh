@@ -11,8 +11,11 @@
 # Each stage has its own folder under $OUT (log, exit status, JSON) written as soon as it ends and a
 # time bound, so a stage that fails or runs out of time loses nothing before it; $OUT/gpu.json
 # gathers the keys of bench/results/gpu.json from the stages that finished.
-# It runs the GPU correctness check, then dreambridge and diffusers on the same GPU: training steps
-# (bf16, then with gradient checkpointing, then LoRA rank 4) and text-to-image (50 DDIM steps), printing the ratios.
+# It runs the GPU correctness check, then the speed switches (the GPU check with them on, and each
+# timed off and on in one process), the kernel profile of one UNet call and one training step
+# (bench/gpu_profile.sh, switches off and on), then dreambridge and diffusers on the same GPU:
+# training steps (bf16, then with gradient checkpointing, then LoRA rank 4) and text-to-image (50
+# DDIM steps), printing the ratios. ONLY="stage ..." picks stages when the lease is short.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--fetch-wheels" ]; then
@@ -52,8 +55,13 @@ export DREAMBRIDGE=$DB PYTHON=$PY
 
 # One stage: its own folder under $OUT, a wall-clock bound, its log and status kept whatever
 # happens to later stages.
+# ONLY="stage ..." runs just those stages (the GPU check always runs), for a short device lease.
 stage() { # name, seconds, command...
     local name=$1 limit=$(($2 * SCALE)); shift 2
+    if [ -n "${ONLY:-}" ] && [[ $name != gpu_check* ]] && [[ " $ONLY " != *" $name "* ]]; then
+        echo "== $name: skipped (ONLY=$ONLY)"
+        return 0
+    fi
     mkdir -p "$OUT/$name"
     echo "== $name (at most ${limit}s): $*"
     local rc=0
@@ -72,6 +80,19 @@ else
     stage nccl_smoke 60 bench/nccl_smoke.sh --device "$DEVICE" --backend nccl
 fi
 if [ "$(cat "$OUT/gpu_check/rc")" = 0 ] && [ "$(cat "$OUT/gpu_check_gc/rc")" = 0 ]; then
+    # The speed switches (src/switches.rs), each timed off and on in alternation in one process.
+    # A switch is turned on by default only after the GPU check has passed with it on.
+    stage check_switches_on 120 env DREAMBRIDGE_CAST_WEIGHTS_ONCE=1 DREAMBRIDGE_CUDA_KEEP_POOL=1 sh -c '"$0" bench gpu-check --device "$1" --mixed-precision "$2" --json "$OUT/checks.json"' "$DB" "$DEVICE" "$DTYPE"
+    stage switch_cast_weights_once 150 "$DB" bench generate --device "$DEVICE" --mixed-precision "$DTYPE" --steps 20 --images 2 --warmup 1 "${SIZE[@]}" --compare cast-weights-once --json "$OUT/switch_cast_weights_once/generate.json"
+    stage switch_keep_pool_memory 120 "$DB" bench train --device "$DEVICE" --mixed-precision "$DTYPE" --steps 4 --warmup 2 --skip-check "${SIZE[@]}" --compare keep-pool-memory --json "$OUT/switch_keep_pool_memory/train.json"
+    # Kernel time against wall time of one UNet call and one training step (Nsight Compute),
+    # with the switches off, then on.
+    if [ "$MODE" = cpu ]; then
+        echo "== profile, profile_switches_on: skipped on the CPU (Nsight Compute needs a GPU)"
+    else
+        stage profile 240 bench/gpu_profile.sh "$OUT/profile" switches-off
+        stage profile_switches_on 240 env DREAMBRIDGE_CAST_WEIGHTS_ONCE=1 DREAMBRIDGE_CUDA_KEEP_POOL=1 bench/gpu_profile.sh "$OUT/profile_switches_on" switches-on
+    fi
     stage train 150 bench/vs_diffusers.sh train --device "$DEVICE" --mixed-precision "$DTYPE" --steps "$STEPS" "${SIZE[@]}"
     stage train_gc 150 bench/vs_diffusers.sh train --device "$DEVICE" --mixed-precision "$DTYPE" --steps "$STEPS" --gradient-checkpointing "${SIZE[@]}"
     stage generate 120 bench/vs_diffusers.sh generate --device "$DEVICE" --mixed-precision "$DTYPE" --images "$IMAGES" "${SIZE[@]}"
@@ -109,6 +130,12 @@ for key, stage, what, field, scale in [
         res[key] = {side: r[field]["median_ms"] / (scale or 1) for side, r in p.items()}
     else:
         res[key] = {side: r["peak_memory_bytes"] / scale for side, r in p.items()}
+def compare(stage, what):
+    path = f"{out}/{stage}/{what}.json"
+    return json.load(open(path))[what].get("compare") if os.path.exists(path) else None
+res["switches"] = {s: compare(s, w) for s, w in (("switch_cast_weights_once", "generate"), ("switch_keep_pool_memory", "train"))}
+res["switches_gpu_check"] = checks("check_switches_on")
+res["profile"] = {s: json.load(open(f"{out}/{s}/phases.json")) for s in ("profile", "profile_switches_on") if os.path.exists(f"{out}/{s}/phases.json")}
 res["nccl_smoke"] = json.load(open(f"{out}/nccl_smoke/nccl.json")) if os.path.exists(f"{out}/nccl_smoke/nccl.json") else None
 res["stages"] = {s: open(f"{out}/{s}/rc").read().strip() for s in sorted(os.listdir(out)) if os.path.exists(f"{out}/{s}/rc")}
 json.dump(res, open(f"{out}/gpu.json", "w"), indent=2)

@@ -11,7 +11,11 @@ pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 pub fn parse(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
-        "auto" if CUDA_BUILT => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        "auto" if CUDA_BUILT => {
+            let dev = Device::cuda_if_available(0).unwrap_or(Device::Cpu);
+            apply_switches(&dev)?;
+            Ok(dev)
+        }
         "auto" => Ok(Device::Cpu),
         _ => {
             let Some(rest) = spec.strip_prefix("cuda") else { bail!("unknown device `{spec}` (auto, cpu, cuda, cuda:N)") };
@@ -23,8 +27,60 @@ pub fn parse(spec: &str) -> Result<Device> {
             if !CUDA_BUILT {
                 bail!("device `{spec}`: this dreambridge was built without CUDA; build the GPU binary with scripts/build-cuda.sh");
             }
-            Device::new_cuda(ordinal).with_context(|| format!("device `{spec}`: cannot open GPU {ordinal}"))
+            let dev = Device::new_cuda(ordinal).with_context(|| format!("device `{spec}`: cannot open GPU {ordinal}"))?;
+            apply_switches(&dev)?;
+            Ok(dev)
         }
+    }
+}
+
+/// A CUDA driver entry point of the loaded `libcuda` (`None` on a CPU build or without a driver).
+/// Looked up at run time, so these calls need no bindings and cost nothing on the CPU.
+fn driver_fn(name: &std::ffi::CStr) -> Option<*mut libc::c_void> {
+    // SAFETY: dlsym with a NUL-terminated name; RTLD_DEFAULT searches what the process loaded.
+    let f = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+    (!f.is_null()).then_some(f)
+}
+
+/// Sets the device-wide effects of the speed switches for `dev`
+/// ([`crate::switches::Switch::KeepPoolMemory`]: the default memory pool's release threshold,
+/// everything when on, the driver's default 0 when off). A no-op on the CPU.
+pub fn apply_switches(dev: &Device) -> Result<()> {
+    let candle_core::DeviceLocation::Cuda { gpu_id } = dev.location() else { return Ok(()) };
+    let (Some(get_device), Some(get_pool), Some(set_attribute)) =
+        (driver_fn(c"cuDeviceGet"), driver_fn(c"cuDeviceGetDefaultMemPool"), driver_fn(c"cuMemPoolSetAttribute"))
+    else {
+        bail!("cuda:{gpu_id}: the CUDA driver's memory-pool calls are not available");
+    };
+    // CUresult cuDeviceGet(CUdevice*, int); cuDeviceGetDefaultMemPool(CUmemoryPool*, CUdevice);
+    // cuMemPoolSetAttribute(CUmemoryPool, CUmemPool_attribute, void*).
+    type GetDevice = unsafe extern "C" fn(*mut i32, i32) -> i32;
+    type GetPool = unsafe extern "C" fn(*mut *mut libc::c_void, i32) -> i32;
+    type SetAttribute = unsafe extern "C" fn(*mut libc::c_void, i32, *mut libc::c_void) -> i32;
+    const CU_MEMPOOL_ATTR_RELEASE_THRESHOLD: i32 = 4;
+    let mut threshold: u64 = if crate::switches::Switch::KeepPoolMemory.on() { u64::MAX } else { 0 };
+    // SAFETY: the driver's documented signatures above; every out-pointer is a valid local.
+    unsafe {
+        let (get_device, get_pool, set_attribute): (GetDevice, GetPool, SetAttribute) =
+            (std::mem::transmute(get_device), std::mem::transmute(get_pool), std::mem::transmute(set_attribute));
+        let (mut device, mut pool) = (0i32, std::ptr::null_mut());
+        let rc = get_device(&mut device, gpu_id as i32);
+        let rc = if rc == 0 { get_pool(&mut pool, device) } else { rc };
+        let rc = if rc == 0 { set_attribute(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut libc::c_void) } else { rc };
+        anyhow::ensure!(rc == 0, "cuda:{gpu_id}: setting the memory pool's release threshold failed (CUresult {rc})");
+    }
+    Ok(())
+}
+
+/// Brackets a region for a profiler started with "profile from start off" (Nsight Compute's
+/// `--profile-from-start off`, Nsight Systems' `--capture-range=cudaProfilerApi`). Returns
+/// whether the driver took the call (false on the CPU).
+pub fn profiler(start: bool) -> bool {
+    let name: &std::ffi::CStr = if start { c"cuProfilerStart" } else { c"cuProfilerStop" };
+    match driver_fn(name) {
+        // SAFETY: CUresult cuProfilerStart(void) / cuProfilerStop(void).
+        Some(f) => unsafe { std::mem::transmute::<*mut libc::c_void, unsafe extern "C" fn() -> i32>(f)() == 0 },
+        None => false,
     }
 }
 
@@ -57,5 +113,10 @@ mod tests {
             assert!(parse("cuda:0").unwrap_err().to_string().contains("scripts/build-cuda.sh"));
         }
         assert_eq!(describe(&Device::Cpu), "cpu");
+        // Nothing to set or bracket without a GPU.
+        apply_switches(&Device::Cpu).unwrap();
+        if !CUDA_BUILT {
+            assert!(!profiler(true) && !profiler(false));
+        }
     }
 }

@@ -23,3 +23,4 @@ pub mod alloc;
 pub mod bench;
 pub mod failure;
 pub mod scale;
+pub mod switches;

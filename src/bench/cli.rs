@@ -33,6 +33,10 @@ pub struct Common {
     /// Also write the report as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Time a speed switch off and on in alternation in this one run and print both with their
+    /// ratio (the switches are listed in src/switches.rs).
+    #[arg(long, value_enum)]
+    compare: Option<crate::switches::Switch>,
 }
 
 #[derive(Args)]
@@ -142,8 +146,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 "small" => super::sd15::small_unet()?,
                 other => anyhow::bail!("--model `{other}`: expected sd15 or small"),
             };
-            let o = TrainBenchOptions { unet, resolution: a.resolution, tokens: 77, warmup_steps: a.warmup, steps: a.steps, compute_dtype: dtype, gradient_checkpointing: a.gradient_checkpointing, lora_rank: a.lora_rank, use_8bit_adam: a.use_8bit_adam };
-            let pb = bar(a.warmup + a.steps, "training steps");
+            let o = TrainBenchOptions { unet, resolution: a.resolution, tokens: 77, warmup_steps: a.warmup, steps: a.steps, compute_dtype: dtype, gradient_checkpointing: a.gradient_checkpointing, lora_rank: a.lora_rank, use_8bit_adam: a.use_8bit_adam, compare: a.common.compare };
+            let pb = bar((a.warmup + a.steps) * if a.common.compare.is_some() { 2 } else { 1 }, "training steps");
             let report = train_step::run(&o, &dev, |i, _| pb.set_position(i as u64))?;
             pb.finish_and_clear();
             println!("{}", report.summary());
@@ -160,8 +164,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 warmup_images: a.warmup,
                 images: a.images,
                 compute_dtype: dtype,
+                compare: a.common.compare,
             };
-            let pb = bar(a.warmup + a.images, "images");
+            let pb = bar((a.warmup + a.images) * if a.common.compare.is_some() { 2 } else { 1 }, "images");
             let report = generate::run(&o, &dev, |i, _| pb.set_position(i as u64))?;
             pb.finish_and_clear();
             println!("{}", report.summary());

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod generate;
 pub mod gpu_check;
 pub mod memory;
+pub mod profile;
 pub mod sd15;
 pub mod stats;
 pub mod train_step;

@@ -33,6 +33,8 @@ pub struct TrainBenchOptions {
     pub lora_rank: Option<usize>,
     /// AdamW with 8-bit block-wise moments (`--use_8bit_adam`).
     pub use_8bit_adam: bool,
+    /// Alternate this speed switch off and on, step by step (warm-up steps once per state).
+    pub compare: Option<crate::switches::Switch>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -60,6 +62,10 @@ pub struct TrainBenchReport {
     pub optimizer_state_bytes: usize,
     pub first_loss: f32,
     pub last_loss: f32,
+    /// The speed switches' states (`VAR=0|1 ...`) at the start.
+    pub switches: String,
+    /// With `compare`: the switch off and on (`step` and the phases are then the "off" steps).
+    pub compare: Option<super::stats::Comparison>,
 }
 
 impl TrainBenchReport {
@@ -87,7 +93,7 @@ impl TrainBenchReport {
             self.optimizer_state_bytes as f64 / (1u64 << 20) as f64,
             self.first_loss,
             self.last_loss
-        )
+        ) + &self.compare.as_ref().map_or(String::new(), |c| format!("\n{}", c.summary()))
     }
 }
 
@@ -96,6 +102,7 @@ impl TrainBenchReport {
 pub fn run(o: &TrainBenchOptions, dev: &Device, mut progress: impl FnMut(usize, usize)) -> Result<TrainBenchReport> {
     anyhow::ensure!(o.resolution % 8 == 0 && o.resolution >= 64, "resolution must be a multiple of 8, at least 64");
     anyhow::ensure!(o.steps > 0, "at least one timed step");
+    let switches = crate::switches::state();
     let memory = PeakMemory::start(dev)?;
     let mut varmap = VarMap::new();
     let mut unet = UNet::new(VarBuilder::from_varmap(&varmap, DType::F32, dev), &o.unet)?;
@@ -121,15 +128,18 @@ pub fn run(o: &TrainBenchOptions, dev: &Device, mut progress: impl FnMut(usize, 
     let dt = o.compute_dtype;
     let latents = rng.normal(&[b, c, side, side], dev)?.to_dtype(dt)?;
     let context = rng.normal(&[b, o.tokens, o.unet.cross_attention_dim], dev)?.to_dtype(dt)?;
-    let total = o.warmup_steps + o.steps;
-    let (mut times, mut losses) = (Vec::new(), Vec::new());
+    let states = if o.compare.is_some() { 2 } else { 1 };
+    let total = (o.warmup_steps + o.steps) * states;
+    let (mut times, mut losses, mut times_on) = (Vec::new(), Vec::new(), Vec::new());
     let mut phases: [Vec<f64>; 3] = Default::default();
     for i in 0..total {
+        let on = super::stats::alternate(o.compare, i, dev)?;
         let noise = rng.normal(&[b, c, side, side], dev)?.to_dtype(dt)?;
         let timesteps: Vec<usize> = (0..b).map(|_| rng.below(schedule.alphas_cumprod.len())).collect();
         dev.synchronize()?;
         let start = Instant::now();
         let mut marks = [0f64; 3];
+        let profiled = super::profile::region("train_step", dev);
         let mut mark = |i: usize| -> Result<()> {
             dev.synchronize()?;
             marks[i] = start.elapsed().as_secs_f64() * 1e3;
@@ -144,7 +154,10 @@ pub fn run(o: &TrainBenchOptions, dev: &Device, mut progress: impl FnMut(usize, 
         drop(grads);
         let loss = loss.to_scalar::<f32>()?;
         mark(2)?;
-        if i >= o.warmup_steps {
+        drop(profiled);
+        if i >= o.warmup_steps * states && on == Some(true) {
+            times_on.push(marks[2]);
+        } else if i >= o.warmup_steps * states {
             times.push(marks[2]);
             phases[0].push(marks[0]);
             phases[1].push(marks[1] - marks[0]);
@@ -153,6 +166,7 @@ pub fn run(o: &TrainBenchOptions, dev: &Device, mut progress: impl FnMut(usize, 
         losses.push(loss);
         progress(i + 1, total);
     }
+    let compare = o.compare.map(|s| super::stats::Comparison::of(s.var(), &times, &times_on));
     let step = Timing::of(&times);
     Ok(TrainBenchReport {
         device: crate::device::describe(dev),
@@ -174,6 +188,8 @@ pub fn run(o: &TrainBenchOptions, dev: &Device, mut progress: impl FnMut(usize, 
         optimizer_state_bytes: optimizer.state_bytes(),
         first_loss: losses[0],
         last_loss: *losses.last().expect("steps > 0"),
+        switches,
+        compare,
     })
 }
 
@@ -193,6 +209,7 @@ mod tests {
             gradient_checkpointing: false,
             lora_rank: None,
             use_8bit_adam: false,
+            compare: None,
         };
         let mut calls = 0;
         let r = run(&o, &Device::Cpu, |_, _| calls += 1).unwrap();

@@ -55,20 +55,26 @@ pub fn generate_batch(
         let draws = rngs.iter_mut().map(|r| r.normal(&shape, &pipe.device)).collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&draws, 0)?)
     };
+    let cast = pipe.sampling_models()?;
+    let unet = cast.unet.as_ref().unwrap_or(&pipe.inference.unet);
+    let vae = cast.vae.as_ref().unwrap_or(&pipe.inference.vae);
     let mut latents = (noise(rngs)? * scheduler.init_noise_sigma())?;
     let timesteps = scheduler.timesteps().to_vec();
     for (i, &t) in timesteps.iter().enumerate() {
         let scaled = scheduler.scale_model_input(&latents, i)?;
         let input = Tensor::cat(&[&scaled, &scaled], 0)?.to_dtype(pipe.compute_dtype)?;
         let ts = Tensor::new(vec![t as f32; 2 * n].as_slice(), &pipe.device)?;
-        let out = pipe.inference.unet.forward(&input, &ts, &context)?.to_dtype(DType::F32)?;
+        let out = {
+            let _profiled = crate::bench::profile::region("unet_step", &pipe.device);
+            unet.forward(&input, &ts, &context)?.to_dtype(DType::F32)?
+        };
         let (u, c) = (out.narrow(0, 0, n)?, out.narrow(0, n, n)?);
         let guided = (&u + ((c - &u)? * guidance)?)?;
         let step_noise = if scheduler.needs_noise() { Some(noise(rngs)?) } else { None };
         latents = scheduler.step(&guided, i, &latents, step_noise.as_ref())?;
     }
     let z = (latents / pipe.vae.config.scaling_factor)?.to_dtype(pipe.compute_dtype)?;
-    let images = pipe.inference.vae.decode(&z)?.to_dtype(DType::F32)?;
+    let images = vae.decode(&z)?.to_dtype(DType::F32)?;
     let images = ((images / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
     (0..n).map(|i| Ok(images.get(i)?)).collect()
 }

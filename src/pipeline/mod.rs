@@ -57,7 +57,33 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).with_context(|| format!("{}: unexpected content", path.display()))
 }
 
+/// The UNet and VAE that sampling uses when [`crate::switches::Switch::CastWeightsOnce`] is on:
+/// built over weights cast to the compute dtype once (see [`Pipeline::sampling_models`]).
+pub struct SamplingModels {
+    /// `None`: the inference UNet as it is (f32 compute, or a LoRA base already held in the
+    /// compute dtype).
+    pub unet: Option<UNet>,
+    pub vae: Option<Vae>,
+}
+
 impl Pipeline {
+    /// With [`crate::switches::Switch::CastWeightsOnce`] on and a compute dtype below f32: the
+    /// sampling UNet and VAE over weights cast once now (norm parameters stay f32), so no step
+    /// casts a weight again. Built afresh per call, so training updates are seen.
+    pub fn sampling_models(&self) -> Result<SamplingModels> {
+        use crate::models::weights::{as_stored, cast_for_compute};
+        let dtype = self.compute_dtype;
+        if !crate::switches::Switch::CastWeightsOnce.on() || dtype == DType::F32 {
+            return Ok(SamplingModels { unet: None, vae: None });
+        }
+        let unet = match self.lora {
+            Some(_) => None,
+            None => Some(UNet::new(as_stored(cast_for_compute(&self.unet_vars, dtype)?, dtype, &self.device), &self.unet_config)?),
+        };
+        let vae = Vae::new(as_stored(cast_for_compute(&self.vae_vars, dtype)?, dtype, &self.device), &self.vae.config)?;
+        Ok(SamplingModels { unet, vae: Some(vae) })
+    }
+
     /// Builds the three models from their configs, with random weights (benchmarks; `load` sets them).
     pub fn from_configs(unet: &UNetConfig, text: &ClipTextConfig, vae: &VaeConfig, scheduler: SchedulerConfig, device: &Device) -> Result<Pipeline> {
         let (unet_vars, text_vars, vae_vars) = (VarMap::new(), VarMap::new(), VarMap::new());
@@ -138,9 +164,7 @@ impl Pipeline {
 mod tests {
     use super::*;
 
-    #[test]
-    fn inference_models_see_weight_updates_and_record_no_graph() {
-        let dev = Device::Cpu;
+    fn tiny(dev: &Device) -> Pipeline {
         let text: ClipTextConfig = serde_json::from_value(serde_json::json!({
             "vocab_size": 50, "hidden_size": 12, "intermediate_size": 24, "num_hidden_layers": 1,
             "num_attention_heads": 2, "max_position_embeddings": 8
@@ -151,7 +175,41 @@ mod tests {
             "latent_channels": 4, "norm_num_groups": 4
         }))
         .unwrap();
-        let pipe = Pipeline::from_configs(&crate::models::testing::tiny_unet_config(), &text, &vae, crate::bench::sd15::scheduler().unwrap(), &dev).unwrap();
+        Pipeline::from_configs(&crate::models::testing::tiny_unet_config(), &text, &vae, crate::bench::sd15::scheduler().unwrap(), dev).unwrap()
+    }
+
+    #[test]
+    fn casting_weights_once_samples_the_same_images() {
+        use crate::generate::{scheduler::SchedulerKind, text_to_image::generate_batch};
+        use crate::switches::Switch;
+        let dev = Device::Cpu;
+        let mut pipe = tiny(&dev);
+        pipe.compute_dtype = DType::F16;
+        let (cond, uncond) = (Tensor::randn(0f32, 1.0, (1, 3, 12), &dev).unwrap(), Tensor::randn(0f32, 1.0, (1, 3, 12), &dev).unwrap());
+        let sample = |on: bool| {
+            Switch::CastWeightsOnce.force(on);
+            let cast = pipe.sampling_models().unwrap();
+            assert_eq!(cast.unet.is_some() && cast.vae.is_some(), on);
+            let mut rngs = [crate::rng::TrainRng::new(7), crate::rng::TrainRng::new(8)];
+            let images = generate_batch(&pipe, &cond, &uncond, 16, 3, 7.5, SchedulerKind::EulerAncestralDiscrete, &mut rngs).unwrap();
+            Tensor::stack(&images, 0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let (per_step, once) = (sample(false), sample(true));
+        assert!(per_step.iter().all(|v| v.is_finite()) && per_step.iter().any(|v| *v != per_step[0]));
+        // The same casts, made once instead of at every use: the same numbers, bit for bit.
+        assert_eq!(per_step, once);
+        // Norm parameters stay f32; the rest is held in the compute dtype.
+        let unet = crate::models::weights::cast_for_compute(&pipe.unet_vars, DType::F16).unwrap();
+        for (k, t) in &unet {
+            assert_eq!(t.dtype(), if crate::models::weights::is_norm_parameter(k) { DType::F32 } else { DType::F16 }, "{k}");
+        }
+        assert!(unet.keys().any(|k| crate::models::weights::is_norm_parameter(k)) && unet.keys().any(|k| k.ends_with("conv_in.weight")));
+    }
+
+    #[test]
+    fn inference_models_see_weight_updates_and_record_no_graph() {
+        let dev = Device::Cpu;
+        let pipe = tiny(&dev);
         let x = Tensor::ones((1, 4, 8, 8), DType::F32, &dev).unwrap();
         let t = Tensor::new(&[10f32], &dev).unwrap();
         let ctx = Tensor::ones((1, 3, 12), DType::F32, &dev).unwrap();
