@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark (not a test): conversion against a durable copy of the same bytes, side by side.
 #
-#   bench/convert_unet.sh [PAIRS] [CASES]   (default 3 pairs per case; CASES: a grep pattern
+#   bench/convert_unet.sh [PAIRS] [CASES]   (default 5 pairs per case; CASES: a grep pattern
 #                                            over the case labels, default all)
 #
 # Inputs are full-size SD1 models made once with real keras_cv (random init, `save_weights`) in
@@ -11,15 +11,20 @@
 # Cases: KerasCV -> diffusers (UNet alone, UNet --half, whole pipeline, whole pipeline --half),
 # diffusers -> KerasCV (UNet alone, whole pipeline), and the whole pipeline to and from one
 # single-file checkpoint (diffusers -> single file, KerasCV -> single file, single file ->
-# diffusers, single file -> KerasCV). Every case runs PAIRS times, each time
-# a durable copy of the case's input files (cp + sync, the floor for moving those bytes) next to
-# the conversion, alternating which goes first; the table prints the medians and their ratio.
-# dreambridge fsyncs every file it writes before the atomic rename of its output folder.
+# diffusers, single file -> KerasCV). Every case runs PAIRS times a durable copy of the case's
+# input files (cp + sync, the floor for moving those bytes) and the conversion, alternating which
+# goes first. Every run, either side, starts from the same state: nothing dirty (sync), the page
+# cache dropped, then only the case's inputs read back into it. dreambridge fsyncs every file it
+# writes before the atomic rename of its output folder, so both sides end with the bytes on disk.
+#
+# A disk shared with other machines is noisy: the table shows every side's minimum, median and
+# maximum, and two ratios, of the medians and of the minimums. Neither side's outliers enter the
+# other's figure. Run it on an idle machine (the load average is printed before and after).
 #
 # DREAMBRIDGE_PROFILE=1 is set for the conversions: the phase seconds of the median run follow.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PAIRS=${1:-3}
+PAIRS=${1:-5}
 CASES=${2:-.}
 CACHE=bench/.cache
 mkdir -p "$CACHE"
@@ -70,25 +75,33 @@ durable_copy() { # files... -> copies them into $TMP/copy and syncs each
     for f in "$@"; do cp "$f" "$TMP/copy/"; done
     sync "$TMP"/copy/*
 }
-median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
+# Every run starts alike (see the top); without the right to drop caches, say so.
+CAN_DROP=1
+sync
+echo 3 > /proc/sys/vm/drop_caches 2> /dev/null || { CAN_DROP=0; echo "note: cannot drop the page cache here; runs start from whatever it holds"; }
+fresh_start() { # input files...
+    sync
+    if [ "$CAN_DROP" = 1 ]; then echo 3 > /proc/sys/vm/drop_caches; fi
+    cat "$@" > /dev/null
+}
+stats() { # seconds on stdin -> "min median max"
+    sort -g | awk '{ v[NR] = $1 } END { printf "%s %s %s\n", v[1], v[int((NR + 1) / 2)], v[NR] }'
+}
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 ROWS=()
 run_case() { # label, output folder, "input files", dreambridge args...
     local label=$1 out=$2 inputs=$3
     shift 3
     echo "$label" | grep -q -e "$CASES" || return 0
-    # Every case starts alike: nothing dirty, and of the files only its inputs in the page cache
-    # (earlier cases' files would otherwise crowd memory and slow whichever case came later).
-    sync
-    echo 3 > /proc/sys/vm/drop_caches 2> /dev/null || true
-    cat $inputs > /dev/null
     local bytes
     bytes=$(stat -c %s $inputs | awk '{ s += $1 } END { print s }')
     : > "$TMP/cp.txt"
     : > "$TMP/db.txt"
     for i in $(seq "$PAIRS"); do
         for who in $( [ $((i % 2)) = 1 ] && echo "cp db" || echo "db cp"); do
-            sync # the previous run's deleted output must not still be in flight
+            fresh_start $inputs
             if [ "$who" = cp ]; then
                 export -f durable_copy
                 measure bash -c 'TMP=$0; durable_copy "$@"' "$TMP" $inputs >> "$TMP/cp.txt"
@@ -100,15 +113,15 @@ run_case() { # label, output folder, "input files", dreambridge args...
             fi
         done
     done
-    local cs ds dk prof
-    cs=$(cut -d' ' -f1 "$TMP/cp.txt" | median)
-    ds=$(cut -d' ' -f1 "$TMP/db.txt" | median)
+    local c d dk prof
+    read -r -a c < <(cut -d' ' -f1 "$TMP/cp.txt" | stats)
+    read -r -a d < <(cut -d' ' -f1 "$TMP/db.txt" | stats)
     dk=$(cut -d' ' -f2 "$TMP/db.txt" | sort -g | tail -1)
-    prof=$(awk -v m="$ds" '$1 == m { $1 = ""; $2 = ""; print; exit }' "$TMP/db.txt")
-    ROWS+=("$(awk -v l="$label" -v b="$bytes" -v cs="$cs" -v ds="$ds" -v dk="$dk" -v all_cp="$(cut -d' ' -f1 "$TMP/cp.txt" | tr '\n' ' ')" -v all_db="$(cut -d' ' -f1 "$TMP/db.txt" | tr '\n' ' ')" 'BEGIN {
-        printf "%-34s %7.2f %8.2f %10.2f %9.0f %7.1f%%   cp: %s  dreambridge: %s", l, b / 1e9, cs, ds, dk / 1024, 100 * dk * 1024 / b, all_cp, all_db
-        printf "\n%-34s %s", "", "x " sprintf("%.2f", ds / cs) " of the durable copy"
+    prof=$(awk -v m="${d[1]}" '$1 == m { $1 = ""; $2 = ""; print; exit }' "$TMP/db.txt")
+    ROWS+=("$(awk -v l="$label" -v b="$bytes" -v c0="${c[0]}" -v c1="${c[1]}" -v c2="${c[2]}" -v d0="${d[0]}" -v d1="${d[1]}" -v d2="${d[2]}" -v dk="$dk" 'BEGIN {
+        printf "%-34s %6.2f %5.2f %6.2f %6.2f %7.2f %6.2f %6.2f %7.2f %7.2f %7.0f %5.1f%%", l, b / 1e9, c0, c1, c2, d0, d1, d2, d1 / c1, d0 / c0, dk / 1024, 100 * dk * 1024 / b
     }')")
+    ROWS+=("$(printf '%-34s cp: %s  dreambridge: %s' '' "$(cut -d' ' -f1 "$TMP/cp.txt" | tr '\n' ' ')" "$(cut -d' ' -f1 "$TMP/db.txt" | tr '\n' ' ')")")
     ROWS+=("$(printf '%-34s profile:%s' '' "$prof")")
 }
 
@@ -128,8 +141,9 @@ fi
 run_case "single file -> diffusers" "$TMP/o" "$TMP/src.safetensors" single-file-to-diffusers --checkpoint "$TMP/src.safetensors"
 run_case "single file -> keras" "$TMP/o" "$TMP/src.safetensors" single-file-to-keras --checkpoint "$TMP/src.safetensors"
 
-printf "\n%-34s %7s %8s %10s %9s %8s\n" "medians of $PAIRS alternating pairs" "GB in" "cp+sync" "dreambridge" "peak MB" "of input"
-printf "%-34s %7s %8s %10s %9s %8s\n" "" "" "(s)" "(s)" "RSS" "bytes"
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+printf "\n%-34s %6s %20s %22s %15s %7s %6s\n" "$PAIRS alternating pairs" "GB in" "cp + sync (s)" "dreambridge (s)" "ratio of" "peak" "of"
+printf "%-34s %6s %5s %6s %6s %7s %6s %6s %7s %7s %7s %6s\n" "" "" "min" "median" "max" "min" "median" "max" "medians" "minimums" "RSS MB" "input"
 for r in "${ROWS[@]}"; do echo "$r"; done
 largest=$(stat -c %s "$C/unet_sd1.h5")
 echo
