@@ -1,11 +1,60 @@
-"""Shared by both sides of the parity suite (plain numpy: imported by the Keras and torch venvs)."""
+"""Shared by both sides of the parity suite (plain numpy: imported by the Keras and torch venvs;
+h5py and safetensors are imported where used)."""
+import hashlib
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 
 WORK = os.environ.get("PARITY_WORK", os.path.join(os.path.dirname(os.path.abspath(__file__)), "work"))
+KEEP = bool(os.environ.get("PARITY_KEEP"))  # keep every work file (debugging; needs far more disk)
+
+
+def drop(*paths):
+    """Removes work files no later check reads (files or folders), unless PARITY_KEEP is set. Drop
+    references to tensors loaded from them first: safetensors maps files, and a deleted file that is
+    still mapped keeps its disk space (and `du` no longer sees it)."""
+    if KEEP:
+        return
+    for p in paths:
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        elif os.path.lexists(p):
+            os.remove(p)
+
+
+def tensor_digest(a):
+    """[dtype, shape, sha256 of the bytes]: equal digests mean equal dtype, shape and bits, so a file
+    compared later can be deleted now."""
+    a = np.asarray(a)
+    flat = np.ascontiguousarray(a).reshape(-1)  # ascontiguousarray makes a scalar 1-d: the shape is a's
+    return [str(a.dtype), list(a.shape), hashlib.sha256(flat.view(np.uint8)).hexdigest()]
+
+
+def h5_tensors(path):
+    """Every tensor of a legacy Keras .h5 file in layer_names / weight_names order (as Keras loads
+    them), one at a time."""
+    import h5py
+
+    with h5py.File(path) as f:
+        names = [n.decode() if isinstance(n, bytes) else n for n in f.attrs["layer_names"]]
+        for n in names:
+            for w in f[n].attrs["weight_names"]:
+                yield f[n][w.decode() if isinstance(w, bytes) else w][()]
+
+
+def h5_digest(path):
+    return [tensor_digest(t) for t in h5_tensors(path)]
+
+
+def st_digest(path):
+    """{key: digest} of a safetensors file, read tensor by tensor (numpy copies: nothing stays mapped)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="np") as f:
+        return {k: tensor_digest(f.get_tensor(k)) for k in f.keys()}
 
 
 def perturbed(shape, name, rng):

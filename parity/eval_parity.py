@@ -16,7 +16,7 @@ from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures"))
-from common import WORK, record  # noqa: E402
+from common import WORK, drop, record  # noqa: E402
 from make_eval_fixtures import transform  # noqa: E402  (the reference transforms in PIL)
 
 DB = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "release", "dreambridge")
@@ -68,6 +68,7 @@ def main():
                     "--clip-model", os.path.join(OUT, "clip"), "--dino-model", os.path.join(OUT, "dino"), "--json", report, "--device", "cpu"], check=True)
     ours_s = time.perf_counter() - start
     ours = json.load(open(report))["metrics"]
+    drop(OUT)  # the two models (~0.7 GB) and the images: nothing reads them again
     images = sum(len(v) for v in files.values())
     print(f"images scored per second (each image through both models, CPU): dreambridge {images / ours_s:.1f} "
           f"(whole command, model loading included), torch {images / torch_s:.1f} (PIL transforms + models); ratio {torch_s / ours_s:.2f}")

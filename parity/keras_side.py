@@ -1,18 +1,24 @@
-"""The KerasCV side of the parity suite (runs in the Keras 2 venv, and `k3` in the Keras 3 venv).
+"""The KerasCV side of the parity suite (runs in the Keras 2 venv, and `k3*` in the Keras 3 venv).
 
     keras_side.py make sd1|sd2     build real KerasCV models, random weights, save .h5 + outputs
-    keras_side.py reverse          load dreambridge-written .h5 files into keras_cv and compare
-    keras_side.py k3               Keras 3: save .weights.h5 from the legacy files, load ours back
+                                   + h5_digest.json (the round trip compares with it once the .h5 are gone)
+    keras_side.py roundtrip        dreambridge's .h5 written back from our diffusers folder (sd1/keras_back;
+                                   run.sh converts k3/pipe, proven bit-identical to sd1/pipe by `same`)
+                                   against the digest of KerasCV's files: bit-identical
+    keras_side.py reverse          diffusers/transformers-made models converted by dreambridge, in keras_cv
+    keras_side.py k3save           Keras 3: load the legacy files, save .weights.h5 (k3/)
+    keras_side.py k3load           Keras 3: load dreambridge's legacy .h5 (sd1/keras_back), compare outputs
+    keras_side.py k3               both k3 steps
 """
+import json
 import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import WORK, perturbed, record, record_fact, timestep_embedding  # noqa: E402
+from common import WORK, h5_digest, h5_tensors, perturbed, record, record_fact, tensor_digest, timestep_embedding  # noqa: E402
 from keras_cv.src.models.stable_diffusion.decoder import Decoder  # noqa: E402
 from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModel, DiffusionModelV2  # noqa: E402
 from keras_cv.src.models.stable_diffusion.image_encoder import ImageEncoder  # noqa: E402
@@ -51,42 +57,41 @@ def parts(version):
 def make(version):
     out = os.path.join(WORK, version)
     os.makedirs(out, exist_ok=True)
-    io = {}
+    io, digests = {}, {}
     for i, name in enumerate(parts(version)):
         rng = np.random.default_rng(100 + i)
         model = build(name, version)
         model.set_weights([perturbed(tuple(w.shape), w.name, rng) for w in model.weights])
         model.save_weights(os.path.join(out, f"{name}.h5"))
+        digests[name] = h5_digest(os.path.join(out, f"{name}.h5"))
         x = inputs(name, version, rng)
         io.update({f"{name}_in{j}": a for j, a in enumerate(x)})
         io[f"{name}_out"] = model.predict(x, verbose=0)
         print(f"  built {version} {name}: {model.count_params():,} params", flush=True)
         del model
     np.savez(os.path.join(out, "keras_io.npz"), **io)
-
-
-def h5_tensors(path):
-    """Every tensor of a legacy file in layer_names / weight_names order (as Keras loads them)."""
-    with h5py.File(path) as f:
-        names = [n.decode() if isinstance(n, bytes) else n for n in f.attrs["layer_names"]]
-        out = []
-        for n in names:
-            for w in f[n].attrs["weight_names"]:
-                out.append(f[n][w.decode() if isinstance(w, bytes) else w][()])
-        return out
+    with open(os.path.join(out, "h5_digest.json"), "w") as f:
+        json.dump(digests, f)
 
 
 REVERSE_FILES = {"unet": "diffusion_model.h5", "text_encoder": "text_encoder.h5", "image_encoder": "image_encoder.h5", "decoder": "decoder.h5"}
 
 
-def reverse():
-    """diffusers -> keras: (a) the round trip of our own conversion is bit-exact; (b) models made
-    by diffusers/transformers themselves, converted, run in keras_cv like they ran in torch."""
+def roundtrip():
+    """diffusers -> keras (a): the round trip of our own conversion is bit-exact. KerasCV's files are
+    gone by now (disk): their per-tensor digests (dtype, shape, sha256, in load order) stand in."""
+    with open(os.path.join(WORK, "sd1", "h5_digest.json")) as f:
+        digests = json.load(f)
     for name in parts("sd1"):
-        a = h5_tensors(os.path.join(WORK, "sd1", f"{name}.h5"))
-        b = h5_tensors(os.path.join(WORK, "sd1", "keras_back", REVERSE_FILES[name]))
-        same = len(a) == len(b) and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b))
+        a = digests[name]
+        b = [tensor_digest(t) for t in h5_tensors(os.path.join(WORK, "sd1", "keras_back", REVERSE_FILES[name]))]
+        same = len(a) == len(b) and a == b
         record_fact("round trip h5->st->h5", name, same, f"{len(a)} tensors bit-identical" if same else "tensors differ")
+
+
+def reverse():
+    """diffusers -> keras (b): models made by diffusers/transformers themselves, converted, run in
+    keras_cv like they ran in torch."""
     io = np.load(os.path.join(WORK, "torch_sd1", "torch_io.npz"))
     for name in parts("sd1"):
         model = build(name, "sd1")
@@ -101,31 +106,44 @@ def reverse():
         del model
 
 
-def k3():
-    """Keras 3 (keras_cv 0.9): writes .weights.h5 for dreambridge, and loads dreambridge's legacy .h5."""
-    import keras
-
+def k3save():
+    """Keras 3 (keras_cv 0.9) loads KerasCV's legacy files and writes .weights.h5 for dreambridge."""
     out = os.path.join(WORK, "k3")
     os.makedirs(out, exist_ok=True)
-    io = np.load(os.path.join(WORK, "sd1", "keras_io.npz"))
     for name in parts("sd1"):
-        x = [io[k] for k in sorted(k for k in io.files if k.startswith(f"{name}_in"))]
         model = build(name, "sd1")
         model.load_weights(os.path.join(WORK, "sd1", f"{name}.h5"))
         model.save_weights(os.path.join(out, f"{name}.weights.h5"))
+        del model
+
+
+def k3load():
+    """Keras 3 (keras_cv 0.9) loads dreambridge's legacy .h5 and runs KerasCV's inputs to its outputs."""
+    import keras
+
+    io = np.load(os.path.join(WORK, "sd1", "keras_io.npz"))
+    for name in parts("sd1"):
+        x = [io[k] for k in sorted(k for k in io.files if k.startswith(f"{name}_in"))]
         theirs = build(name, "sd1")
         theirs.load_weights(os.path.join(WORK, "sd1", "keras_back", REVERSE_FILES[name]))
         record(f"keras {keras.__version__} loads ours", name, io[f"{name}_out"], theirs.predict(x, verbose=0), 5e-5, "dreambridge legacy .h5 in Keras 3")
-        del model, theirs
+        del theirs
 
 
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "make":
         make(sys.argv[2])
+    elif cmd == "roundtrip":
+        roundtrip()
     elif cmd == "reverse":
         reverse()
+    elif cmd == "k3save":
+        k3save()
+    elif cmd == "k3load":
+        k3load()
     elif cmd == "k3":
-        k3()
+        k3save()
+        k3load()
     else:
         sys.exit(f"unknown command {cmd}")

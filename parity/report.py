@@ -1,4 +1,7 @@
-"""Prints the parity results table; exits 1 if any check failed (or none ran)."""
+"""Prints the parity results table; exits 1 if any check failed (or none ran).
+
+    report.py RESULTS.jsonl SECONDS [DISK_LINE]   (run.sh passes its peak-disk-use line last)
+"""
 import json
 import sys
 
@@ -9,4 +12,6 @@ for r in rows:
     print(f"{r['check']:30s} {r['component']:24s} {nums}  {'PASS' if r['ok'] else 'FAIL'}  {r['note']}")
 failed = sum(not r["ok"] for r in rows)
 print(f"\nparity: {len(rows) - failed} passed, {failed} failed in {sys.argv[2]} s")
+if len(sys.argv) > 3:
+    print(sys.argv[3])
 sys.exit(1 if failed or not rows else 0)

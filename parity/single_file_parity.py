@@ -22,7 +22,9 @@ transformers with seeded random weights (every LayerNorm/GroupNorm weight and bi
 
     PARITY_WORK=/tmp/pw parity/.venv-torch/bin/python parity/single_file_parity.py [DREAMBRIDGE] [--tiny-only]
 
-Work files: $PARITY_WORK/single_file. Exits 1 when a check of this run failed.
+Work files: $PARITY_WORK/single_file; the tiny checks' files are deleted before the full-size one,
+and its ~8.5 GB (folder and file) when it ends (PARITY_KEEP=1 keeps the tiny ones). Exits 1 when a
+check of this run failed.
 """
 import gc
 import json
@@ -43,7 +45,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import WORK, LogWarnings, record, record_fact  # noqa: E402
+from common import WORK, LogWarnings, drop, record, record_fact  # noqa: E402
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
@@ -585,6 +587,10 @@ def main(tiny_only):
     if tiny_only:
         fact("full-size SD1.5 single file", "skipped", True, "skipped: --tiny-only")
     else:
+        # The tiny checks' files (pipelines, exports, imports) are not read again: only the sample's
+        # tokenizer folder stays (TOKENIZER came from it).
+        gc.collect()
+        drop(*(os.path.join(W, n) for n in os.listdir(W) if n != "sample"))
         check_full()
 
 

@@ -1,10 +1,13 @@
 """The diffusers/transformers side of the parity suite (runs in the torch venv).
 
     torch_side.py check sd1|sd2    strict loading + forward parity of dreambridge's conversion
-    torch_side.py pipeline         StableDiffusionPipeline.from_pretrained runs (f32 and fp16 variant)
+    torch_side.py pipeline [DIR..] StableDiffusionPipeline.from_pretrained runs (sd1/pipe f32, sd1/pipe16
+                                   fp16 variant, sample; default all three)
     torch_side.py make_torch       diffusers/transformers-made random SD1 models (for the reverse check)
-    torch_side.py same A B         two pipeline folders hold bit-identical tensors
+    torch_side.py digest DIR OUT   per-tensor digests of a pipeline folder's weights (DIR may then go)
+    torch_side.py same A B         two pipeline folders hold bit-identical tensors (A: a folder or a digest file)
 """
+import json
 import os
 import sys
 
@@ -12,7 +15,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import WORK, record, record_fact  # noqa: E402
+from common import WORK, record, record_fact, st_digest  # noqa: E402
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from diffusers.models import activations  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
@@ -89,8 +92,12 @@ def check(version):
         record(f"{version} keras->diffusers", "decoder", io["decoder_out"], vae_decode(vae, io["decoder_in0"]), 5e-5, "decode(z / 0.18215)")
 
 
-def pipeline():
-    for folder, kw in (("sd1/pipe", {}), ("sd1/pipe16", {"variant": "fp16"}), ("sample", {})):
+PIPELINES = {"sd1/pipe": {}, "sd1/pipe16": {"variant": "fp16"}, "sample": {}}
+
+
+def pipeline(folders=()):
+    for folder in folders or PIPELINES:
+        kw = PIPELINES[folder]
         path = os.path.join(WORK, folder)
         try:
             pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32, **kw)
@@ -141,14 +148,30 @@ def make_torch():
     np.savez(os.path.join(out, "torch_io.npz"), **io)
 
 
+WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors")
+
+
+def digest(folder, out):
+    """Per-tensor digests (dtype, shape, sha256) of a folder's weights, so that `same` can compare a
+    folder made later with this one after it is deleted."""
+    with open(out, "w") as f:
+        json.dump({w: st_digest(os.path.join(folder, w)) for w in WEIGHT_FILES}, f)
+
+
 def same(a, b):
-    from safetensors.numpy import load_file
-    for f in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
-        x, y = load_file(os.path.join(a, f)), load_file(os.path.join(b, f))
-        ok = x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]) for k in x)
+    """Same keys, dtypes, shapes and bits in each weights file (a: a folder or a `digest` file)."""
+    if os.path.isfile(a):
+        with open(a) as f:
+            ref = json.load(f)
+    else:
+        ref = {w: st_digest(os.path.join(a, w)) for w in WEIGHT_FILES}
+    for f in WEIGHT_FILES:
+        x, y = ref[f], st_digest(os.path.join(b, f))
+        ok = x.keys() == y.keys() and all(x[k] == y[k] for k in x)
         record_fact("keras3 .weights.h5 -> st", f.split("/")[0], ok, f"{len(x)} tensors identical to the legacy-file conversion" if ok else "differ")
 
 
 if __name__ == "__main__":
     cmd = sys.argv[1]
-    {"check": lambda: check(sys.argv[2]), "pipeline": pipeline, "make_torch": make_torch, "same": lambda: same(sys.argv[2], sys.argv[3])}[cmd]()
+    {"check": lambda: check(sys.argv[2]), "pipeline": lambda: pipeline(sys.argv[2:]), "make_torch": make_torch,
+     "digest": lambda: digest(sys.argv[2], sys.argv[3]), "same": lambda: same(sys.argv[2], sys.argv[3])}[cmd]()

@@ -73,7 +73,9 @@ impl DistConfig {
             (Backend::Auto, false) | (Backend::Tcp, _) => Backend::Tcp,
         };
         let rv = &self.rendezvous;
-        eprintln!("rank {rank} of {world}: joining through {}:{} ({backend:?})", rv.addr, rv.port);
+        // One write, so the ranks' lines do not interleave mid-line on a shared stderr.
+        let line = format!("rank {rank} of {world}: joining through {}:{} ({backend:?})\n", rv.addr, rv.port);
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
         let c: Arc<dyn Collective> = match backend {
             Backend::Tcp => Arc::new(super::tcp::Star::join(rank, world, rv)?),
             Backend::Nccl => nccl(dev, rank, world, rv)?,
