@@ -47,6 +47,10 @@ fn driver_fn(name: &std::ffi::CStr) -> Option<*mut libc::c_void> {
 /// everything when on, the driver's default 0 when off). A no-op on the CPU.
 pub fn apply_switches(dev: &Device) -> Result<()> {
     let candle_core::DeviceLocation::Cuda { gpu_id } = dev.location() else { return Ok(()) };
+    let pool = crate::switches::Switch::KeepPoolMemory;
+    if !pool.on() && !pool.forced() {
+        return Ok(()); // off and never turned on: the driver is not touched (the old path)
+    }
     let (Some(get_device), Some(get_pool), Some(set_attribute)) =
         (driver_fn(c"cuDeviceGet"), driver_fn(c"cuDeviceGetDefaultMemPool"), driver_fn(c"cuMemPoolSetAttribute"))
     else {
@@ -58,7 +62,7 @@ pub fn apply_switches(dev: &Device) -> Result<()> {
     type GetPool = unsafe extern "C" fn(*mut *mut libc::c_void, i32) -> i32;
     type SetAttribute = unsafe extern "C" fn(*mut libc::c_void, i32, *mut libc::c_void) -> i32;
     const CU_MEMPOOL_ATTR_RELEASE_THRESHOLD: i32 = 4;
-    let mut threshold: u64 = if crate::switches::Switch::KeepPoolMemory.on() { u64::MAX } else { 0 };
+    let mut threshold: u64 = if pool.on() { u64::MAX } else { 0 };
     // SAFETY: the driver's documented signatures above; every out-pointer is a valid local.
     unsafe {
         let (get_device, get_pool, set_attribute): (GetDevice, GetPool, SetAttribute) =

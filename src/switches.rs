@@ -43,6 +43,11 @@ impl Switch {
         }
     }
 
+    /// Whether [`Switch::force`] has set it (device-wide settings must then be set either way).
+    pub fn forced(self) -> bool {
+        self.slot().load(Ordering::Relaxed) != 0
+    }
+
     /// Overrides the environment for the rest of this process (`bench --compare` alternates).
     pub fn force(self, on: bool) {
         self.slot().store(if on { 2 } else { 1 }, Ordering::Relaxed);
