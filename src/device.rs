@@ -65,8 +65,9 @@ pub fn apply_switches(dev: &Device) -> Result<()> {
     let mut threshold: u64 = if pool.on() { u64::MAX } else { 0 };
     // SAFETY: the driver's documented signatures above; every out-pointer is a valid local.
     unsafe {
-        let (get_device, get_pool, set_attribute): (GetDevice, GetPool, SetAttribute) =
-            (std::mem::transmute(get_device), std::mem::transmute(get_pool), std::mem::transmute(set_attribute));
+        let get_device = std::mem::transmute::<*mut libc::c_void, GetDevice>(get_device);
+        let get_pool = std::mem::transmute::<*mut libc::c_void, GetPool>(get_pool);
+        let set_attribute = std::mem::transmute::<*mut libc::c_void, SetAttribute>(set_attribute);
         let (mut device, mut pool) = (0i32, std::ptr::null_mut());
         let rc = get_device(&mut device, gpu_id as i32);
         let rc = if rc == 0 { get_pool(&mut pool, device) } else { rc };

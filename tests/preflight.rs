@@ -10,8 +10,10 @@ use std::sync::{Arc, Mutex};
 
 /// Records the name and shape of every weight a model asks for, handing out a zero-sized view
 /// (a broadcast scalar), so a full-size model's tensor list costs no memory.
+type Named = Vec<(String, Vec<usize>)>;
+
 #[derive(Clone, Default)]
-struct Shapes(Arc<Mutex<Vec<(String, Vec<usize>)>>>);
+struct Shapes(Arc<Mutex<Named>>);
 
 impl SimpleBackend for Shapes {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
@@ -55,11 +57,11 @@ fn full_size_shaped(dir: &Path) -> std::path::PathBuf {
     use dreambridge::bench::sd15;
     type Build = fn(candle_nn::VarBuilder) -> anyhow::Result<()>;
     let parts: [(&str, &str, &str, &str, Build); 3] = [
-        ("unet", sd15::UNET, "diffusion_pytorch_model.safetensors", "", |vb| Ok(drop(dreambridge::models::unet::UNet::new(vb, &sd15::unet()?)?))),
+        ("unet", sd15::UNET, "diffusion_pytorch_model.safetensors", "", |vb| dreambridge::models::unet::UNet::new(vb, &sd15::unet()?).map(drop).map_err(Into::into)),
         ("text_encoder", sd15::TEXT_ENCODER, "model.safetensors", "text_model.", |vb| {
-            Ok(drop(dreambridge::models::clip::ClipTextModel::new(vb, &sd15::text_encoder()?)?))
+            dreambridge::models::clip::ClipTextModel::new(vb, &sd15::text_encoder()?).map(drop).map_err(Into::into)
         }),
-        ("vae", sd15::VAE, "diffusion_pytorch_model.safetensors", "", |vb| Ok(drop(dreambridge::models::vae::Vae::new(vb, &sd15::vae()?)?))),
+        ("vae", sd15::VAE, "diffusion_pytorch_model.safetensors", "", |vb| dreambridge::models::vae::Vae::new(vb, &sd15::vae()?).map(drop).map_err(Into::into)),
     ];
     let mut total = 0;
     for (folder, config, file, prefix, build) in parts {
