@@ -63,14 +63,30 @@ impl DistConfig {
 
     /// Joins the other ranks (blocks until all are there). A world of one needs nobody, unless a
     /// backend is named (`--dist-backend nccl` on one GPU: the NCCL smoke test).
-    pub fn connect(&self, dev: &Device) -> Result<Arc<dyn Collective>> {
-        let Rank { rank, world, .. } = self.rank;
-        if world == 1 && self.backend == Backend::Auto {
-            return Ok(Arc::new(WorldOfOne));
+    /// The backend this process would join with on `dev` (`None`: it trains alone).
+    fn backend_on(&self, dev: &Device) -> Option<Backend> {
+        if self.rank.world == 1 && self.backend == Backend::Auto {
+            return None;
         }
-        let backend = match (self.backend, dev.is_cuda()) {
+        Some(match (self.backend, dev.is_cuda()) {
             (Backend::Auto, true) | (Backend::Nccl, _) => Backend::Nccl,
             (Backend::Auto, false) | (Backend::Tcp, _) => Backend::Tcp,
+        })
+    }
+
+    /// What can be refused before anything is loaded: NCCL asked of a binary built without it.
+    pub fn check(&self, dev: &Device) -> Result<()> {
+        if self.backend_on(dev) == Some(Backend::Nccl) && !NCCL_BUILT {
+            let Rank { rank, world, .. } = self.rank;
+            return nccl(dev, rank, world, &self.rendezvous).map(drop);
+        }
+        Ok(())
+    }
+
+    pub fn connect(&self, dev: &Device) -> Result<Arc<dyn Collective>> {
+        let Rank { rank, world, .. } = self.rank;
+        let Some(backend) = self.backend_on(dev) else {
+            return Ok(Arc::new(WorldOfOne));
         };
         let rv = &self.rendezvous;
         // One write, so the ranks' lines do not interleave mid-line on a shared stderr.

@@ -32,6 +32,7 @@ pub fn check(a: &TrainArgs) -> Result<Ready> {
     }
     super::optim::LrSchedule::from_args(&a.lr_scheduler, a.lr_num_cycles, a.lr_power, a.learning_rate)?;
     let device = crate::device::parse(&a.dist.device_spec(&a.device))?;
+    a.dist.check(&device)?;
     let compute_dtype = compute_dtype(&a.mixed_precision, &device)?;
 
     image_files(&a.instance_data_dir).context("--instance_data_dir")?;
