@@ -28,7 +28,7 @@ fn snapshot_root(local: &Path, rfilename: &str) -> Option<PathBuf> {
 }
 
 /// `namespace/name`, not a relative or absolute path.
-fn is_repo_id(text: &str) -> bool {
+pub(crate) fn is_repo_id(text: &str) -> bool {
     text.split('/').count() == 2 && !text.starts_with('.') && !text.starts_with('/')
 }
 

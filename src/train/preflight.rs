@@ -68,7 +68,7 @@ fn check_base(a: &TrainArgs) -> Result<()> {
     let dir = &a.pretrained_model;
     if !dir.is_dir() {
         ensure!(
-            dir.exists() || crate::hub::download::parse_hub_file(&dir.to_string_lossy()).is_some() || dir.to_string_lossy().split('/').count() == 2,
+            dir.exists() || crate::hub::download::parse_hub_file(&dir.to_string_lossy()).is_some() || crate::hub::download::is_repo_id(&dir.to_string_lossy()),
             "--pretrained_model_name_or_path {}: no such file or folder (nor a Hub repo id `namespace/name`)",
             dir.display()
         );
