@@ -2,7 +2,7 @@
 //! `DREAMBRIDGE_PROFILE_AT`-th occurrence (default the 1st) of the region NAME (`unet_step`: one
 //! UNet call of sampling; `train_step`: one optimizer step of `bench train`) runs between
 //! `cuProfilerStart` and `cuProfilerStop`, so `ncu --profile-from-start off` times exactly its
-//! kernels. Without the variable, or on the CPU, a region costs one environment lookup.
+//! kernels. Without the variable, or on the CPU, a region costs a comparison.
 
 use candle_core::Device;
 use std::collections::HashMap;
@@ -18,10 +18,16 @@ pub struct Region {
     wall: Option<(&'static str, usize, Device, std::time::Instant)>,
 }
 
+/// `DREAMBRIDGE_PROFILE_RANGE`, read once: regions sit on the hot path (every UNet call).
+fn profiled_range() -> Option<&'static str> {
+    static RANGE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    RANGE.get_or_init(|| std::env::var("DREAMBRIDGE_PROFILE_RANGE").ok()).as_deref()
+}
+
 /// Enters one occurrence of region `name` on `dev`.
 pub fn region(name: &'static str, dev: &Device) -> Region {
     let off = Region { device: None, wall: None };
-    if dev.is_cpu() || std::env::var("DREAMBRIDGE_PROFILE_RANGE").ok().as_deref() != Some(name) {
+    if dev.is_cpu() || profiled_range() != Some(name) {
         return off;
     }
     let at: usize = std::env::var("DREAMBRIDGE_PROFILE_AT").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
