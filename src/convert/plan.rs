@@ -4,6 +4,7 @@
 
 use crate::keras::{KerasFile, KerasFormat};
 use crate::mapping::{all_tables, Expr, Layout, Op, Symbols, Table, TensorSpec};
+use std::collections::BTreeMap;
 use crate::tensor::{DType, TensorSource};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
@@ -27,6 +28,89 @@ pub struct Plan {
     pub layout: Layout,
     pub symbols: Symbols,
     pub tensors: Vec<PlannedTensor>,
+    /// For each optional feature of the table's templates (`when=`), the diffusers keys of the
+    /// tensor that showed it, one per layer that has it (e.g. `dual`: the second attentions).
+    pub features: BTreeMap<String, Vec<String>>,
+}
+
+impl PlannedTensor {
+    /// The diffusers shape of the whole Keras tensor this one is part of (the same shape unless
+    /// q, k and v share one Keras tensor).
+    pub fn full_diffusers_shape(&self) -> Vec<usize> {
+        let mut shape = self.diffusers_shape.clone();
+        if let Some(first) = shape.first_mut() {
+            *first *= self.spec.rows.parts();
+        }
+        shape
+    }
+
+    /// The Keras tensor's shape as the op reads it (a per-head attention kernel `(D, heads,
+    /// head_dim)` is the Dense kernel `(D, heads·head_dim)` it stores).
+    pub fn op_keras_shape(&self) -> Vec<usize> {
+        self.spec.op.keras_shape(&self.full_diffusers_shape())
+    }
+}
+
+impl Plan {
+    /// Evaluates every table-given Keras shape with `known` symbols added (a diffusers source does
+    /// not show Keras' per-head split); a shape still unbound is an error naming the tensor.
+    pub fn keras_shapes_with(&mut self, known: &Symbols) -> Result<()> {
+        let mut symbols = self.symbols.clone();
+        symbols.extend(known.iter().map(|(k, v)| (k.clone(), *v)));
+        for t in &mut self.tensors {
+            if let Some(exprs) = &t.spec.keras_shape {
+                let shape: Vec<usize> = exprs
+                    .iter()
+                    .map(|e| e.eval(&symbols))
+                    .collect::<Option<_>>()
+                    .with_context(|| format!("tensor `{}`: its Keras shape {} needs {}", t.source, describe(exprs), describe_symbols(&symbols)))?;
+                ensure!(
+                    shape.iter().product::<usize>() == t.full_diffusers_shape().iter().product::<usize>(),
+                    "tensor `{}`: Keras shape {shape:?} does not hold its {:?}",
+                    t.source,
+                    t.full_diffusers_shape()
+                );
+                t.keras_shape = shape;
+            }
+        }
+        self.symbols = symbols;
+        Ok(())
+    }
+}
+
+/// Drops the tensors of the features a layer lacks: a feature is present in a layer when the
+/// first tensor that needs it (`when=feature`) is found by `exists`. Returns the layout left and
+/// the keys of the tensors that showed each feature.
+fn resolve_features(layout: Layout, exists: impl Fn(&TensorSpec) -> bool) -> (Layout, BTreeMap<String, Vec<String>>) {
+    let mut features: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut out = Layout { layers: Vec::new(), tensors: Vec::new() };
+    for layer in &layout.layers {
+        let specs = &layout.tensors[layer.tensors.clone()];
+        let mut has: BTreeMap<&str, bool> = BTreeMap::new();
+        for spec in specs {
+            if let Some(w) = spec.when.as_ref().filter(|w| w.present) {
+                if !has.contains_key(w.feature.as_str()) {
+                    let found = exists(spec);
+                    has.insert(&w.feature, found);
+                    if found {
+                        features.entry(w.feature.clone()).or_default().push(spec.key.clone());
+                    }
+                }
+            }
+        }
+        let start = out.tensors.len();
+        for spec in specs {
+            let keep = match &spec.when {
+                None => true,
+                Some(w) => has.get(w.feature.as_str()).copied().unwrap_or(false) == w.present,
+            };
+            if keep {
+                out.tensors.push(crate::mapping::TensorSpec { layer: out.layers.len(), ..spec.clone() });
+            }
+        }
+        out.layers.push(crate::mapping::LayerSpec { tensors: start..out.tensors.len(), ..layer.clone() });
+    }
+    (out, features)
 }
 
 /// Which side a shape was read on.
@@ -57,7 +141,16 @@ fn describe_symbols(symbols: &Symbols) -> String {
 /// diffusers-side shape.
 fn unify_shape(spec: &TensorSpec, shape: &[usize], side: Side, symbols: &mut Symbols) -> Result<Vec<usize>> {
     let exprs = match side {
-        Side::Keras => keras_order(spec.op, &spec.shape),
+        Side::Keras => match &spec.keras_shape {
+            Some(k) => k.clone(),
+            None => {
+                let mut full = spec.shape.clone();
+                if let Some(first) = full.first_mut() {
+                    *first = first.times(spec.rows.parts());
+                }
+                keras_order(spec.op, &full)
+            }
+        },
         Side::Diffusers => spec.shape.clone(),
     };
     let fits = exprs.len() == shape.len() && exprs.iter().zip(shape).all(|(e, v)| e.unify(*v, symbols));
@@ -110,44 +203,64 @@ impl Plan {
                 tensors.push(plan_keras_tensor(file, spec, path, &mut symbols)?);
             }
         }
-        Ok(Plan { table: table.clone(), layout, symbols, tensors })
+        Ok(Plan { table: table.clone(), layout, symbols, tensors, features: BTreeMap::new() })
     }
 
     fn for_keras3(file: &KerasFile, table: &Table) -> Result<Plan> {
+        Self::for_keras3_at(file, table, "layers/", Symbols::new())
+    }
+
+    /// Matches the part of a Keras 3 file under `root` (`layers/` for a whole file,
+    /// `layers/mm_di_t/layers/` for the MMDiT inside a KerasHub backbone), starting from
+    /// `known` symbols. Every dataset under `root` must be one of the table's.
+    pub fn for_keras3_at(file: &KerasFile, table: &Table, root: &str, known: Symbols) -> Result<Plan> {
         let mut repeats = 0;
         if let Some(class) = table.repeat_class() {
-            while file.has_dataset(&format!("layers/{}", if repeats == 0 { class.to_string() } else { format!("{class}_{repeats}") })) {
+            while file.has_dataset(&format!("{root}{}", if repeats == 0 { class.to_string() } else { format!("{class}_{repeats}") })) {
                 repeats += 1;
             }
-            ensure!(repeats > 0, "no `layers/{class}` group");
+            let fixed = table.fixed_rows_of_repeat_class();
+            ensure!(repeats > fixed, "no `{root}{class}` group");
+            repeats -= fixed;
         }
-        let layout = table.expand(repeats)?;
+        let path_of = |layout: &Layout, spec: &TensorSpec| format!("{root}{}/{}", layout.layers[spec.layer].keras3_key, spec.keras3_suffix());
+        let expanded = table.expand(repeats)?;
+        let (layout, features) = resolve_features(expanded.clone(), |spec| file.has_dataset(&path_of(&expanded, spec)));
         let mut symbols = table.initial_symbols(repeats);
+        symbols.extend(known);
         let mut tensors = Vec::new();
-        for layer in &layout.layers {
-            for spec in &layout.tensors[layer.tensors.clone()] {
-                let path = format!("layers/{}/{}", layer.keras3_key, spec.keras3_suffix());
-                ensure!(file.has_dataset(&path), "tensor `{path}` (for {}): not found", spec.key);
-                tensors.push(plan_keras_tensor(file, spec, &path, &mut symbols)?);
-            }
+        let mut paths = std::collections::BTreeSet::new();
+        for spec in &layout.tensors {
+            let path = path_of(&layout, spec);
+            ensure!(file.has_dataset(&path), "tensor `{path}` (for {}): not found", spec.key);
+            tensors.push(plan_keras_tensor(file, spec, &path, &mut symbols)?);
+            paths.insert(path);
         }
-        let total = file.keras3_datasets()?.len();
-        ensure!(total == tensors.len(), "the file holds {total} tensors under `layers/`, the model has {}", tensors.len());
-        Ok(Plan { table: table.clone(), layout, symbols, tensors })
+        let total = file.keras3_datasets()?.iter().filter(|(p, _)| p.starts_with(root)).count();
+        ensure!(total == paths.len(), "the file holds {total} tensors under `{root}`, the model has {}", paths.len());
+        Ok(Plan { table: table.clone(), layout, symbols, tensors, features })
     }
 
     /// Matches the diffusers tensors of `table`'s part of a component file (or of any source
     /// that shows diffusers' names, such as a single-file checkpoint's view).
     pub fn for_diffusers(file: &dyn TensorSource, table: &Table) -> Result<Plan> {
+        Self::for_diffusers_with(file, table, Symbols::new())
+    }
+
+    /// As [`Plan::for_diffusers`], with symbols the weights do not show (attention heads) known.
+    pub fn for_diffusers_with(file: &dyn TensorSource, table: &Table, known: Symbols) -> Result<Plan> {
         let mut repeats = 0;
         if table.repeat_symbol().is_some() {
             while find_key(file, table, &table.repeat_probe_key(repeats).expect("table repeats")).is_some() {
                 repeats += 1;
             }
-            ensure!(repeats > 0, "no {}", file.describe(&table.repeat_probe_key(0).unwrap()));
+            let fixed = table.fixed_rows_of_repeat_class();
+            ensure!(repeats > fixed, "no {}", file.describe(&table.repeat_probe_key(0).unwrap()));
+            repeats -= fixed;
         }
-        let layout = table.expand(repeats)?;
+        let (layout, features) = resolve_features(table.expand(repeats)?, |spec| find_key(file, table, &spec.key).is_some());
         let mut symbols = table.initial_symbols(repeats);
+        symbols.extend(known);
         let mut tensors = Vec::new();
         for spec in &layout.tensors {
             let key = find_key(file, table, &spec.key).with_context(|| format!("tensor {}: missing", file.describe(&spec.key)))?;
@@ -156,16 +269,18 @@ impl Plan {
             let shape = if squeeze { info.shape[..2].to_vec() } else { info.shape.clone() };
             let diffusers_shape =
                 unify_shape(spec, &shape, Side::Diffusers, &mut symbols).with_context(|| format!("tensor {}", file.describe(&key)))?;
-            tensors.push(PlannedTensor {
-                keras_shape: spec.op.keras_shape(&diffusers_shape),
-                spec: spec.clone(),
-                source: key,
-                dtype: info.dtype,
-                diffusers_shape,
-                squeeze_source: squeeze,
-            });
+            let mut full = diffusers_shape.clone();
+            full[0] *= spec.rows.parts();
+            // A Keras shape over symbols the weights do not show (attention heads) is the op's
+            // own until a writer that needs it binds them ([`Plan::keras_shapes_with`]).
+            let keras_shape = spec
+                .keras_shape
+                .as_ref()
+                .and_then(|exprs| exprs.iter().map(|e| e.eval(&symbols)).collect::<Option<Vec<usize>>>())
+                .unwrap_or_else(|| spec.op.keras_shape(&full));
+            tensors.push(PlannedTensor { keras_shape, spec: spec.clone(), source: key, dtype: info.dtype, diffusers_shape, squeeze_source: squeeze });
         }
-        Ok(Plan { table: table.clone(), layout, symbols, tensors })
+        Ok(Plan { table: table.clone(), layout, symbols, tensors, features })
     }
 }
 

@@ -49,6 +49,19 @@ pub struct Part<'a> {
     pub op: Option<Op>,
     /// The number of values the part must hold.
     pub elements: usize,
+    /// The shape the op reads the source as, where it is not the stored one (a per-head
+    /// attention kernel read as the Dense kernel it is).
+    pub view: Option<Vec<usize>>,
+    /// Only these rows (of the re-laid-out tensor's first axis), in this order, each row
+    /// `.1` values long: one of q/k/v fused in one tensor, or swapped halves.
+    pub rows: Option<(Vec<std::ops::Range<usize>>, usize)>,
+}
+
+impl<'a> Part<'a> {
+    /// All of the tensor at `key`, re-laid-out by `op`.
+    pub fn whole(origin: Origin<'a>, key: impl Into<String>, op: Option<Op>, elements: usize) -> Part<'a> {
+        Part { origin, key: key.into(), op, elements, view: None, rows: None }
+    }
 }
 
 /// One output tensor: its header entry, and the inputs whose bytes, in order, make it (several
@@ -97,11 +110,12 @@ pub fn write_outputs(mut writer: StWriter, outputs: &[Output], progress: &Progre
                     let mut send_part = |from: DType, shape: &[usize], data: &[u8]| -> Result<()> {
                         let n: usize = shape.iter().product();
                         ensure!(n == part.elements, "holds {n} values ({shape:?}) where {} are needed", part.elements);
+                        let shape = part.view.as_deref().unwrap_or(shape);
                         let relayout = match part.op {
                             Some(op) => Relayout::new(op, true, data, shape, from.size())?,
                             None => Relayout::Same,
                         };
-                        relayout.pieces(data, from.size(), PIECE, |len, fill| {
+                        let mut emit = |len: usize, fill: &dyn Fn(&mut [u8])| -> Result<()> {
                             let Ok(mut out) = take.recv() else {
                                 open = false;
                                 return Ok(());
@@ -112,7 +126,11 @@ pub fn write_outputs(mut writer: StWriter, outputs: &[Output], progress: &Progre
                                 first = false;
                             }
                             Ok(())
-                        })
+                        };
+                        match &part.rows {
+                            None => relayout.pieces(data, from.size(), PIECE, &mut emit),
+                            Some((runs, row)) => runs.iter().try_for_each(|run| relayout.row_pieces(data, from.size(), PIECE, run.clone(), *row, &mut emit)),
+                        }
                     };
                     part.origin.with_bytes(&part.key, &mut send_part).with_context(|| part.origin.describe(&part.key))?;
                     if !open {
@@ -165,7 +183,7 @@ mod tests {
                 ("none", RawTensor { dtype: DType::F32, shape: vec![0, 4], data: vec![] }),
             ],
         );
-        let part = |key: &str, elements| Part { origin: Origin::Tensors(&source), key: key.into(), op: None, elements };
+        let part = |key: &str, elements| Part::whole(Origin::Tensors(&source), key.into(), None, elements);
         let outputs = vec![
             Output { tensor: PendingTensor { key: "ab".into(), dtype: DType::F16, shape: vec![3, 3] }, parts: vec![part("a", 6), part("b", 3)] },
             Output { tensor: PendingTensor { key: "big".into(), dtype: DType::F32, shape: vec![big] }, parts: vec![part("big", big)] },
@@ -188,7 +206,7 @@ mod tests {
         let source = st_file(&path, &[("a", RawTensor { dtype: DType::F32, shape: vec![2], data: f32s([1.0, 2.0]) })]);
         let outputs = vec![Output {
             tensor: PendingTensor { key: "a".into(), dtype: DType::F32, shape: vec![3] },
-            parts: vec![Part { origin: Origin::Tensors(&source), key: "a".into(), op: None, elements: 3 }],
+            parts: vec![Part::whole(Origin::Tensors(&source), "a".into(), None, 3)],
         }];
         let out = dir.path().join("out.safetensors");
         let progress = Progress::new("test", 12);

@@ -1,6 +1,7 @@
 //! KerasCV `.h5` files -> a diffusers `StableDiffusionPipeline` folder.
 
-use super::plan::{detect, Plan};
+use super::plan::{detect, Plan, PlannedTensor};
+use crate::mapping::Rows;
 use super::stream::{total_bytes, write_outputs, Origin, Output, Part};
 use crate::diffusers::configs::{model_index, scheduler_config, text_encoder_config, unet_config, vae_config};
 use crate::diffusers::layout::{find_weights, Component};
@@ -197,16 +198,10 @@ fn write_weights(
     let relative = format!("{}/{}", component.dir(), component.weights_name(half));
     let output = |origin, key: &str, op, tensor: PendingTensor| {
         let elements = tensor.shape.iter().product();
-        Output { tensor, parts: vec![Part { origin, key: key.to_string(), op, elements }] }
+        Output { tensor, parts: vec![Part::whole(origin, key, op, elements)] }
     };
     // The KerasCV tensors re-laid-out by their tables, then the base's others as they are.
-    let mut outputs = Vec::new();
-    for m in parts {
-        for t in &m.plan.tensors {
-            let tensor = PendingTensor { key: t.spec.key.clone(), dtype: dtype.unwrap_or(t.dtype), shape: t.diffusers_shape.clone() };
-            outputs.push(output(Origin::Keras(&m.file), &t.source, Some(t.spec.op), tensor));
-        }
-    }
+    let mut outputs: Vec<Output> = parts.iter().flat_map(|m| m.plan.tensors.iter().map(|t| keras_output(&m.file, t, dtype))).collect();
     if let Some(base) = overlay {
         let ours: BTreeSet<String> = outputs.iter().map(|o| o.tensor.key.clone()).collect();
         for o in &outputs {
@@ -232,6 +227,18 @@ fn write_weights(
     write_outputs(StWriter::create(&staging.path(&relative)?, pending)?, &outputs, &progress)?;
     progress.finish(&format!("{} tensors -> {relative}", outputs.len()));
     Ok(())
+}
+
+/// The output tensor of a planned Keras tensor: the Keras tensor re-laid-out, or the rows of it
+/// that the diffusers tensor holds.
+pub(crate) fn keras_output<'a>(file: &'a KerasFile, t: &PlannedTensor, dtype: Option<DType>) -> Output<'a> {
+    let full = t.full_diffusers_shape();
+    let mut part = Part::whole(Origin::Keras(file), &t.source, Some(t.spec.op), full.iter().product());
+    part.view = Some(t.op_keras_shape());
+    if t.spec.rows != Rows::All {
+        part.rows = Some((t.spec.rows.runs(full[0]), full[1..].iter().product()));
+    }
+    Output { tensor: PendingTensor { key: t.spec.key.clone(), dtype: dtype.unwrap_or(t.dtype), shape: t.diffusers_shape.clone() }, parts: vec![part] }
 }
 
 /// Copies what the base folder has and the conversion did not write; with `dtype` set, copied
@@ -266,7 +273,7 @@ pub(crate) fn recode_weights(from: &Path, to: &Path, dtype: DType) -> Result<()>
             let shape = src.info(&key)?.shape;
             let elements = shape.iter().product();
             let tensor = PendingTensor { key: key.clone(), dtype, shape };
-            Ok(Output { tensor, parts: vec![Part { origin: Origin::Tensors(&src), key, op: None, elements }] })
+            Ok(Output { tensor, parts: vec![Part::whole(Origin::Tensors(&src), key, None, elements)] })
         })
         .collect::<Result<Vec<_>>>()?;
     let label = to.parent().and_then(Path::file_name).unwrap_or_default().to_string_lossy().to_string();

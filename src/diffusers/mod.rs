@@ -2,6 +2,7 @@
 
 pub mod configs;
 pub mod layout;
+pub mod sd3;
 pub mod st_read;
 pub mod tokenizer;
 pub mod st_write;

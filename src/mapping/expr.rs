@@ -52,6 +52,11 @@ impl Expr {
         Ok(Expr { terms })
     }
 
+    /// The expression multiplied by `n` (a tensor fused from `n` equal parts).
+    pub fn times(&self, n: usize) -> Expr {
+        Expr { terms: self.terms.iter().map(|t| Term { coef: t.coef * n, symbol: t.symbol.clone() }).collect() }
+    }
+
     /// The value, if every symbol is bound.
     pub fn eval(&self, symbols: &Symbols) -> Option<usize> {
         self.terms.iter().try_fold(0usize, |acc, t| match &t.symbol {

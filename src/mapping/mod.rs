@@ -9,4 +9,4 @@ pub mod table;
 
 pub use expr::{Expr, Symbols};
 pub use op::Op;
-pub use table::{all_tables, table_for, Heads, LayerSpec, Layout, Table, TensorSpec};
+pub use table::{all_tables, keras_hub_tables, table_for, Heads, LayerSpec, Layout, Rows, Table, TensorSpec, When};

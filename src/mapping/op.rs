@@ -162,6 +162,43 @@ impl Relayout {
     }
 }
 
+impl Relayout {
+    /// As [`Relayout::pieces`], for output rows `rows` only (rows of `row` values each).
+    pub fn row_pieces(&self, data: &[u8], elem: usize, max_bytes: usize, rows: std::ops::Range<usize>, row: usize, mut emit: impl FnMut(usize, &dyn Fn(&mut [u8])) -> Result<()>) -> Result<()> {
+        let bytes = |all: &[u8]| -> Result<std::ops::Range<usize>> {
+            let range = rows.start * row * elem..rows.end * row * elem;
+            ensure!(range.end <= all.len(), "rows {rows:?} of {row} values lie beyond the tensor's {} bytes", all.len());
+            Ok(range)
+        };
+        match self {
+            Relayout::Same => {
+                let range = bytes(data)?;
+                for chunk in data[range].chunks(max_bytes.max(1)) {
+                    emit(chunk.len(), &|out: &mut [u8]| out.copy_from_slice(chunk))?;
+                }
+                Ok(())
+            }
+            Relayout::Whole(all) => {
+                let range = bytes(all)?;
+                emit(range.len(), &|out: &mut [u8]| out.copy_from_slice(&all[range.clone()]))
+            }
+            Relayout::Transposed(t) => {
+                ensure!(rows.end <= t.cols && t.out_row == row, "rows {rows:?} of {row} values do not fit a {}x{} transpose", t.cols, t.out_row);
+                let row_bytes = t.out_row * elem;
+                let step = (max_bytes / row_bytes.max(1)).max(1);
+                for c0 in rows.clone().step_by(step) {
+                    let c1 = (c0 + step).min(rows.end);
+                    emit((c1 - c0) * row_bytes, &|out: &mut [u8]| match elem {
+                        2 => t.tiles::<2>(data, out, c0, c1),
+                        _ => t.tiles::<4>(data, out, c0, c1),
+                    })?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Receives a placed piece: its runs (output byte offset, length), its length, and its filler.
 pub type PlacedEmit<'a> = dyn FnMut(&[(usize, usize)], usize, &dyn Fn(&mut [u8])) -> Result<()> + 'a;
 

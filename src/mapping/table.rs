@@ -16,14 +16,23 @@ const MODEL_TABLES: &[(&str, &str)] = &[
     ("vae_encoder", include_str!("../../mappings/vae_encoder.toml")),
     ("vae_decoder", include_str!("../../mappings/vae_decoder.toml")),
 ];
+/// KerasHub's Stable Diffusion 3 parts (Keras 3 files only, found by path, never by detection
+/// among the KerasCV tables).
+const KERAS_HUB_TABLES: &[(&str, &str)] = &[
+    ("mmdit_sd3", include_str!("../../mappings/mmdit_sd3.toml")),
+    ("clip_text_kerashub", include_str!("../../mappings/clip_text_kerashub.toml")),
+    ("clip_projection_kerashub", include_str!("../../mappings/clip_projection_kerashub.toml")),
+    ("vae_encoder_kerashub", include_str!("../../mappings/vae_encoder_kerashub.toml")),
+    ("vae_decoder_kerashub", include_str!("../../mappings/vae_decoder_kerashub.toml")),
+];
 
 #[derive(Deserialize)]
 struct RawTemplate {
     extends: Option<String>,
     #[serde(default)]
-    tensors: Vec<[String; 4]>,
+    tensors: Vec<Vec<String>>,
     #[serde(default)]
-    replace: Vec<[String; 4]>,
+    replace: Vec<Vec<String>>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -79,13 +88,57 @@ impl Heads {
     }
 }
 
-/// One tensor of a template: Keras sub-path, diffusers key suffix, op, diffusers shape.
+/// Which rows of a Keras tensor (in diffusers' layout, first axis) a diffusers tensor holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rows {
+    /// All of them, in order.
+    All,
+    /// Part `index` of `of` equal parts (q, k, v fused into one Keras tensor).
+    Part { index: usize, of: usize },
+    /// Both halves, swapped: Stability's (shift, scale) order is diffusers' (scale, shift).
+    SwapHalves,
+}
+
+impl Rows {
+    /// How many times the diffusers tensor's first axis the Keras tensor's is.
+    pub fn parts(self) -> usize {
+        match self {
+            Rows::Part { of, .. } => of,
+            _ => 1,
+        }
+    }
+
+    /// The runs of source rows, in order, that make the diffusers tensor, for a source tensor of
+    /// `rows` rows (the diffusers tensor's first axis times [`Rows::parts`]).
+    pub fn runs(self, rows: usize) -> Vec<std::ops::Range<usize>> {
+        match self {
+            Rows::All => vec![0..rows],
+            Rows::Part { index, of } => vec![index * rows / of..(index + 1) * rows / of],
+            Rows::SwapHalves => vec![rows / 2..rows, 0..rows / 2],
+        }
+    }
+}
+
+/// One tensor of a template: Keras sub-path, diffusers key suffix, op, diffusers shape, and the
+/// options of an optional fifth column (`keras=<shape>`: the Keras shape where it is not the op's
+/// own, e.g. attention kernels split per head; `when=<feature>` / `when=!<feature>`: present
+/// only in the layers that have / lack a feature, such as q/k norms or a second attention).
 #[derive(Clone, Debug)]
 struct TemplateTensor {
     keras: String,
     key: String,
     op: Op,
+    rows: Rows,
     shape: Vec<Expr>,
+    keras_shape: Option<Vec<Expr>>,
+    when: Option<When>,
+}
+
+/// A tensor that exists only in layers with (`present`) or without a feature.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct When {
+    pub feature: String,
+    pub present: bool,
 }
 
 /// One row of a model table: a weighted Keras layer (or `n` of them).
@@ -119,6 +172,8 @@ pub struct Table {
 #[derive(Clone, Debug)]
 pub struct LayerSpec {
     pub class: String,
+    /// The repetition this layer is (0..n), for a repeated row.
+    pub repeat: Option<usize>,
     /// Key under `layers/` in a Keras 3 `.weights.h5` (class name + per-class counter); also the
     /// group name dreambridge writes in legacy `.h5` files.
     pub keras3_key: String,
@@ -134,8 +189,13 @@ pub struct TensorSpec {
     /// Full diffusers / transformers key.
     pub key: String,
     pub op: Op,
+    /// The rows of the Keras tensor this diffusers tensor holds.
+    pub rows: Rows,
     /// Diffusers-side shape over the model symbols.
     pub shape: Vec<Expr>,
+    /// The Keras shape, where the op's own rule does not give it.
+    pub keras_shape: Option<Vec<Expr>>,
+    pub when: Option<When>,
 }
 
 /// A table expanded for a given repeat count: every layer and tensor in Keras order.
@@ -157,23 +217,32 @@ impl TensorSpec {
     }
 }
 
-/// Every model table, in detection order.
+/// Every KerasCV model table, in detection order.
 pub fn all_tables() -> Result<Vec<Table>> {
+    tables_of(MODEL_TABLES)
+}
+
+/// KerasHub's tables (Stable Diffusion 3).
+pub fn keras_hub_tables() -> Result<Vec<Table>> {
+    tables_of(KERAS_HUB_TABLES)
+}
+
+fn tables_of(list: &[(&str, &str)]) -> Result<Vec<Table>> {
     let templates = parse_templates()?;
-    let raw: BTreeMap<&str, RawTable> = MODEL_TABLES
+    let raw: BTreeMap<&str, RawTable> = list
         .iter()
         .map(|(name, text)| Ok((*name, toml::from_str(text).with_context(|| format!("mappings/{name}.toml"))?)))
         .collect::<Result<_>>()?;
-    MODEL_TABLES
-        .iter()
+    list.iter()
         .map(|(name, _)| resolve_table(name, &raw, &templates).with_context(|| format!("mappings/{name}.toml")))
         .collect()
 }
 
-/// The table of a model kind such as `unet-sd1`.
+/// The table of a model kind such as `unet-sd1` or `mmdit-sd3`.
 pub fn table_for(kind: &str) -> Result<Table> {
     all_tables()?
         .into_iter()
+        .chain(keras_hub_tables()?)
         .find(|t| t.kind == kind)
         .with_context(|| format!("no mapping table for model kind `{kind}`"))
 }
@@ -208,8 +277,42 @@ fn resolve_template(name: &str, raw: &BTreeMap<String, RawTemplate>, depth: usiz
     Ok(tensors)
 }
 
-fn parse_template_tensor(row: &[String; 4]) -> Result<TemplateTensor> {
-    Ok(TemplateTensor { keras: row[0].clone(), key: row[1].clone(), op: row[2].parse()?, shape: parse_shape(&row[3])? })
+fn parse_template_tensor(row: &Vec<String>) -> Result<TemplateTensor> {
+    anyhow::ensure!(matches!(row.len(), 4 | 5), "a template tensor is [keras path, key, op, shape] or [.., options], got {row:?}");
+    let (op, rows) = match row[2].split_once('+') {
+        Some((op, "swap_halves")) => (op.parse()?, Rows::SwapHalves),
+        Some((_, other)) => bail!("unknown op modifier `{other}` (swap_halves)"),
+        None => (row[2].parse()?, Rows::All),
+    };
+    let (mut keras_shape, mut when) = (None, None);
+    for option in row.get(4).map(|o| o.split(';').map(str::trim).filter(|o| !o.is_empty()).collect()).unwrap_or_else(Vec::new) {
+        match option.split_once('=') {
+            Some(("keras", shape)) => keras_shape = Some(parse_shape(shape)?),
+            Some(("when", f)) => {
+                let (feature, present) = match f.trim().strip_prefix('!') {
+                    Some(rest) => (rest, false),
+                    None => (f.trim(), true),
+                };
+                when = Some(When { feature: feature.to_string(), present });
+            }
+            _ => bail!("unknown template option `{option}` (keras=<shape>, when=<feature>)"),
+        }
+    }
+    Ok(TemplateTensor { keras: row[0].clone(), key: row[1].clone(), op, rows, shape: parse_shape(&row[3])?, keras_shape, when })
+}
+
+/// A key with a `{a|b|c}` group: the diffusers tensors fused, in order, along the first axis of
+/// the one Keras tensor. Returns each key and its part.
+fn split_key(key: &str, rows: Rows) -> Result<Vec<(String, Rows)>> {
+    let Some(open) = key.find('{') else { return Ok(vec![(key.to_string(), rows)]) };
+    let close = key[open..].find('}').with_context(|| format!("key `{key}`: `{{` without `}}`"))? + open;
+    anyhow::ensure!(rows == Rows::All, "key `{key}`: a fused tensor cannot also swap halves");
+    let names: Vec<&str> = key[open + 1..close].split('|').collect();
+    Ok(names
+        .iter()
+        .enumerate()
+        .map(|(index, n)| (format!("{}{n}{}", &key[..open], &key[close + 1..]), Rows::Part { index, of: names.len() }))
+        .collect())
 }
 
 fn resolve_table(name: &str, raw: &BTreeMap<&str, RawTable>, templates: &BTreeMap<String, Vec<TemplateTensor>>) -> Result<Table> {
@@ -331,27 +434,39 @@ impl Table {
                 let count = class_counts.entry(row.class.clone()).or_insert(0);
                 let keras3_key = if *count == 0 { row.class.clone() } else { format!("{}_{}", row.class, count) };
                 *count += 1;
-                let prefix = row.prefix.replace("{i}", &i.to_string());
+                let prefix = row.prefix.replace("{i}", &i.to_string()).replace("{n}", &repeats.to_string());
                 let start = tensors.len();
                 for t in &self.templates[&row.template] {
-                    let shape = t
-                        .shape
-                        .iter()
-                        .map(|d| d.substitute(&row.params))
-                        .collect::<Result<Vec<_>>>()
-                        .with_context(|| format!("row `{}`", row.prefix))?;
-                    tensors.push(TensorSpec {
-                        layer: layers.len(),
-                        keras_path: t.keras.clone(),
-                        key: format!("{}{}.{}", self.key_prefix, prefix, t.key),
-                        op: t.op,
-                        shape,
-                    });
+                    let subst = |exprs: &Vec<Expr>| -> Result<Vec<Expr>> {
+                        exprs.iter().map(|d| d.substitute(&row.params)).collect::<Result<Vec<_>>>().with_context(|| format!("row `{}`", row.prefix))
+                    };
+                    let shape = subst(&t.shape)?;
+                    let keras_shape = t.keras_shape.as_ref().map(subst).transpose()?;
+                    for (key, rows) in split_key(&t.key, t.rows)? {
+                        tensors.push(TensorSpec {
+                            layer: layers.len(),
+                            keras_path: t.keras.clone(),
+                            key: format!("{}{}.{}", self.key_prefix, prefix, key),
+                            op: t.op,
+                            rows,
+                            shape: shape.clone(),
+                            keras_shape: keras_shape.clone(),
+                            when: t.when.clone(),
+                        });
+                    }
                 }
-                layers.push(LayerSpec { class: row.class.clone(), keras3_key, tensors: start..tensors.len() });
+                let repeat = row.repeat.is_some().then_some(i);
+                layers.push(LayerSpec { class: row.class.clone(), repeat, keras3_key, tensors: start..tensors.len() });
             }
         }
         Ok(Layout { layers, tensors })
+    }
+
+    /// Rows that do not repeat but share the repeated row's Keras class (the last, different
+    /// block of a stack): a count of the class's layers includes them.
+    pub fn fixed_rows_of_repeat_class(&self) -> usize {
+        let class = self.repeat_class();
+        self.rows.iter().filter(|r| r.repeat.is_none() && Some(r.class.as_str()) == class).count()
     }
 
     /// The repeat symbol bound to `repeats`, as the starting bindings for shape unification.

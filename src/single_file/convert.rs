@@ -456,7 +456,7 @@ fn write_part(staging: &Staging, component: Component, source: &dyn TensorSource
         .map(|t| {
             let tensor = PendingTensor { key: t.spec.key.clone(), dtype: if half { DType::F16 } else { t.dtype }, shape: t.diffusers_shape.clone() };
             let elements = tensor.shape.iter().product();
-            Output { tensor, parts: vec![Part { origin: Origin::Tensors(source), key: t.source.clone(), op: None, elements }] }
+            Output { tensor, parts: vec![Part::whole(Origin::Tensors(source), t.source.clone(), None, elements)] }
         })
         .collect();
     let progress = Progress::new(component.dir(), total_bytes(&outputs));

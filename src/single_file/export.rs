@@ -103,7 +103,7 @@ pub fn write_single_file(path: &Path, components: &[ExportComponent], dtype: Opt
                 .iter()
                 .map(|(c, i)| {
                     let t = &components[*c].tensors[*i];
-                    Part { origin: t.origin, key: t.source_key.clone(), op: t.op, elements: t.info.shape.iter().product() }
+                    Part::whole(t.origin, t.source_key.clone(), t.op, t.info.shape.iter().product())
                 })
                 .collect(),
         })
