@@ -403,6 +403,11 @@ struct SingleFileToDiffusers {
 /// The four KerasCV files of a conversion, in any form and place they come in.
 #[derive(Args)]
 struct KerasFiles {
+    /// KerasHub Stable Diffusion 3: a preset folder (config.json + model.weights.h5), a whole
+    /// StableDiffusion3Backbone .weights.h5, or the MMDiT alone (`backbone.diffuser.save_weights`,
+    /// the keras.io SD3 DreamBooth output; the rest from --base); local, hf://owner/repo/file or a repo id.
+    #[arg(long, conflicts_with_all = ["unet", "text_encoder", "vae_encoder", "vae_decoder"])]
+    preset: Option<PathBuf>,
     /// KerasCV DiffusionModel / DiffusionModelV2 weights (.h5, .weights.h5, .keras, TF checkpoint, SavedModel folder; or hf://owner/repo/file, a resolve URL, a Hub repo id).
     #[arg(long)]
     unet: Option<PathBuf>,
@@ -420,7 +425,24 @@ struct KerasFiles {
 impl KerasFiles {
     /// As given (for model cards).
     fn specs(&self) -> Vec<String> {
-        [&self.unet, &self.text_encoder, &self.vae_encoder, &self.vae_decoder].into_iter().flatten().map(|p| p.display().to_string()).collect()
+        [&self.preset, &self.unet, &self.text_encoder, &self.vae_encoder, &self.vae_decoder].into_iter().flatten().map(|p| p.display().to_string()).collect()
+    }
+
+    /// The KerasHub SD3 input: `--preset`, or a `--unet` that is KerasHub's MMDiT (the keras.io
+    /// SD3 DreamBooth file), fetched and matched.
+    fn keras_hub(&self) -> Result<Option<dreambridge::convert::kerashub::Sd3Keras>> {
+        let path = match (&self.preset, &self.unet) {
+            (Some(p), _) => dreambridge::hub::download::local_file_or_hub(p)?,
+            (None, Some(u)) if self.text_encoder.is_none() && self.vae_encoder.is_none() && self.vae_decoder.is_none() => {
+                let local = dreambridge::hub::download::keras_input(u)?;
+                if !dreambridge::convert::kerashub::is_sd3(&local) {
+                    return Ok(None);
+                }
+                local
+            }
+            _ => return Ok(None),
+        };
+        dreambridge::convert::kerashub::open(&path).map(Some)
     }
 
     /// Local paths, Hub files and repos downloaded first.
@@ -668,51 +690,24 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> Result<()> {
             println!("{}", dreambridge::hub::download::snapshot(&repo, revision.as_deref())?.display());
         }
         Command::Inspect { file, sd_version } => print!("{}", dreambridge::inspect::inspect(&file, sd_version)?),
-        Command::Convert(ConvertArgs { direction: Some(Direction::KerasToDiffusers(a)), .. }) => {
+        Command::Convert(ConvertArgs { direction: Some(Direction::KerasToDiffusers(a)), .. }) if a.files.preset.is_some() || a.files.unet.is_some() => {
             let sources = a.files.specs();
-            let given = a.files.fetch()?;
-            let nothing_given = given.unet.is_none() && given.text_encoder.is_none() && given.vae_encoder.is_none() && given.vae_decoder.is_none();
-            let _sample_dir;
-            let inputs = if a.sample || (nothing_given && a.base.is_none()) {
-                anyhow::ensure!(nothing_given, "--sample cannot be combined with input files");
-                eprintln!("no input files given: converting the embedded tiny KerasCV SD1 sample");
-                let (dir, inputs) = dreambridge::sample::unpack()?;
-                _sample_dir = dir;
-                inputs
-            } else {
-                given
+            let Some(sd3) = a.files.keras_hub()? else {
+                return run_keras_to_diffusers(a);
             };
+            anyhow::ensure!(a.placeholder_token.is_empty() && a.learned_embeds.is_none(), "--placeholder-token and --learned-embeds are for KerasCV text encoders, not KerasHub SD3");
+            anyhow::ensure!(a.sd_version.is_none(), "--sd-version is for KerasCV SD1/SD2 files; a KerasHub SD3 input's variant is read from its weights");
+            eprintln!("{}: {}", sd3.path.display(), sd3.describe());
             let base = a.base.as_deref().map(dreambridge::hub::download::local_or_hub).transpose()?;
-            let opts = ToDiffusersOptions {
-                base,
-                out: a.out,
-                half: a.half,
-                force: a.force,
-                sd_version: a.sd_version,
-                placeholder_tokens: a.placeholder_token.clone(),
-                learned_embeds: a.learned_embeds,
-            };
-            let done = keras_to_diffusers(&inputs, &opts)?;
+            let opts = ToDiffusersOptions { base, out: a.out.clone(), half: a.half, force: a.force, ..Default::default() };
+            let done = dreambridge::convert::sd3_to_diffusers::sd3_to_diffusers(&sd3, &opts)?;
             println!("converted {} -> {}", done.kinds.join(", "), done.out.display());
-            for f in &done.learned_embeds {
-                println!("learned embeds -> {}", f.display());
-            }
             if !done.complete_pipeline {
-                println!("note: not a complete pipeline (no model_index.json); give the missing parts or --base to get one");
+                println!("note: the MMDiT alone (transformer/ only); give --base (a diffusers SD3 folder or Hub repo) for a complete pipeline");
             }
-            if let Some(repo) = a.push_to_hub {
-                let card = dreambridge::hub::model_card::CardInfo {
-                    repo_id: repo.clone(),
-                    base_model: a.base.as_ref().map(|b| b.display().to_string()),
-                    sources,
-                    placeholder_tokens: a.placeholder_token,
-                    ..Default::default()
-                };
-                let opts = dreambridge::hub::push::PushOptions { repo: repo.clone(), card, ..Default::default() };
-                let pushed = dreambridge::hub::push::push(&done.out, &opts)?;
-                println!("pushed {repo} as commit {}", pushed.commit);
-            }
+            push_converted(&a, &done, sources)?;
         }
+        Command::Convert(ConvertArgs { direction: Some(Direction::KerasToDiffusers(a)), .. }) => run_keras_to_diffusers(a)?,
         Command::Convert(ConvertArgs { direction: Some(Direction::DiffusersToSingleFile { model, out, half, force }), .. }) => {
             use dreambridge::single_file::convert::{diffusers_to_single_file, ExportOptions};
             let model = dreambridge::hub::download::local_or_hub(&model)?;
@@ -789,6 +784,59 @@ fn kebab_flags(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::
         _ => a,
     })
     .collect()
+}
+
+/// `convert keras-to-diffusers` on KerasCV files (or the embedded sample).
+fn run_keras_to_diffusers(a: KerasToDiffusers) -> Result<()> {
+    let sources = a.files.specs();
+    let given = a.files.fetch()?;
+    let nothing_given = given.unet.is_none() && given.text_encoder.is_none() && given.vae_encoder.is_none() && given.vae_decoder.is_none();
+    let _sample_dir;
+    let inputs = if a.sample || (nothing_given && a.base.is_none()) {
+        anyhow::ensure!(nothing_given, "--sample cannot be combined with input files");
+        eprintln!("no input files given: converting the embedded tiny KerasCV SD1 sample");
+        let (dir, inputs) = dreambridge::sample::unpack()?;
+        _sample_dir = dir;
+        inputs
+    } else {
+        given
+    };
+    let base = a.base.as_deref().map(dreambridge::hub::download::local_or_hub).transpose()?;
+    let opts = ToDiffusersOptions {
+        base,
+        out: a.out.clone(),
+        half: a.half,
+        force: a.force,
+        sd_version: a.sd_version,
+        placeholder_tokens: a.placeholder_token.clone(),
+        learned_embeds: a.learned_embeds.clone(),
+    };
+    let done = keras_to_diffusers(&inputs, &opts)?;
+    println!("converted {} -> {}", done.kinds.join(", "), done.out.display());
+    for f in &done.learned_embeds {
+        println!("learned embeds -> {}", f.display());
+    }
+    if !done.complete_pipeline {
+        println!("note: not a complete pipeline (no model_index.json); give the missing parts or --base to get one");
+    }
+    push_converted(&a, &done, sources)
+}
+
+/// `--push-to-hub` after a conversion: the folder with a model card naming the sources.
+fn push_converted(a: &KerasToDiffusers, done: &dreambridge::convert::to_diffusers::Converted, sources: Vec<String>) -> Result<()> {
+    if let Some(repo) = &a.push_to_hub {
+        let card = dreambridge::hub::model_card::CardInfo {
+            repo_id: repo.clone(),
+            base_model: a.base.as_ref().map(|b| b.display().to_string()),
+            sources,
+            placeholder_tokens: a.placeholder_token.clone(),
+            ..Default::default()
+        };
+        let opts = dreambridge::hub::push::PushOptions { repo: repo.clone(), card, ..Default::default() };
+        let pushed = dreambridge::hub::push::push(&done.out, &opts)?;
+        println!("pushed {repo} as commit {}", pushed.commit);
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
