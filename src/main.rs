@@ -259,12 +259,13 @@ enum Direction {
     },
     /// KerasCV .h5 / .weights.h5 files -> diffusers folder (runs the embedded sample when no file is given).
     KerasToDiffusers(KerasToDiffusers),
-    /// diffusers folder -> KerasCV legacy .h5 files (diffusion_model.h5, text_encoder.h5, image_encoder.h5, decoder.h5).
+    /// diffusers folder -> KerasCV legacy .h5 files (diffusion_model.h5, text_encoder.h5, image_encoder.h5, decoder.h5);
+    /// a Stable Diffusion 3 folder -> a KerasHub preset folder, or its MMDiT alone with `--out <name>.weights.h5`.
     DiffusersToKeras {
-        /// The diffusers pipeline folder.
+        /// The diffusers pipeline folder (or Hub repo id).
         #[arg(long)]
         model: PathBuf,
-        /// Output folder for the .h5 files.
+        /// Output folder for the .h5 files (SD3: the preset folder, or a `.weights.h5` file for the MMDiT alone).
         #[arg(long)]
         out: PathBuf,
         /// Replace an existing output folder.
@@ -747,6 +748,14 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> Result<()> {
             }
         }
         Command::Convert(ConvertArgs { direction: Some(Direction::DiffusersToKeras { model, out, force, sd_version }), .. }) => {
+            let local = if model.exists() { model.clone() } else { dreambridge::hub::download::local_or_hub(&model)? };
+            if dreambridge::convert::sd3_to_keras::is_sd3_folder(&local) {
+                anyhow::ensure!(sd_version.is_none(), "--sd-version is for SD1/SD2 folders, not Stable Diffusion 3");
+                let done = dreambridge::convert::sd3_to_keras::sd3_to_keras(&local, &out, force)?;
+                println!("{} -> {} (KerasHub)", done.parts.join(", "), done.out.display());
+                return Ok(());
+            }
+            let model = local;
             let done = diffusers_to_keras(&model, &out, force, sd_version)?;
             for (kind, name) in &done.files {
                 println!("{kind} -> {}", done.out.join(name).display());

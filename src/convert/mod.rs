@@ -5,6 +5,7 @@ pub mod phases;
 pub mod pieces;
 pub mod plan;
 pub mod sd3_to_diffusers;
+pub mod sd3_to_keras;
 pub mod stream;
 pub mod textual_inversion;
 pub mod to_diffusers;

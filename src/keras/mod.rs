@@ -5,6 +5,7 @@ pub mod reader;
 pub mod strings;
 pub mod tf_bundle;
 pub mod tf_objects;
+pub mod keras3_writer;
 pub mod writer;
 
 pub use reader::{is_checkpoint_prefix, DatasetInfo, KerasFile, KerasFormat, KerasLayer};
