@@ -15,6 +15,7 @@ use std::path::Path;
 pub fn inspect(path: &Path, sd_version: Option<u8>) -> Result<String> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let report = match ext {
+        _ if crate::convert::kerashub::is_sd3(path) => inspect_keras_hub(path),
         // A TF checkpoint prefix such as TF's `training_1/cp.ckpt`: the bundle, not a torch file.
         _ if crate::keras::is_checkpoint_prefix(path) => inspect_keras(path, sd_version),
         "safetensors" => inspect_safetensors(path, sd_version),
@@ -105,6 +106,24 @@ fn inspect_keras(path: &Path, sd_version: Option<u8>) -> Result<String> {
     Ok(out)
 }
 
+/// A KerasHub Stable Diffusion 3 preset, backbone or MMDiT: its form, variant and parts.
+fn inspect_keras_hub(path: &Path) -> Result<String> {
+    let sd3 = crate::convert::kerashub::open(path)?;
+    let mut out = String::new();
+    writeln!(out, "format: Keras 3 .weights.h5")?;
+    writeln!(out, "detected: {}", sd3.describe())?;
+    for plan in sd3.plans() {
+        writeln!(out, "  {}", describe_plan(plan).trim_start_matches("detected: "))?;
+    }
+    for (feature, keys) in &sd3.mmdit.features {
+        writeln!(out, "  MMDiT feature `{feature}` in {} blocks", keys.len())?;
+    }
+    if sd3.form == crate::convert::kerashub::Form::Mmdit {
+        writeln!(out, "  the MMDiT alone: convert with --base (a diffusers SD3 folder) for a complete pipeline")?;
+    }
+    Ok(out)
+}
+
 fn inspect_safetensors(path: &Path, sd_version: Option<u8>) -> Result<String> {
     let file = StFile::open(path)?;
     if file.keys().iter().any(|k| k.starts_with("model.diffusion_model.")) {
@@ -156,8 +175,9 @@ fn tensor_table(out: &mut String, file: &dyn TensorSource) -> Result<()> {
 fn describe_plan(plan: &Plan) -> String {
     let symbols: Vec<String> = plan.symbols.iter().map(|(k, v)| format!("{k}={v}")).collect();
     format!(
-        "detected: {} (KerasCV {} <-> diffusers {}), {} tensors, {}",
+        "detected: {} ({} {} <-> diffusers {}), {} tensors, {}",
         plan.table.kind,
+        if plan.table.kind.ends_with("-kerashub") || plan.table.kind.ends_with("-sd3") { "KerasHub" } else { "KerasCV" },
         plan.table.keras_class,
         plan.table.component,
         plan.tensors.len(),

@@ -1,0 +1,271 @@
+//! KerasHub Stable Diffusion 3 <-> diffusers: tiny SD3 folders of each variant, built here from
+//! the mapping tables with random (non-symmetric) values, converted to a KerasHub preset and to
+//! an MMDiT-only file and back, bit for bit; the layout changes checked on the Keras side; bad
+//! inputs refused by name.
+
+use dreambridge::convert::kerashub::{self, Form};
+use dreambridge::convert::sd3_to_diffusers::sd3_to_diffusers;
+use dreambridge::convert::sd3_to_keras::sd3_to_keras;
+use dreambridge::convert::to_diffusers::ToDiffusersOptions;
+use dreambridge::diffusers::sd3::Variant;
+use dreambridge::diffusers::st_read::StFile;
+use dreambridge::diffusers::st_write::{PendingTensor, StWriter};
+use dreambridge::keras::KerasFile;
+use dreambridge::mapping::{table_for, Symbols};
+use dreambridge::tensor::{DType, RawTensor};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A deterministic, non-symmetric fill: every value differs from its neighbours.
+fn values(n: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .flat_map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5).to_le_bytes()
+        })
+        .collect()
+}
+
+/// Writes the tensors of `kind`'s table (with `repeats` and `symbols`) into `tensors`; a
+/// `when=` tensor is kept when `has(feature, layer's first key)` says its feature is there.
+fn table_tensors(kind: &str, repeats: usize, symbols: &Symbols, has: &dyn Fn(&str, &str) -> bool, tensors: &mut BTreeMap<String, RawTensor>) {
+    let layout = table_for(kind).unwrap().expand(repeats).unwrap();
+    for layer in &layout.layers {
+        let specs = &layout.tensors[layer.tensors.clone()];
+        for spec in specs {
+            if let Some(w) = &spec.when {
+                if has(&w.feature, &specs[0].key) != w.present {
+                    continue;
+                }
+            }
+            let shape: Vec<usize> = spec.shape.iter().map(|e| e.eval(symbols).unwrap_or_else(|| panic!("{kind}: {} unbound", spec.key))).collect();
+            let n = shape.iter().product();
+            let seed = tensors.len() as u64 + 17;
+            tensors.insert(spec.key.clone(), RawTensor { dtype: DType::F32, shape, data: values(n, seed) });
+        }
+    }
+}
+
+fn write_st(path: &Path, tensors: &BTreeMap<String, RawTensor>) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let pending = tensors.iter().map(|(k, t)| PendingTensor { key: k.clone(), dtype: t.dtype, shape: t.shape.clone() }).collect();
+    let mut w = StWriter::create(path, pending).unwrap();
+    for (k, t) in tensors {
+        w.write_next(k, t).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+fn write_json(path: &Path, value: serde_json::Value) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, serde_json::to_string_pretty(&value).unwrap()).unwrap();
+}
+
+fn syms(pairs: &[(&str, usize)]) -> Symbols {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+/// A tiny SD3 pipeline folder: 3 MMDiT blocks of width 64 (2 heads of 32), two small CLIPs, a
+/// small VAE. `variant` picks the q/k norms and the second attention (block 0 only).
+fn make_sd3_folder(dir: &Path, variant: Variant) {
+    let qk = variant != Variant::Sd3Medium;
+    let dual = variant == Variant::Sd35Medium;
+    let mut t = BTreeMap::new();
+    let mmdit = syms(&[("h", 64), ("hd", 32), ("lat", 16), ("p", 2), ("po", 64), ("pp", 16), ("ctx", 4096), ("pooled", 40), ("n", 2)]);
+    let has = |feature: &str, first: &str| match feature {
+        "qk_norm" => qk,
+        "dual" => dual && first.starts_with("transformer_blocks.0."),
+        "dual_qk_norm" => qk && dual && first.starts_with("transformer_blocks.0."),
+        _ => false,
+    };
+    table_tensors("mmdit-sd3", 2, &mmdit, &has, &mut t);
+    write_st(&dir.join("transformer/diffusion_pytorch_model.safetensors"), &t);
+    write_json(&dir.join("transformer/config.json"), json!({"_class_name": "SD3Transformer2DModel", "num_attention_heads": 2, "sample_size": 8}));
+    for (name, d, heads, layers, act) in [("text_encoder", 16, 2, 2, "quick_gelu"), ("text_encoder_2", 24, 3, 3, "gelu")] {
+        let mut t = BTreeMap::new();
+        let s = syms(&[("d", d), ("vocab", 100), ("pos", 77), ("ff", 2 * d), ("heads", heads), ("hd", d / heads), ("n", layers)]);
+        table_tensors("clip-text-kerashub", layers, &s, &|_, _| false, &mut t);
+        table_tensors("clip-projection-kerashub", 0, &s, &|_, _| false, &mut t);
+        write_st(&dir.join(format!("{name}/model.safetensors")), &t);
+        write_json(&dir.join(format!("{name}/config.json")), json!({"hidden_size": d, "num_attention_heads": heads, "hidden_act": act}));
+    }
+    let mut t = BTreeMap::new();
+    let enc = syms(&[("c0", 4), ("c1", 8), ("c2", 16), ("c3", 16), ("img", 3), ("lat", 16)]);
+    let dec = syms(&[("d0", 16), ("d1", 16), ("d2", 8), ("d3", 4), ("img", 3), ("lat", 16)]);
+    table_tensors("vae-encoder-kerashub", 0, &enc, &|_, _| false, &mut t);
+    table_tensors("vae-decoder-kerashub", 0, &dec, &|_, _| false, &mut t);
+    write_st(&dir.join("vae/diffusion_pytorch_model.safetensors"), &t);
+    write_json(&dir.join("vae/config.json"), json!({"_class_name": "AutoencoderKL", "scaling_factor": 1.5305, "shift_factor": 0.0609}));
+    write_json(&dir.join("scheduler/scheduler_config.json"), json!({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}));
+    write_json(&dir.join("model_index.json"), dreambridge::diffusers::sd3::model_index(false));
+}
+
+/// Every tensor of `part` in `a` equals `b`'s, byte for byte.
+fn same_part(a: &Path, b: &Path, file: &str) {
+    let (x, y) = (StFile::open(&a.join(file)).unwrap(), StFile::open(&b.join(file)).unwrap());
+    let (mut kx, mut ky) = (x.keys(), y.keys());
+    kx.sort();
+    ky.sort();
+    assert_eq!(kx, ky, "{file}: different tensors");
+    for k in kx {
+        assert_eq!(x.read(&k).unwrap(), y.read(&k).unwrap(), "{file}: tensor `{k}` differs");
+    }
+}
+
+const PARTS: [&str; 4] = [
+    "transformer/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+    "text_encoder_2/model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+];
+
+#[test]
+fn every_variant_round_trips_through_a_kerashub_preset_bit_for_bit() {
+    for variant in [Variant::Sd3Medium, Variant::Sd35Medium, Variant::Sd35Large] {
+        let dir = tempfile::tempdir().unwrap();
+        let (folder, preset, back) = (dir.path().join("sd3"), dir.path().join("preset"), dir.path().join("back"));
+        make_sd3_folder(&folder, variant);
+        sd3_to_keras(&folder, &preset, false).unwrap();
+        let keras = kerashub::open(&preset).unwrap();
+        assert_eq!((keras.form, keras.variant, keras.heads), (Form::Preset, variant, 2), "{variant:?}");
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(preset.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["config"]["mmdit_num_heads"], 2);
+        assert_eq!(config["config"]["mmdit_position_size"], 4);
+        assert_eq!(config["config"]["mmdit_dual_attention_indices"], if variant == Variant::Sd35Medium { json!([0]) } else { json!(null) });
+        let opts = ToDiffusersOptions { out: back.clone(), ..Default::default() };
+        let done = sd3_to_diffusers(&keras, &opts).unwrap();
+        assert!(done.complete_pipeline);
+        for part in PARTS {
+            same_part(&folder, &back, part);
+        }
+        let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(back.join("transformer/config.json")).unwrap()).unwrap();
+        assert_eq!((t["num_layers"].clone(), t["num_attention_heads"].clone(), t["pos_embed_max_size"].clone()), (json!(3), json!(2), json!(4)));
+        assert_eq!(t["qk_norm"], if variant == Variant::Sd3Medium { json!(null) } else { json!("rms_norm") });
+    }
+}
+
+#[test]
+fn keras_holds_fused_qkv_and_stabilitys_shift_scale_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, preset) = (dir.path().join("sd3"), dir.path().join("preset"));
+    make_sd3_folder(&folder, Variant::Sd3Medium);
+    sd3_to_keras(&folder, &preset, false).unwrap();
+    let keras = KerasFile::open(&preset.join("model.weights.h5")).unwrap();
+    let st = StFile::open(&folder.join(PARTS[0])).unwrap();
+    let f32s = |t: RawTensor| t.to_f32_values();
+    // q, k, v rows one after the other in Keras' fused bias.
+    let qkv = f32s(keras.read("layers/mm_di_t/layers/mm_di_t_block_1/context_block/attention_qkv/vars/1").unwrap());
+    let parts: Vec<f32> = ["add_q_proj", "add_k_proj", "add_v_proj"].iter().flat_map(|p| f32s(st.read(&format!("transformer_blocks.1.attn.{p}.bias")).unwrap())).collect();
+    assert_eq!(qkv, parts);
+    // diffusers' (scale, shift) is Keras' (shift, scale): halves swapped, in the output norm and
+    // the last block's context norm, and nowhere else.
+    for (keras_path, key) in [
+        ("layers/mm_di_t/layers/adaptive_layer_normalization/dense/vars/1", "norm_out.linear.bias"),
+        ("layers/mm_di_t/layers/mm_di_t_block_2/context_block/ada_layer_norm/dense/vars/1", "transformer_blocks.2.norm1_context.linear.bias"),
+    ] {
+        let (k, d) = (f32s(keras.read(keras_path).unwrap()), f32s(st.read(key).unwrap()));
+        let h = d.len() / 2;
+        assert_ne!(k, d, "{key}");
+        assert_eq!(k[..h], d[h..], "{key}");
+        assert_eq!(k[h..], d[..h], "{key}");
+    }
+    let kept = f32s(keras.read("layers/mm_di_t/layers/mm_di_t_block_1/context_block/ada_layer_norm/dense/vars/1").unwrap());
+    assert_eq!(kept, f32s(st.read("transformer_blocks.1.norm1_context.linear.bias").unwrap()));
+    // A Dense kernel is the transposed Linear weight; a per-head attention kernel is (D, heads, head_dim).
+    let proj = keras.read("layers/mm_di_t/layers/dense_1/vars/0").unwrap();
+    let w = st.read("proj_out.weight").unwrap();
+    assert_eq!((proj.shape.clone(), w.shape.clone()), (vec![64, 64], vec![64, 64]));
+    let (pk, pw) = (f32s(proj), f32s(w));
+    assert!((0..64).all(|i| (0..64).all(|j| pk[i * 64 + j] == pw[j * 64 + i])));
+    assert_eq!(keras.info("layers/clip_text_encoder_1/layers/clip_encoder_layer/attention/query_dense/vars/0").unwrap().shape, vec![24, 3, 8]);
+    assert_eq!(keras.info("layers/clip_text_encoder_1/layers/clip_encoder_layer/attention/output_dense/vars/0").unwrap().shape, vec![3, 8, 24]);
+}
+
+#[test]
+fn an_mmdit_alone_takes_the_rest_from_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, mmdit, out, lone) = (dir.path().join("sd3"), dir.path().join("dreambooth-unet.weights.h5"), dir.path().join("out"), dir.path().join("lone"));
+    make_sd3_folder(&folder, Variant::Sd35Medium);
+    sd3_to_keras(&folder, &mmdit, false).unwrap();
+    let keras = kerashub::open(&mmdit).unwrap();
+    assert_eq!((keras.form, keras.variant), (Form::Mmdit, Variant::Sd35Medium));
+    assert!(keras.clip_l.is_none() && keras.vae.is_none());
+    let done = sd3_to_diffusers(&keras, &ToDiffusersOptions { out: out.clone(), base: Some(folder.clone()), ..Default::default() }).unwrap();
+    assert!(done.complete_pipeline);
+    for part in PARTS {
+        same_part(&folder, &out, part);
+    }
+    assert!(out.join("model_index.json").is_file() && out.join("scheduler/scheduler_config.json").is_file());
+    let done = sd3_to_diffusers(&keras, &ToDiffusersOptions { out: lone.clone(), ..Default::default() }).unwrap();
+    assert!(!done.complete_pipeline && lone.join("transformer/config.json").is_file() && !lone.join("model_index.json").exists());
+    // A base of another model is refused by name, and nothing is written.
+    let sd1 = dir.path().join("sd1");
+    write_json(&sd1.join("model_index.json"), json!({"_class_name": "StableDiffusionPipeline"}));
+    let err = sd3_to_diffusers(&keras, &ToDiffusersOptions { out: dir.path().join("x"), base: Some(sd1), ..Default::default() }).unwrap_err();
+    assert!(format!("{err:#}").contains("StableDiffusionPipeline` folder, not a Stable Diffusion 3 one"), "{err:#}");
+    assert!(!dir.path().join("x").exists());
+}
+
+#[test]
+fn bad_inputs_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, preset) = (dir.path().join("sd3"), dir.path().join("preset"));
+    make_sd3_folder(&folder, Variant::Sd3Medium);
+    sd3_to_keras(&folder, &preset, false).unwrap();
+    // A preset of another model.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::copy(preset.join("model.weights.h5"), other.join("model.weights.h5")).unwrap();
+    write_json(&other.join("config.json"), json!({"class_name": "GemmaBackbone", "config": {}}));
+    let err = format!("{:#}", kerashub::open(&other).err().unwrap());
+    assert!(err.contains("config.json: a preset of `GemmaBackbone`"), "{err}");
+    // A tensor missing from the MMDiT: the file and the tensor are named.
+    let h5 = preset.join("model.weights.h5");
+    {
+        let f = hdf5::File::open_rw(&h5).unwrap();
+        f.unlink("layers/mm_di_t/layers/mm_di_t_block_1/x_block/attention_proj/vars/1").unwrap();
+    }
+    let err = format!("{:#}", kerashub::open(&preset).err().unwrap());
+    assert!(err.contains("model.weights.h5") && err.contains("mm_di_t_block_1/x_block/attention_proj/vars/1") && err.contains("not found"), "{err}");
+    // A tensor no table knows (a T5 encoder) is refused, not dropped.
+    let (folder2, preset2) = (dir.path().join("sd3b"), dir.path().join("preset2"));
+    make_sd3_folder(&folder2, Variant::Sd3Medium);
+    sd3_to_keras(&folder2, &preset2, false).unwrap();
+    {
+        let w = hdf5::File::open_rw(preset2.join("model.weights.h5")).unwrap();
+        let g = w.create_group("layers/t5_encoder").unwrap().create_group("vars").unwrap();
+        g.new_dataset_builder().with_data(&ndarray::arr1(&[1.0f32, 2.0])).create("0").unwrap();
+    }
+    let err = format!("{:#}", kerashub::open(&preset2).err().unwrap());
+    assert!(err.contains("layers/t5_encoder/vars/0") && err.contains("T5"), "{err}");
+    // The output of a failed conversion is not left behind, and an existing one is kept.
+    assert!(sd3_to_keras(&folder, &preset, false).unwrap_err().to_string().contains("already exists"));
+}
+
+/// The KerasHub MMDiT tables give the tensor counts of the real presets' `.weights.h5` files
+/// (keras-hub 0.32: 491 for SD3 medium, 665 for SD3.5 medium, 923 for SD3.5 large).
+#[test]
+fn mmdit_table_counts_match_the_real_presets() {
+    let table = table_for("mmdit-sd3").unwrap();
+    for (blocks, qk, dual_blocks, expected) in [(24, false, 0, 491), (24, true, 13, 665), (38, true, 0, 923)] {
+        let layout = table.expand(blocks - 1).unwrap();
+        let mut paths = std::collections::BTreeSet::new();
+        for layer in &layout.layers {
+            let block = layer.repeat.unwrap_or(usize::MAX);
+            for spec in &layout.tensors[layer.tensors.clone()] {
+                let on = |f: &str| match f {
+                    "qk_norm" => qk,
+                    "dual" => block < dual_blocks,
+                    "dual_qk_norm" => qk && block < dual_blocks,
+                    _ => false,
+                };
+                if spec.when.as_ref().is_none_or(|w| on(&w.feature) == w.present) {
+                    paths.insert((layer.keras3_key.clone(), spec.keras_path.clone()));
+                }
+            }
+        }
+        assert_eq!(paths.len(), expected, "{blocks} blocks, qk {qk}, {dual_blocks} dual");
+    }
+}
