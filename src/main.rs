@@ -717,6 +717,7 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> Result<()> {
         }
         Command::Convert(ConvertArgs { direction: Some(Direction::KerasToSingleFile(a)), .. }) => {
             use dreambridge::single_file::convert::{keras_to_single_file, ExportOptions};
+            anyhow::ensure!(a.files.keras_hub()?.is_none(), "KerasHub SD3 -> single file: convert with keras-to-diffusers, then diffusers-to-single-file");
             let inputs = a.files.fetch()?;
             let base = a.base.as_deref().map(dreambridge::hub::download::local_file_or_hub).transpose()?;
             let opts = ExportOptions { out: a.out, half: a.half, force: a.force };

@@ -142,6 +142,10 @@ pub fn open(path: &Path) -> Result<Sd3Keras> {
         let decoder = Plan::for_keras3_at(&file, &table_for("vae-decoder-kerashub")?, VAE_DECODER_ROOT, Symbols::new()).with_context(|| in_file("the VAE decoder"))?;
         vae = Some((encoder, decoder));
     }
+    if let (Some(l), Some(g)) = (&clip_l, &clip_g) {
+        let (dl, dg, pooled) = (l.encoder.symbols["d"], g.encoder.symbols["d"], mmdit.symbols["pooled"]);
+        ensure!(dl + dg == pooled, "{}", in_file(&format!("the MMDiT's pooled input ({pooled}) is not CLIP-L's width plus CLIP-G's ({dl} + {dg})")));
+    }
     let parsed = Sd3Keras { path: path.to_owned(), form, file, config, mmdit, variant, heads, clip_l, clip_g, vae };
     parsed.check_everything_matched().with_context(|| weights.display().to_string())?;
     Ok(parsed)

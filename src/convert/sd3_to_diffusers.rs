@@ -19,7 +19,7 @@ use std::path::Path;
 pub fn sd3_to_diffusers(input: &Sd3Keras, opts: &ToDiffusersOptions) -> Result<Converted> {
     let base = opts.base.as_deref();
     let base_heads = match base {
-        Some(b) => Some(check_base(b)?),
+        Some(b) => Some(check_base(b, input.mmdit.symbols.get("pooled").copied())?),
         None => None,
     };
     // The MMDiT's heads: a base folder's config when the weights cannot tell (no q/k norms).
@@ -80,13 +80,21 @@ fn set_dtype(config: &mut Value, half: bool, key: &str) {
     }
 }
 
-/// A base for an MMDiT alone must be an SD3 diffusers folder; returns its transformer's heads.
-fn check_base(base: &Path) -> Result<Option<usize>> {
+/// A base for an MMDiT alone must be an SD3 diffusers folder whose two CLIPs feed the MMDiT's
+/// `pooled` input; returns its transformer's heads.
+fn check_base(base: &Path, pooled: Option<usize>) -> Result<Option<usize>> {
     let index = base.join("model_index.json");
     let text = std::fs::read_to_string(&index).with_context(|| format!("{}: not a diffusers pipeline folder (no model_index.json)", base.display()))?;
     let value: Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", index.display()))?;
     let class = value.get("_class_name").and_then(Value::as_str).unwrap_or("?");
     ensure!(class.starts_with("StableDiffusion3"), "{}: a `{class}` folder, not a Stable Diffusion 3 one", base.display());
+    let width = |dir: &str| -> Option<usize> {
+        let text = std::fs::read_to_string(base.join(dir).join("config.json")).ok()?;
+        serde_json::from_str::<Value>(&text).ok()?.get("hidden_size")?.as_u64().map(|v| v as usize)
+    };
+    if let (Some(pooled), Some(l), Some(g)) = (pooled, width("text_encoder"), width("text_encoder_2")) {
+        ensure!(l + g == pooled, "{}: its CLIP widths ({l} + {g}) do not fit the MMDiT's pooled input ({pooled})", base.display());
+    }
     let config = base.join("transformer/config.json");
     let heads = std::fs::read_to_string(&config).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok()).and_then(|v| v.get("num_attention_heads")?.as_u64()).map(|h| h as usize);
     Ok(heads)
