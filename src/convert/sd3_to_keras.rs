@@ -133,6 +133,12 @@ pub fn sd3_to_keras(folder: &Path, out: &Path, force: bool) -> Result<Written> {
         let dtype = sd3.transformer.plans[0].0.tensors[0].dtype;
         crate::convert::to_diffusers::write_json(&staging, "config.json", &backbone_config(&sd3, dtype)?)?;
         crate::convert::to_diffusers::write_json(&staging, "metadata.json", &metadata(count))?;
+        crate::convert::to_diffusers::write_json(&staging, "preprocessor.json", &preprocessor_config())?;
+        for (dir, asset) in [("tokenizer", "clip_l_tokenizer"), ("tokenizer_2", "clip_g_tokenizer")] {
+            let (vocab, merges) = tokenizer_files(&folder.join(dir))?;
+            staging.write(&format!("assets/{asset}/vocabulary.json"), vocab.as_bytes())?;
+            staging.write(&format!("assets/{asset}/merges.txt"), merges.as_bytes())?;
+        }
         Ok(vec![format!("{} MMDiT", sd3.variant.name()), "CLIP-L".into(), "CLIP-G".into(), "VAE".into()])
     };
     let filled = fill();
@@ -271,6 +277,55 @@ fn backbone_config(sd3: &Sd3Folder, dtype: DType) -> Result<Value> {
         },
         "registered_name": "keras_hub>StableDiffusion3Backbone",
     }))
+}
+
+/// The folder's BPE files (`vocab.json`, `merges.txt`), else CLIP's (the same for both encoders).
+fn tokenizer_files(dir: &Path) -> Result<(String, String)> {
+    let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+    if vocab.is_file() && merges.is_file() {
+        let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()));
+        return Ok((read(&vocab)?, read(&merges)?));
+    }
+    Ok((crate::diffusers::tokenizer::VOCAB_JSON.to_string(), crate::diffusers::tokenizer::MERGES_TXT.to_string()))
+}
+
+/// `preprocessor.json`: KerasHub's SD3 text preprocessor, two CLIP preprocessors of 77 tokens
+/// whose tokenizers read `assets/clip_l_tokenizer/` and `assets/clip_g_tokenizer/`. CLIP-L pads
+/// with its end token, CLIP-G with id 0 (`!`), as diffusers' two tokenizers do.
+fn preprocessor_config() -> Value {
+    let clip = |which: &str, pad_with_end_token: bool| {
+        json!({
+            "module": "keras_hub.src.models.clip.clip_preprocessor",
+            "class_name": "CLIPPreprocessor",
+            "config": {
+                "name": format!("{which}_preprocessor"), "trainable": true, "dtype": dtype_policy("float32"),
+                "tokenizer": {
+                    "module": "keras_hub.src.models.clip.clip_tokenizer",
+                    "class_name": "CLIPTokenizer",
+                    "config": {
+                        "name": format!("{which}_tokenizer"), "trainable": true, "dtype": dtype_policy("int32"),
+                        "config_file": format!("{which}_tokenizer.json"), "sequence_length": null,
+                        "add_prefix_space": false, "pad_with_end_token": pad_with_end_token,
+                    },
+                    "registered_name": "keras_hub>CLIPTokenizer",
+                },
+                "config_file": format!("{which}_preprocessor.json"), "sequence_length": 77,
+                "add_start_token": true, "add_end_token": true, "to_lower": true,
+            },
+            "registered_name": "keras_hub>CLIPPreprocessor",
+        })
+    };
+    json!({
+        "module": "keras_hub.src.models.stable_diffusion_3.stable_diffusion_3_text_to_image_preprocessor",
+        "class_name": "StableDiffusion3TextToImagePreprocessor",
+        "config": {
+            "name": "stable_diffusion_3_text_to_image_preprocessor", "trainable": true, "dtype": dtype_policy("float32"),
+            "config_file": "preprocessor.json",
+            "clip_l_preprocessor": clip("clip_l", true),
+            "clip_g_preprocessor": clip("clip_g", false),
+        },
+        "registered_name": "keras_hub>StableDiffusion3TextToImagePreprocessor",
+    })
 }
 
 /// `metadata.json`, as KerasHub's preset saver writes it.

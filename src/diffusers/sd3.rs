@@ -102,7 +102,9 @@ pub fn transformer_config(mmdit: &Plan, heads: Option<usize>, sample_size: Optio
     let grid = (pp as f64).sqrt().round() as usize;
     ensure!(grid * grid == pp, "the position embedding's {pp} rows are not a square grid");
     ensure!(sym(mmdit, "po")? == p * p * lat, "proj_out's width {} is not patch² x latent channels ({p}² x {lat})", sym(mmdit, "po")?);
-    m.insert("sample_size".into(), json!(sample_size.unwrap_or(128)));
+    // The preset's latent size, else diffusers' 128 where the position grid covers it (a smaller
+    // model's whole grid otherwise).
+    m.insert("sample_size".into(), json!(sample_size.unwrap_or((grid * p).min(128))));
     m.insert("patch_size".into(), json!(p));
     m.insert("in_channels".into(), json!(lat));
     m.insert("out_channels".into(), json!(lat));
