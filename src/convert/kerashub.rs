@@ -86,7 +86,9 @@ fn read_preset_config(folder: &Path) -> Result<Value> {
     Ok(config)
 }
 
-/// The weights file of a preset folder.
+/// The weights file of a preset folder: `model.weights.h5`, or for weights above `save_to_preset`'s
+/// 10 GB shard size, the shard map `model.weights.json` (its shards `model_00000.weights.h5`, …
+/// beside it).
 fn preset_weights(folder: &Path) -> Result<PathBuf> {
     let single = folder.join("model.weights.h5");
     if single.is_file() {
@@ -94,9 +96,9 @@ fn preset_weights(folder: &Path) -> Result<PathBuf> {
     }
     let sharded = folder.join("model.weights.json");
     if sharded.is_file() {
-        bail!("{}: sharded KerasHub weights (above 10 GB) are not read yet", sharded.display());
+        return Ok(sharded);
     }
-    bail!("{}: no model.weights.h5", folder.display())
+    bail!("{}: no model.weights.h5 (nor a sharded model.weights.json)", folder.display())
 }
 
 /// Opens and matches a KerasHub SD3 input (see the module docs).
@@ -223,4 +225,20 @@ impl Sd3Keras {
 /// `config.json` of CLIP `which` from its parts.
 pub fn clip_config(parts: &ClipParts, which: Clip) -> Result<Value> {
     sd3::clip_config(&parts.encoder, which, parts.activation.as_deref(), None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preset_weights_single_or_sharded() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = preset_weights(dir.path()).unwrap_err().to_string();
+        assert!(e.ends_with("no model.weights.h5 (nor a sharded model.weights.json)"), "{e}");
+        std::fs::write(dir.path().join("model.weights.json"), "{}").unwrap();
+        assert_eq!(preset_weights(dir.path()).unwrap(), dir.path().join("model.weights.json"));
+        std::fs::write(dir.path().join("model.weights.h5"), "").unwrap();
+        assert_eq!(preset_weights(dir.path()).unwrap(), dir.path().join("model.weights.h5"));
+    }
 }

@@ -183,7 +183,7 @@ mod tests {
                 ("none", RawTensor { dtype: DType::F32, shape: vec![0, 4], data: vec![] }),
             ],
         );
-        let part = |key: &str, elements| Part::whole(Origin::Tensors(&source), key.into(), None, elements);
+        let part = |key: &str, elements| Part::whole(Origin::Tensors(&source), key, None, elements);
         let outputs = vec![
             Output { tensor: PendingTensor { key: "ab".into(), dtype: DType::F16, shape: vec![3, 3] }, parts: vec![part("a", 6), part("b", 3)] },
             Output { tensor: PendingTensor { key: "big".into(), dtype: DType::F32, shape: vec![big] }, parts: vec![part("big", big)] },
@@ -206,7 +206,7 @@ mod tests {
         let source = st_file(&path, &[("a", RawTensor { dtype: DType::F32, shape: vec![2], data: f32s([1.0, 2.0]) })]);
         let outputs = vec![Output {
             tensor: PendingTensor { key: "a".into(), dtype: DType::F32, shape: vec![3] },
-            parts: vec![Part::whole(Origin::Tensors(&source), "a".into(), None, 3)],
+            parts: vec![Part::whole(Origin::Tensors(&source), "a", None, 3)],
         }];
         let out = dir.path().join("out.safetensors");
         let progress = Progress::new("test", 12);
