@@ -224,7 +224,8 @@ struct ConvertArgs {
 
 #[derive(Subcommand)]
 enum Direction {
-    /// diffusers folder -> one single-file checkpoint in the original SD layout (A1111, ComfyUI).
+    /// diffusers folder -> one single-file checkpoint in the original SD layout (A1111, ComfyUI);
+    /// a Stable Diffusion 3 folder -> Stability's SD3 single file (with T5 when the folder has it).
     DiffusersToSingleFile {
         /// The diffusers pipeline folder (or Hub repo id).
         #[arg(long)]
@@ -239,9 +240,11 @@ enum Direction {
         #[arg(long)]
         force: bool,
     },
-    /// One single-file checkpoint (.safetensors, or a .ckpt/.pt read without running pickled code) -> diffusers folder.
+    /// One single-file checkpoint (.safetensors, or a .ckpt/.pt read without running pickled code) -> diffusers folder
+    /// (a Stability SD3 / SD3.5 file -> a StableDiffusion3Pipeline folder).
     SingleFileToDiffusers(SingleFileToDiffusers),
-    /// KerasCV .h5 files -> one single-file checkpoint, directly (parts not given come from --base).
+    /// KerasCV .h5 files, or a KerasHub SD3 input (--preset, or the MMDiT alone as --unet) -> one single-file
+    /// checkpoint, directly (parts not given come from --base).
     KerasToSingleFile(KerasToSingleFile),
     /// One single-file checkpoint -> KerasCV legacy .h5 files (diffusion_model.h5, text_encoder.h5, image_encoder.h5, decoder.h5).
     SingleFileToKeras {
@@ -388,7 +391,8 @@ struct SingleFileToDiffusers {
     #[arg(long)]
     out: PathBuf,
     /// A diffusers folder (or Hub repo id) giving configs, tokenizer, scheduler and any part the file lacks
-    /// (default: the embedded SD1/SD2 configs, derived from the weights).
+    /// (default: the embedded SD1/SD2/SD3 configs, derived from the weights; an SD3 file with T5 needs one for T5's
+    /// config and tokenizer).
     #[arg(long)]
     base: Option<PathBuf>,
     #[command(flatten)]
@@ -457,7 +461,7 @@ impl KerasFiles {
 struct KerasToSingleFile {
     #[command(flatten)]
     files: KerasFiles,
-    /// A diffusers folder, Hub repo id or single file supplying the parts not given.
+    /// A diffusers folder, Hub repo id or single file supplying the parts not given (SD3: an SD3 folder or SD3 single file).
     #[arg(long)]
     base: Option<PathBuf>,
     /// The .safetensors file to write.
@@ -712,15 +716,26 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> Result<()> {
         Command::Convert(ConvertArgs { direction: Some(Direction::DiffusersToSingleFile { model, out, half, force }), .. }) => {
             use dreambridge::single_file::convert::{diffusers_to_single_file, ExportOptions};
             let model = dreambridge::hub::download::local_or_hub(&model)?;
+            if dreambridge::single_file::sd3::is_sd3_folder(&model) {
+                let done = dreambridge::single_file::sd3::diffusers_to_single_file(&model, &ExportOptions { out, half, force })?;
+                print_sd3_exported(&done);
+                return Ok(());
+            }
             let done = diffusers_to_single_file(&model, &ExportOptions { out, half, force })?;
             print_exported(&done);
         }
         Command::Convert(ConvertArgs { direction: Some(Direction::KerasToSingleFile(a)), .. }) => {
             use dreambridge::single_file::convert::{keras_to_single_file, ExportOptions};
-            anyhow::ensure!(a.files.keras_hub()?.is_none(), "KerasHub SD3 -> single file: convert with keras-to-diffusers, then diffusers-to-single-file");
-            let inputs = a.files.fetch()?;
             let base = a.base.as_deref().map(dreambridge::hub::download::local_file_or_hub).transpose()?;
-            let opts = ExportOptions { out: a.out, half: a.half, force: a.force };
+            let opts = ExportOptions { out: a.out.clone(), half: a.half, force: a.force };
+            if let Some(sd3) = a.files.keras_hub()? {
+                anyhow::ensure!(a.sd_version.is_none() && a.prediction_type.is_none(), "--sd-version and --prediction-type are for KerasCV SD1/SD2 files; a KerasHub SD3 input's variant is read from its weights");
+                eprintln!("{}: {}", sd3.path.display(), sd3.describe());
+                let done = dreambridge::single_file::sd3::keras_to_single_file(&sd3, base.as_deref(), &opts)?;
+                print_sd3_exported(&done);
+                return Ok(());
+            }
+            let inputs = a.files.fetch()?;
             let done = keras_to_single_file(&inputs, base.as_deref(), a.sd_version, a.prediction_type, &opts)?;
             print_exported(&done);
         }
@@ -728,6 +743,20 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> Result<()> {
             use dreambridge::single_file::convert::{describe_prediction, single_file_to_diffusers, ToFolderOptions};
             let checkpoint = dreambridge::hub::download::local_file_or_hub(&a.checkpoint)?;
             let base = a.base.as_deref().map(dreambridge::hub::download::local_or_hub).transpose()?;
+            if dreambridge::single_file::sd3::is_sd3_file(&checkpoint) {
+                use dreambridge::single_file::sd3::{single_file_to_diffusers, Sd3ToFolderOptions};
+                anyhow::ensure!(
+                    !a.read.ema && a.read.sd_version.is_none() && a.read.prediction_type.is_none(),
+                    "{}: a Stable Diffusion 3 single file; --ema, --sd-version and --prediction-type are for SD1/SD2 files",
+                    checkpoint.display()
+                );
+                let done = single_file_to_diffusers(&checkpoint, &Sd3ToFolderOptions { base, out: a.out, half: a.half, force: a.force })?;
+                println!("converted {} single file ({}) -> {}", done.variant.name(), done.from_file.join(", "), done.out.display());
+                if !done.from_base.is_empty() {
+                    println!("from --base: {}", done.from_base.join(", "));
+                }
+                return Ok(());
+            }
             let opts = ToFolderOptions { read: a.read.options(), base, out: a.out, half: a.half, force: a.force };
             let done = single_file_to_diffusers(&checkpoint, &opts)?;
             println!(
@@ -764,6 +793,10 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_sd3_exported(done: &dreambridge::single_file::sd3::Sd3Exported) {
+    println!("wrote {} tensors ({}: {}) -> {}", done.tensors, done.variant.name(), done.parts.join(", "), done.out.display());
 }
 
 fn print_exported(done: &dreambridge::single_file::convert::Exported) {

@@ -135,6 +135,12 @@ fn write_tokenizer(staging: &Staging, input: &Sd3Keras, which: Clip, dir: &str) 
         ),
         None => (tokenizer::VOCAB_JSON.to_string(), tokenizer::MERGES_TXT.to_string()),
     };
+    write_clip_tokenizer(staging, dir, which, &vocab, &merges)
+}
+
+/// A CLIP tokenizer folder of an SD3 pipeline from its BPE files. CLIP-G pads with `!` (id 0) in
+/// SD3, CLIP-L with its end token.
+pub fn write_clip_tokenizer(staging: &Staging, dir: &str, which: Clip, vocab: &str, merges: &str) -> Result<()> {
     let pad = if which == Clip::G { "!" } else { "<|endoftext|>" };
     let mut config = tokenizer::tokenizer_config();
     config["pad_token"] = pad.into();

@@ -16,6 +16,10 @@ const RENAME_TABLES: &[(&str, &str)] = &[
     ("ldm_vae", include_str!("../../mappings/ldm_vae.toml")),
     ("ldm_text_encoder_sd1", include_str!("../../mappings/ldm_text_encoder_sd1.toml")),
     ("ldm_text_encoder_sd2", include_str!("../../mappings/ldm_text_encoder_sd2.toml")),
+    ("sai_mmdit_sd3", include_str!("../../mappings/sai_mmdit_sd3.toml")),
+    ("sai_clip_l_sd3", include_str!("../../mappings/sai_clip_l_sd3.toml")),
+    ("sai_clip_g_sd3", include_str!("../../mappings/sai_clip_g_sd3.toml")),
+    ("sai_t5xxl_sd3", include_str!("../../mappings/sai_t5xxl_sd3.toml")),
 ];
 
 #[derive(Deserialize)]
@@ -32,6 +36,16 @@ struct RawTable {
     read_aliases: BTreeMap<String, String>,
     #[serde(default)]
     import: RawImport,
+    #[serde(default)]
+    last_repeat: RawLastRepeat,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLastRepeat {
+    /// Inner-rename sets whose last repetition (of the open range) tries another set first.
+    #[serde(default)]
+    inner: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -40,6 +54,10 @@ struct RawImport {
     #[serde(default)]
     ignore: Vec<String>,
     drop_last_repeat_when: Option<String>,
+    /// `[diffusers key, width key]`: a tensor that, when the file lacks it, is the identity of
+    /// the width key's first dimension (CLIP-L's projection in Stability's SD3 files).
+    #[serde(default)]
+    identity_if_missing: Vec<[String; 2]>,
 }
 
 /// How a tensor's bytes relate across the two layouts.
@@ -51,6 +69,9 @@ pub enum Reshape {
     LinearConv1x1,
     /// The layout tensor is the diffusers tensors concatenated along the first axis.
     Concat,
+    /// Same shape, the two halves of the first axis swapped (Stability's (shift, scale) against
+    /// diffusers' (scale, shift)).
+    SwapHalves,
 }
 
 impl std::str::FromStr for Reshape {
@@ -60,7 +81,8 @@ impl std::str::FromStr for Reshape {
             "copy" => Reshape::Copy,
             "linear_conv1x1" => Reshape::LinearConv1x1,
             "concat" => Reshape::Concat,
-            other => bail!("unknown op `{other}` (copy, linear_conv1x1, concat)"),
+            "swap_halves" => Reshape::SwapHalves,
+            other => bail!("unknown op `{other}` (copy, linear_conv1x1, concat, swap_halves)"),
         })
     }
 }
@@ -128,6 +150,10 @@ pub struct RenameTable {
     inner: BTreeMap<String, Vec<InnerRule>>,
     read_aliases: Vec<(String, String)>,
     ignore: Vec<String>,
+    /// Inner set -> the set tried first in the last repetition of the open range.
+    last_inner: BTreeMap<String, String>,
+    /// `(diffusers key, width key)`: see `identity_if_missing` in the table format.
+    pub identity_if_missing: Vec<(String, String)>,
 }
 
 /// Every rename table.
@@ -155,6 +181,9 @@ fn parse_table(name: &str, text: &str) -> Result<RenameTable> {
             modules.push(Module { diffusers, layout, inner: inner.clone() });
         }
     }
+    for (set, last) in &raw.last_repeat.inner {
+        ensure!(raw.inner.contains_key(set) && raw.inner.contains_key(last), "[last_repeat]: `{set}` or `{last}` is not an inner set");
+    }
     let mut inner = BTreeMap::new();
     for (set, rows) in &raw.inner {
         let rules = rows
@@ -180,6 +209,8 @@ fn parse_table(name: &str, text: &str) -> Result<RenameTable> {
         inner,
         read_aliases: raw.read_aliases.into_iter().collect(),
         ignore: raw.import.ignore,
+        last_inner: raw.last_repeat.inner,
+        identity_if_missing: raw.import.identity_if_missing.into_iter().map(|[a, b]| (a, b)).collect(),
     })
 }
 
@@ -293,6 +324,32 @@ fn render(pattern: &[Seg], index: Option<usize>) -> Vec<String> {
 impl RenameTable {
     /// The layout name of a diffusers tensor, or `None` if no module of the table holds it.
     pub fn export(&self, diffusers_key: &str) -> Option<Renamed> {
+        self.export_in(diffusers_key, None)
+    }
+
+    /// True when the table renames differently in the last repetition of its open range: the
+    /// callers then find that repetition first (the largest index) and pass it as `last`.
+    pub fn has_last_repeat_rules(&self) -> bool {
+        !self.last_inner.is_empty()
+    }
+
+    /// The inner rules of `set` for repetition `index`: the last repetition's set first.
+    fn inner_rules(&self, set: &str, index: Option<usize>, last: Option<usize>) -> Vec<&InnerRule> {
+        let mut rules = Vec::new();
+        if index.is_some() && index == last {
+            if let Some(l) = self.last_inner.get(set) {
+                rules.extend(self.inner[l].iter());
+            }
+        }
+        let first = rules.len();
+        let overridden = |r: &InnerRule, rules: &[&InnerRule]| rules[..first].iter().any(|o| o.diffusers == r.diffusers);
+        let base: Vec<&InnerRule> = self.inner[set].iter().filter(|r| !overridden(r, &rules)).collect();
+        rules.extend(base);
+        rules
+    }
+
+    /// As [`RenameTable::export`], `last` being the last repetition of the open range.
+    pub fn export_in(&self, diffusers_key: &str, last: Option<usize>) -> Option<Renamed> {
         let name: Vec<&str> = diffusers_key.split('.').collect();
         let (module, index) = self
             .modules
@@ -304,8 +361,9 @@ impl RenameTable {
         let (mut op, mut part) = (Reshape::Copy, None);
         let mut kept = rest;
         if let Some(set) = &module.inner {
-            let best = self.inner[set]
-                .iter()
+            let best = self
+                .inner_rules(set, index, last)
+                .into_iter()
                 .flat_map(|r| r.diffusers.iter().enumerate().map(move |(k, d)| (r, k, d)))
                 .filter(|(_, _, d)| starts_with(rest, d))
                 .max_by_key(|(_, _, d)| d.len());
@@ -322,6 +380,11 @@ impl RenameTable {
 
     /// What a layout key means for diffusers (see [`Imported`]).
     pub fn import(&self, layout_key: &str) -> Imported {
+        self.import_in(layout_key, None)
+    }
+
+    /// As [`RenameTable::import`], `last` being the last repetition of the open range.
+    pub fn import_in(&self, layout_key: &str, last: Option<usize>) -> Imported {
         let Some(bare) = layout_key.strip_prefix(&self.prefix) else { return Imported::Elsewhere };
         let mut bare = bare.to_string();
         if self.ignore.iter().any(|i| *i == bare) {
@@ -348,7 +411,7 @@ impl RenameTable {
             all.join(".")
         };
         if let Some(set) = &module.inner {
-            let best = self.inner[set].iter().filter(|r| starts_with(rest, &r.layout)).max_by_key(|r| r.layout.len());
+            let best = self.inner_rules(set, index, last).into_iter().filter(|r| starts_with(rest, &r.layout)).max_by_key(|r| r.layout.len());
             if let Some(rule) = best {
                 let kept = &rest[rule.layout.len()..];
                 let n = rule.diffusers.len();

@@ -47,13 +47,7 @@ fn planned_tensors<'a>(source: &'a dyn TensorSource, plans: &'a [Plan]) -> Vec<E
     plans
         .iter()
         .flat_map(|plan| plan.tensors.iter())
-        .map(move |t| ExportTensor {
-            key: t.spec.key.clone(),
-            info: TensorInfo { dtype: t.dtype, shape: t.diffusers_shape.clone() },
-            origin: Origin::Tensors(source),
-            source_key: t.source.clone(),
-            op: None,
-        })
+        .map(move |t| ExportTensor::plain(Origin::Tensors(source), &t.spec.key, TensorInfo { dtype: t.dtype, shape: t.diffusers_shape.clone() }, &t.source))
         .collect()
 }
 
@@ -68,6 +62,8 @@ fn keras_tensors(m: &Matched) -> Vec<ExportTensor<'_>> {
             origin: Origin::Keras(&m.file),
             source_key: t.source.clone(),
             op: Some(t.spec.op),
+            view: None,
+            rows: None,
         })
         .collect()
 }
@@ -120,7 +116,7 @@ fn v_sidecar(unet: &Plan, vae: Option<&Plan>) -> Result<String> {
 }
 
 /// Checks the destination before any work: not an existing file without `force`, not an input.
-fn check_destination(out: &Path, force: bool, inputs: &[&Path]) -> Result<()> {
+pub(crate) fn check_destination(out: &Path, force: bool, inputs: &[&Path]) -> Result<()> {
     ensure!(!out.is_dir(), "{}: is a folder; give the single file's path", out.display());
     ensure!(force || !out.exists(), "{}: already exists (use --force to replace it)", out.display());
     for input in inputs {
@@ -450,6 +446,12 @@ fn set_prediction(staging: &Staging, p: PredictionType) -> Result<()> {
 /// Streams one component's weights from a view into the staging folder.
 fn write_part(staging: &Staging, component: Component, source: &dyn TensorSource, plans: &[Plan], half: bool) -> Result<()> {
     let relative = format!("{}/{}", component.dir(), component.weights_name(half));
+    write_weights(staging, &relative, source, plans, half)
+}
+
+/// Streams the tensors of `plans` from `source` (under their diffusers names) into `relative`
+/// in the staging folder.
+pub(crate) fn write_weights(staging: &Staging, relative: &str, source: &dyn TensorSource, plans: &[Plan], half: bool) -> Result<()> {
     let outputs: Vec<Output> = plans
         .iter()
         .flat_map(|p| &p.tensors)
@@ -459,9 +461,9 @@ fn write_part(staging: &Staging, component: Component, source: &dyn TensorSource
             Output { tensor, parts: vec![Part::whole(Origin::Tensors(source), t.source.clone(), None, elements)] }
         })
         .collect();
-    let progress = Progress::new(component.dir(), total_bytes(&outputs));
+    let progress = Progress::new(relative.split('/').next().unwrap_or(relative), total_bytes(&outputs));
     let pending = outputs.iter().map(|o| o.tensor.clone()).collect();
-    write_outputs(StWriter::create(&staging.path(&relative)?, pending)?, &outputs, &progress)?;
+    write_outputs(StWriter::create(&staging.path(relative)?, pending)?, &outputs, &progress)?;
     progress.finish(&format!("{} tensors -> {relative}", outputs.len()));
     Ok(())
 }

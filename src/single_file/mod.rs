@@ -11,6 +11,7 @@ pub mod ckpt;
 pub mod convert;
 pub mod detect;
 pub mod export;
+pub mod sd3;
 pub mod view;
 
 use crate::convert::plan::{detect as detect_table, Plan};
@@ -111,6 +112,9 @@ impl SingleFile {
     fn open_inner(path: &Path, opts: &ReadOptions) -> Result<SingleFile> {
         let source = open_tensors(path)?;
         let keys = source.keys();
+        if sd3::is_sd3_source(&*source) {
+            bail!("a Stable Diffusion 3 single file: read here by `convert single-file-to-diffusers` only");
+        }
         let unet_prefix = rename_table(LAYOUT, "unet", Some(1))?.prefix;
         if !keys.iter().any(|k| k.starts_with(&unet_prefix)) {
             let sample: Vec<&str> = keys.iter().take(3).map(String::as_str).collect();

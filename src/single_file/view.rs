@@ -3,8 +3,8 @@
 //! The mapping engine then matches it like any diffusers file.
 
 use crate::mapping::rename::{diffusers_shape, Imported, RenameTable, Reshape};
-use crate::tensor::{BytesFn, RawTensor, TensorInfo, TensorSource};
-use anyhow::{bail, ensure, Context, Result};
+use crate::tensor::{BytesFn, DType, RawTensor, TensorInfo, TensorSource};
+use anyhow::{ensure, Context, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -24,6 +24,43 @@ pub struct ComponentView {
     pub ignored: Vec<String>,
     /// Keys under the prefix that the table does not know.
     pub unknown: Vec<String>,
+    /// Tensors the file lacks and the table defines (an identity projection).
+    synthetic: BTreeMap<String, RawTensor>,
+}
+
+/// The bytes of part `part` of a layout tensor, re-arranged by `op` (halves swapped).
+fn arrange<'a>(layout_key: &str, op: Reshape, part: Option<(usize, usize)>, data: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>> {
+    let data = match part {
+        Some((k, n)) => {
+            ensure!(data.len() % n == 0, "tensor `{layout_key}`: {} bytes do not split into {n} parts", data.len());
+            let size = data.len() / n;
+            &data[k * size..(k + 1) * size]
+        }
+        None => data,
+    };
+    Ok(match op {
+        Reshape::SwapHalves => {
+            ensure!(data.len() % 2 == 0, "tensor `{layout_key}`: {} bytes do not split into two halves", data.len());
+            let half = data.len() / 2;
+            std::borrow::Cow::Owned([&data[half..], &data[..half]].concat())
+        }
+        _ => std::borrow::Cow::Borrowed(data),
+    })
+}
+
+/// The identity matrix `[d, d]` in `dtype`.
+fn identity(d: usize, dtype: DType) -> RawTensor {
+    let one: Vec<u8> = match dtype {
+        DType::F32 => 1f32.to_le_bytes().to_vec(),
+        DType::F16 => half::f16::ONE.to_le_bytes().to_vec(),
+        DType::BF16 => half::bf16::ONE.to_le_bytes().to_vec(),
+    };
+    let mut data = vec![0u8; d * d * dtype.size()];
+    for i in 0..d {
+        let at = (i * d + i) * dtype.size();
+        data[at..at + dtype.size()].copy_from_slice(&one);
+    }
+    RawTensor { dtype, shape: vec![d, d], data }
 }
 
 /// The flattened name under which LDM training keeps the EMA copy of a UNet weight:
@@ -40,8 +77,22 @@ impl ComponentView {
         let mut entries = BTreeMap::new();
         let (mut ignored, mut unknown) = (Vec::new(), Vec::new());
         let mut indexed: Vec<(String, usize)> = Vec::new();
+        // Tables that rename the last repetition otherwise (Stability's last MMDiT block) need
+        // it first.
+        let last = if table.has_last_repeat_rules() {
+            source
+                .keys()
+                .iter()
+                .filter_map(|k| match table.import(k) {
+                    Imported::Tensors(r) => r.first().and_then(|r| r.index),
+                    _ => None,
+                })
+                .max()
+        } else {
+            None
+        };
         for key in source.keys() {
-            match table.import(&key) {
+            match table.import_in(&key, last) {
                 Imported::Tensors(renamed) => {
                     for r in renamed {
                         if let Some(i) = r.index {
@@ -82,12 +133,28 @@ impl ComponentView {
                 e.layout_key = flat;
             }
         }
-        Ok(ComponentView { source, table, entries, ignored, unknown })
+        let mut synthetic = BTreeMap::new();
+        for (key, width) in &table.identity_if_missing {
+            if entries.contains_key(key) {
+                continue;
+            }
+            if let Some(e) = entries.get(width) {
+                let info = source.info(&e.layout_key)?;
+                let d = *info.shape.first().with_context(|| format!("tensor `{}`: a scalar", e.layout_key))?;
+                synthetic.insert(key.clone(), identity(d, info.dtype));
+            }
+        }
+        Ok(ComponentView { source, table, entries, ignored, unknown, synthetic })
     }
 
     /// True when the file holds any tensor of this component.
     pub fn is_present(&self) -> bool {
         !self.entries.is_empty()
+    }
+
+    /// The diffusers keys the file lacks and the view supplies (an identity projection).
+    pub fn synthetic_keys(&self) -> Vec<String> {
+        self.synthetic.keys().cloned().collect()
     }
 
     /// The file's own key behind a diffusers key.
@@ -102,53 +169,50 @@ impl TensorSource for ComponentView {
     }
 
     fn keys(&self) -> Vec<String> {
-        self.entries.keys().cloned().collect()
+        let mut keys: Vec<String> = self.entries.keys().chain(self.synthetic.keys()).cloned().collect();
+        keys.sort();
+        keys
     }
 
     fn contains(&self, key: &str) -> bool {
-        self.entries.contains_key(key)
+        self.entries.contains_key(key) || self.synthetic.contains_key(key)
     }
 
     fn info(&self, key: &str) -> Result<TensorInfo> {
+        if let Some(t) = self.synthetic.get(key) {
+            return Ok(TensorInfo { dtype: t.dtype, shape: t.shape.clone() });
+        }
         let e = self.entries.get(key).with_context(|| format!("tensor {}: not found", self.describe(key)))?;
         let info = self.source.info(&e.layout_key)?;
         Ok(TensorInfo { dtype: info.dtype, shape: diffusers_shape(e.op, &info.shape, e.part).with_context(|| format!("tensor `{}`", e.layout_key))? })
     }
 
     fn read(&self, key: &str) -> Result<RawTensor> {
+        if let Some(t) = self.synthetic.get(key) {
+            return Ok(t.clone());
+        }
         let e = self.entries.get(key).with_context(|| format!("tensor {}: not found", self.describe(key)))?;
         let raw = self.source.read(&e.layout_key)?;
         let shape = diffusers_shape(e.op, &raw.shape, e.part).with_context(|| format!("tensor `{}`", e.layout_key))?;
-        let data = match e.part {
-            Some((k, n)) => {
-                if raw.data.len() % n != 0 {
-                    bail!("tensor `{}`: {} bytes do not split into {n} parts", e.layout_key, raw.data.len());
-                }
-                let size = raw.data.len() / n;
-                raw.data[k * size..(k + 1) * size].to_vec()
-            }
-            None => raw.data,
-        };
+        let data = arrange(&e.layout_key, e.op, e.part, &raw.data)?.into_owned();
         Ok(RawTensor { dtype: raw.dtype, shape, data })
     }
 
     fn with_bytes(&self, key: &str, f: &mut BytesFn<'_>) -> Result<()> {
+        if let Some(t) = self.synthetic.get(key) {
+            return f(t.dtype, &t.shape, &t.data);
+        }
         let e = self.entries.get(key).with_context(|| format!("tensor {}: not found", self.describe(key)))?;
         self.source.with_bytes(&e.layout_key, &mut |dtype, shape, data| {
             let shape = diffusers_shape(e.op, shape, e.part).with_context(|| format!("tensor `{}`", e.layout_key))?;
-            let data = match e.part {
-                Some((k, n)) => {
-                    ensure!(data.len() % n == 0, "tensor `{}`: {} bytes do not split into {n} parts", e.layout_key, data.len());
-                    let size = data.len() / n;
-                    &data[k * size..(k + 1) * size]
-                }
-                None => data,
-            };
-            f(dtype, &shape, data)
+            f(dtype, &shape, &arrange(&e.layout_key, e.op, e.part, data)?)
         })
     }
 
     fn describe(&self, key: &str) -> String {
+        if self.synthetic.contains_key(key) {
+            return format!("`{key}` (the identity; not in the file)");
+        }
         match self.layout_key(key) {
             Some(l) => format!("`{l}` (diffusers `{key}`)"),
             None => format!("`{key}`"),
