@@ -32,7 +32,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::rc::Rc;
 
 /// The layout name of Stability's SD3 tables.
 pub const LAYOUT: &str = "sai-sd3";
@@ -68,7 +68,7 @@ fn part_table(part: &str) -> Result<RenameTable> {
 /// One part of an SD3 model under diffusers' names: its tensors' source and the plans matched
 /// on it (none for T5, whose tensors are taken as they are).
 pub struct Piece {
-    pub source: Arc<dyn TensorSource>,
+    pub source: Rc<dyn TensorSource>,
     pub plans: Vec<Plan>,
 }
 
@@ -182,7 +182,7 @@ pub fn open_file(path: &Path) -> Result<Sd3Model> {
                 bail!("{}", in_file(format!("tensor {}: not a tensor of SD3's {}", view.describe(k), part_name(part))));
             }
         }
-        parts.insert(part, Piece { source: Arc::new(view), plans });
+        parts.insert(part, Piece { source: Rc::new(view), plans });
     }
     if let Some(k) = source.keys().iter().find(|k| !seen.contains(*k)) {
         bail!("{}", in_file(format!("tensor `{k}`: not part of an SD3 MMDiT, CLIP-L, CLIP-G, T5 or VAE")));
@@ -202,19 +202,19 @@ pub fn is_sd3_folder(folder: &Path) -> bool {
 
 /// The safetensors weights of a folder part: plain, the fp16 variant, or sharded (an
 /// `.safetensors.index.json` beside its shards, as T5-XXL comes).
-fn part_weights(folder: &Path, part: &str) -> Result<Arc<dyn TensorSource>> {
+fn part_weights(folder: &Path, part: &str) -> Result<Rc<dyn TensorSource>> {
     let stem = if part.starts_with("text_encoder") { "model" } else { "diffusion_pytorch_model" };
     let dir = folder.join(part);
     for name in [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")] {
         let p = dir.join(&name);
         if p.is_file() {
-            return Ok(Arc::new(StFile::open(&p).with_context(|| p.display().to_string())?));
+            return Ok(Rc::new(StFile::open(&p).with_context(|| p.display().to_string())?));
         }
     }
     for name in [format!("{stem}.safetensors.index.json"), format!("{stem}.safetensors.index.fp16.json"), format!("{stem}.fp16.safetensors.index.json")] {
         let p = dir.join(&name);
         if p.is_file() {
-            return Ok(Arc::new(Shards::open(&p)?));
+            return Ok(Rc::new(Shards::open(&p)?));
         }
     }
     bail!("{}: no {stem}.safetensors (safetensors weights are needed)", dir.display())
@@ -412,16 +412,19 @@ fn base_config(base: Option<&Path>, part: &str) -> Option<Value> {
     read_json(&base?.join(part).join("config.json")).ok()
 }
 
-/// A base config whose weight-fixed fields agree with `derived` (else an error naming the
-/// field), or `derived` itself when there is no base config.
-fn checked_config(base: Option<&Path>, part: &str, derived: Value, fields: &[&str]) -> Result<Value> {
+/// `derived` with the base config's values over it, once the base agrees on the fields the
+/// weights fix (else an error naming the field).
+fn checked_config(base: Option<&Path>, part: &str, mut derived: Value, fields: &[&str]) -> Result<Value> {
     let Some(given) = base_config(base, part) else { return Ok(derived) };
     for f in fields {
         if let (Some(a), Some(b)) = (given.get(*f), derived.get(*f)) {
             ensure!(a == b, "{}: `{f}` is {a} but the single file's {} has {b}", base.unwrap().join(part).join("config.json").display(), part_name(part));
         }
     }
-    Ok(given)
+    if let (Some(d), Some(g)) = (derived.as_object_mut(), given.as_object()) {
+        d.extend(g.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    Ok(derived)
 }
 
 /// How to write a diffusers folder from an SD3 single file.
