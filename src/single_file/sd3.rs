@@ -72,17 +72,22 @@ pub struct Piece {
     pub plans: Vec<Plan>,
 }
 
+/// T5's token embedding and the encoder's tied copy of it (see `mappings/sai_t5xxl_sd3.toml`).
+const T5_TIED: (&str, &str) = ("shared.weight", "encoder.embed_tokens.weight");
+
 impl Piece {
-    /// The diffusers tensors of the piece: its plans' tensors, or every tensor (T5).
+    /// The diffusers tensors of the piece: its plans' tensors, or every tensor (T5, with its tied
+    /// embedding under both names).
     fn tensors(&self) -> Result<Vec<ExportTensor<'_>>> {
         let origin = Origin::Tensors(&*self.source);
         if self.plans.is_empty() {
-            return self
-                .source
-                .keys()
-                .into_iter()
-                .map(|k| Ok(ExportTensor::plain(origin, &k, self.source.info(&k).with_context(|| format!("tensor {}", self.source.describe(&k)))?, &k)))
-                .collect();
+            let info = |k: &str| self.source.info(k).with_context(|| format!("tensor {}", self.source.describe(k)));
+            let mut out: Vec<ExportTensor> = self.source.keys().into_iter().map(|k| Ok(ExportTensor::plain(origin, &k, info(&k)?, &k))).collect::<Result<_>>()?;
+            let (shared, tied) = T5_TIED;
+            if self.source.contains(shared) && !self.source.contains(tied) {
+                out.push(ExportTensor::plain(origin, tied, info(shared)?, shared));
+            }
+            return Ok(out);
         }
         Ok(self
             .plans
