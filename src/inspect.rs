@@ -30,6 +30,14 @@ fn inspect_single_file(path: &Path, sd_version: Option<u8>, source: Arc<dyn Tens
     let mut out = String::new();
     let format = if ckpt_like(path) { "torch checkpoint archive (read without running pickled code)" } else { "safetensors" };
     writeln!(out, "format: {format}, {} tensors", source.keys().len())?;
+    if crate::single_file::sd3::is_sd3_source(&*source) {
+        match crate::single_file::sd3::open_file(path) {
+            Ok(m) => writeln!(out, "layout: Stability AI's Stable Diffusion 3 single file, {}", m.describe())?,
+            Err(e) => writeln!(out, "layout: Stability AI's Stable Diffusion 3 single file, not convertible: {}", crate::output::one_line(&e))?,
+        }
+        tensor_table(&mut out, &*source)?;
+        return Ok(out);
+    }
     let opts = ReadOptions { sd_version, ..Default::default() };
     match SingleFile::open(path, &opts) {
         Ok(f) => {

@@ -416,6 +416,8 @@ fn the_cli_converts_sd3_both_ways() {
     let k = "transformer_blocks.2.norm1_context.linear.bias";
     let want: Vec<f32> = f32s(orig.read(k).unwrap()).iter().map(|v| half::f16::from_f32(*v).to_f32()).collect();
     assert_eq!(f32s(back.read(k).unwrap()), want);
+    let (ok, text) = run(&["inspect", &s(p("f.safetensors"))]);
+    assert!(ok && text.contains("Stable Diffusion 3 single file, SD3.5 medium (3 blocks, width 64, 2 heads; MMDiT, CLIP-L, CLIP-G, VAE)"), "{text}");
     let (ok, text) = run(&["convert", "single-file-to-diffusers", "--checkpoint", &s(p("f.safetensors")), "--out", &s(p("other")), "--sd-version", "2"]);
     assert!(!ok && text.contains("a Stable Diffusion 3 single file"), "{text}");
 }

@@ -107,7 +107,15 @@ pub struct Sd3Model {
     pub heads: usize,
 }
 
+/// Every part, in file order.
+const ALL_PARTS: [&str; 5] = [TRANSFORMER, CLIP_L, CLIP_G, T5, VAE];
+
 impl Sd3Model {
+    /// The parts present, in file order.
+    fn present(&self) -> Vec<&'static str> {
+        ALL_PARTS.into_iter().filter(|p| self.parts.contains_key(p)).collect()
+    }
+
     fn mmdit(&self) -> &Plan {
         &self.parts[TRANSFORMER].plans[0]
     }
@@ -116,7 +124,7 @@ impl Sd3Model {
     pub fn describe(&self) -> String {
         let m = self.mmdit();
         let (h, n) = (m.symbols.get("h").copied().unwrap_or(0), m.symbols.get("n").map_or(0, |n| n + 1));
-        let names: Vec<&str> = self.parts.keys().map(|p| part_name(p)).collect();
+        let names: Vec<&str> = self.present().into_iter().map(part_name).collect();
         format!("{} ({n} blocks, width {h}, {} heads; {})", self.variant.name(), self.heads, names.join(", "))
     }
 }
@@ -167,7 +175,7 @@ pub fn open_file(path: &Path) -> Result<Sd3Model> {
     }
     let mut parts = BTreeMap::new();
     let mut seen: BTreeSet<String> = BTreeSet::new();
-    for part in [TRANSFORMER, CLIP_L, CLIP_G, T5, VAE] {
+    for part in ALL_PARTS {
         let table = part_table(part)?;
         let prefix = table.prefix.clone();
         let view = ComponentView::new(source.clone(), table, false).with_context(|| in_file(format!("the {}", part_name(part))))?;
@@ -229,7 +237,7 @@ fn part_weights(folder: &Path, part: &str) -> Result<Rc<dyn TensorSource>> {
 pub fn open_folder(folder: &Path) -> Result<Sd3Model> {
     ensure!(is_sd3_folder(folder), "{}: not a Stable Diffusion 3 diffusers folder (model_index.json of StableDiffusion3Pipeline)", folder.display());
     let mut parts = BTreeMap::new();
-    for part in [TRANSFORMER, CLIP_L, CLIP_G, T5, VAE] {
+    for part in ALL_PARTS {
         if !folder.join(part).is_dir() {
             ensure!(part != TRANSFORMER, "{}: no transformer/ folder", folder.display());
             continue;
@@ -341,7 +349,7 @@ fn write(opts: &ExportOptions, components: Vec<(&'static str, Vec<ExportTensor>)
 pub fn diffusers_to_single_file(folder: &Path, opts: &ExportOptions) -> Result<Sd3Exported> {
     check_destination(&opts.out, opts.force, &[folder])?;
     let model = open_folder(folder)?;
-    let components = model.parts.iter().map(|(p, piece)| Ok((*p, piece.tensors()?))).collect::<Result<Vec<_>>>()?;
+    let components = model.present().into_iter().map(|p| Ok((p, model.parts[p].tensors()?))).collect::<Result<Vec<_>>>()?;
     write(opts, components, model.variant, &format!("diffusers folder {}", folder.display()))
 }
 
@@ -526,7 +534,7 @@ pub fn single_file_to_diffusers(checkpoint: &Path, opts: &Sd3ToFolderOptions) ->
     };
     let filled = fill();
     let (from_base, out) = staging.finish(filled)?;
-    Ok(Sd3FolderWritten { out, variant: model.variant, from_file: model.parts.keys().map(|p| part_name(p)).collect(), from_base })
+    Ok(Sd3FolderWritten { out, variant: model.variant, from_file: model.present().into_iter().map(part_name).collect(), from_base })
 }
 
 fn set_half(config: &mut Value, half: bool) {
