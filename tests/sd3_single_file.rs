@@ -416,6 +416,17 @@ fn the_cli_converts_sd3_both_ways() {
     let k = "transformer_blocks.2.norm1_context.linear.bias";
     let want: Vec<f32> = f32s(orig.read(k).unwrap()).iter().map(|v| half::f16::from_f32(*v).to_f32()).collect();
     assert_eq!(f32s(back.read(k).unwrap()), want);
+    // KerasHub's MMDiT alone (the DreamBooth file) + the file as base -> one file, through the CLI.
+    sd3_to_keras(&p("sd3"), &p("dreambooth.weights.h5"), false).unwrap();
+    let (ok, text) = run(&["convert", "keras-to-single-file", "--unet", &s(p("dreambooth.weights.h5")), "--base", &s(p("f.safetensors")), "--out", &s(p("k.safetensors"))]);
+    assert!(ok && text.contains("SD3.5 medium: MMDiT, CLIP-L, CLIP-G, VAE"), "{text}");
+    let (k, f) = (StFile::open(&p("k.safetensors")).unwrap(), StFile::open(&p("f.safetensors")).unwrap());
+    let key = "model.diffusion_model.final_layer.adaLN_modulation.1.weight";
+    let from_keras: Vec<f32> = f32s(k.read(key).unwrap()).iter().map(|v| half::f16::from_f32(*v).to_f32()).collect();
+    assert!(from_keras == f32s(f.read(key).unwrap()), "the f32 MMDiT from Keras is the fp16 file's, before rounding");
+    assert_eq!(k.read("text_encoders.clip_g.transformer.text_projection.weight").unwrap(), f.read("text_encoders.clip_g.transformer.text_projection.weight").unwrap());
+    let (ok, text) = run(&["convert", "keras-to-single-file", "--unet", &s(p("dreambooth.weights.h5")), "--base", &s(p("f.safetensors")), "--out", &s(p("k.safetensors"))]);
+    assert!(!ok && text.contains("k.safetensors: already exists"), "{text}");
     let (ok, text) = run(&["inspect", &s(p("f.safetensors"))]);
     assert!(ok && text.contains("Stable Diffusion 3 single file, SD3.5 medium (3 blocks, width 64, 2 heads; MMDiT, CLIP-L, CLIP-G, VAE)"), "{text}");
     let (ok, text) = run(&["convert", "single-file-to-diffusers", "--checkpoint", &s(p("f.safetensors")), "--out", &s(p("other")), "--sd-version", "2"]);
