@@ -1,16 +1,19 @@
 //! Layouts that hold diffusers' tensors under other names, such as the original Stable Diffusion
-//! (LDM) single-file checkpoint: one table per component (`mappings/ldm_*.toml`), read in both
-//! directions by the functions here. A table maps module prefixes (with index arithmetic over
-//! declared ranges), then renames inside a module; the rest of a name is kept. Tensors move as
-//! bytes: a Linear ⇄ 1×1-conv reshape changes only the shape, and q/k/v fused into one tensor
-//! along the first axis is a concatenation of their rows.
+//! (LDM) single-file checkpoint or Stability's SD3 one: one table per component
+//! (`mappings/ldm_*.toml`, `mappings/sai_*_sd3.toml`), read in both directions by the functions
+//! here. A table maps module prefixes (with index arithmetic over declared ranges), then renames
+//! inside a module; the rest of a name is kept. Tensors move as bytes: a Linear ⇄ 1×1-conv
+//! reshape changes only the shape, q/k/v fused into one tensor along the first axis is a
+//! concatenation of their rows, and Stability's (shift, scale) against diffusers' (scale, shift)
+//! swaps the two halves of the rows. A table may rename the last repetition of its open range
+//! otherwise (`[last_repeat]`: Stability's last MMDiT block).
 
 use super::expr::{Expr, Symbols};
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
-/// Embedded copies of `mappings/ldm_*.toml`.
+/// Embedded copies of `mappings/ldm_*.toml` and `mappings/sai_*_sd3.toml`.
 const RENAME_TABLES: &[(&str, &str)] = &[
     ("ldm_unet", include_str!("../../mappings/ldm_unet.toml")),
     ("ldm_vae", include_str!("../../mappings/ldm_vae.toml")),
