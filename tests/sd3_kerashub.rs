@@ -382,3 +382,33 @@ fn sd3_lora_goes_to_kerashub_and_back_with_the_same_updates() {
     let e = format!("{:#}", convert_to_keras(&bad, &out, &pipe, false).unwrap_err());
     assert!(e.contains("conv.safetensors") && e.contains("`unet.down_blocks.0.attn.to_q.lora_A.weight`") && !e.contains('\n'), "{e}");
 }
+
+/// A bf16 SD3 folder (as SD3.5 ships) becomes a bf16 KerasHub preset stored as Keras 3 stores
+/// bfloat16 (2-byte opaque data tagged `dtype` = "bfloat16"), half the size of f32, and comes back
+/// bit for bit; `--half` on the way back gives diffusers' fp16 variant files.
+#[test]
+fn bf16_stays_bf16_through_a_kerashub_preset() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, preset, back, half) = (dir.path().join("sd3"), dir.path().join("preset"), dir.path().join("back"), dir.path().join("half"));
+    make_sd3_folder(&folder, Variant::Sd35Medium);
+    for part in PARTS {
+        let file = StFile::open(&folder.join(part)).unwrap();
+        let tensors: BTreeMap<String, RawTensor> = file.keys().into_iter().map(|k| (k.clone(), file.read(&k).unwrap().cast(DType::BF16))).collect();
+        drop(file);
+        write_st(&folder.join(part), &tensors);
+    }
+    sd3_to_keras(&folder, &preset, false).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(preset.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["config"]["dtype"]["config"]["name"], "bfloat16");
+    let weights = KerasFile::open(&preset.join("model.weights.h5")).unwrap();
+    let datasets = weights.keras3_datasets().unwrap();
+    assert!(datasets.len() > 100 && datasets.iter().all(|(_, info)| info.dtype == DType::BF16), "every variable bf16");
+    let keras = kerashub::open(&preset).unwrap();
+    sd3_to_diffusers(&keras, &ToDiffusersOptions { out: back.clone(), ..Default::default() }).unwrap();
+    for part in PARTS {
+        same_part(&folder, &back, part);
+    }
+    sd3_to_diffusers(&keras, &ToDiffusersOptions { out: half.clone(), half: true, ..Default::default() }).unwrap();
+    let t = StFile::open(&half.join("transformer/diffusion_pytorch_model.fp16.safetensors")).unwrap();
+    assert!(t.keys().iter().all(|k| t.read(k).unwrap().dtype == DType::F16));
+}

@@ -33,14 +33,14 @@ impl Keras3Writer {
         Ok(group)
     }
 
-    /// Writes one variable at `path` (`layers/.../vars/0`). bf16 is written as f32, which Keras
-    /// casts back to the variable's bf16 when it loads (exactly: every bf16 value is an f32).
+    /// Writes one variable at `path` (`layers/.../vars/0`) in its own type; bfloat16 as Keras 3
+    /// stores it (a 2-byte opaque type with the attribute `dtype` = "bfloat16").
     pub fn write(&self, path: &str, tensor: RawTensor) -> Result<()> {
-        let tensor = if tensor.dtype == DType::BF16 { tensor.cast(DType::F32) } else { tensor };
         let (dir, name) = path.rsplit_once('/').with_context(|| format!("`{path}` has no group"))?;
         let g = self.group(dir)?;
         let shape = tensor.shape.clone();
         let written = match tensor.dtype {
+            DType::BF16 => super::h5ffi::write_opaque(&g, name, &shape, &tensor.data, None, Some("bfloat16")).map_err(|e| hdf5::Error::from(e.to_string().as_str())),
             DType::F32 => {
                 let v: Vec<f32> = bytemuck::pod_collect_to_vec(&tensor.data);
                 g.new_dataset_builder().with_data(&ndarray::ArrayView::from_shape(shape, &v)?).create(name).map(|_| ())
