@@ -7,6 +7,8 @@ diffusers folder and back to a KerasHub preset and an MMDiT-only `.weights.h5`; 
   the original's dtype (so Keras -> diffusers -> Keras is bit-identical, bf16 included);
 * `backbone.diffuser.load_weights(back_mmdit.weights.h5)` on a zeroed backbone gives the original
   MMDiT weights bit for bit;
+* written as Keras shards (`--max-shard-size`, 1 MiB here), the same through keras-hub's and
+  Keras' sharded readers (`model.weights.json`, `<name>.weights.json`);
 * `StableDiffusion3TextToImage.from_preset(back)` generates from a prompt (1 step, 64x64) and its
   image equals the original preset's.
 The bf16 diffusers folder itself is checked on the torch side: every tensor bf16, and diffusers'
@@ -26,7 +28,9 @@ sys.path.insert(0, HERE)
 from common import WORK, drop, record_fact  # noqa: E402
 
 KERAS_PY = os.path.join(HERE, ".venv-kerashub", "bin", "python")
-CASES = [("sd3-medium", "float32"), ("sd3.5-medium", "float32"), ("sd3.5-large", "float32"), ("sd3.5-medium", "bfloat16")]
+# (variant, dtype, --max-shard-size in GB or None): the last case writes Keras shards of 1 MiB.
+CASES = [("sd3-medium", "float32", None), ("sd3.5-medium", "float32", None), ("sd3.5-large", "float32", None), ("sd3.5-medium", "bfloat16", None),
+         ("sd3.5-large", "float32", 2.0 ** -10)]
 
 
 def keras_make(work, variant, dtype):
@@ -41,7 +45,7 @@ def keras_make(work, variant, dtype):
     print(json.dumps({"weights": len(backbone.weights), "dtypes": sorted({str(w.dtype) for w in backbone.weights})}))
 
 
-def keras_verify(work):
+def keras_verify(work, mmdit_file):
     import keras
     from keras_hub.models import StableDiffusion3Backbone, StableDiffusion3TextToImage
 
@@ -54,7 +58,7 @@ def keras_verify(work):
                      "first_bad": next((w.path for (w, _), ok in zip(pairs, same) if not ok), None)}
     for v in b.diffuser.weights:
         v.assign(np.zeros(v.shape, dtype=str(v.dtype)))
-    b.diffuser.load_weights(os.path.join(work, "back_mmdit.weights.h5"))
+    b.diffuser.load_weights(os.path.join(work, mmdit_file))
     mm = [np.array_equal(np.asarray(w.value), np.asarray(v.value)) for w, v in zip(a.diffuser.weights, b.diffuser.weights)]
     out["mmdit"] = {"weights": len(mm), "identical": int(sum(mm))}
     # The converted preset as a task (its preprocessor and tokenizer assets included), against the
@@ -102,9 +106,10 @@ def run(db):
     env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=HERE)
     me = os.path.abspath(__file__)
     failed = 0
-    for variant, dtype in CASES:
-        check = f"sd3 back {variant} {dtype}"
-        work = os.path.join(WORK, "sd3_back", f"{variant}-{dtype}")
+    for variant, dtype, shard_gb in CASES:
+        check = f"sd3 back {variant} {dtype}" + (" sharded" if shard_gb else "")
+        work = os.path.join(WORK, "sd3_back", f"{variant}-{dtype}-{shard_gb}")
+        shard = ["--max-shard-size", str(shard_gb)] if shard_gb else []
         os.makedirs(work, exist_ok=True)
         try:
             sh([KERAS_PY, me, "keras-make", work, variant, dtype], env)
@@ -112,9 +117,16 @@ def run(db):
             sh([db, "convert", "keras-to-diffusers", "--preset", os.path.join(work, "preset"), "--out", diff, "--force"])
             if dtype == "bfloat16":
                 torch_bf16(check, diff)
-            sh([db, "convert", "diffusers-to-keras", "--model", diff, "--out", os.path.join(work, "back"), "--force"])
-            sh([db, "convert", "diffusers-to-keras", "--model", diff, "--out", os.path.join(work, "back_mmdit.weights.h5"), "--force"])
-            line = next(x for x in sh([KERAS_PY, me, "keras-verify", work], env).splitlines() if x.startswith("RESULT "))
+            sh([db, "convert", "diffusers-to-keras", "--model", diff, "--out", os.path.join(work, "back"), "--force", *shard])
+            sh([db, "convert", "diffusers-to-keras", "--model", diff, "--out", os.path.join(work, "back_mmdit.weights.h5"), "--force", *shard])
+            mmdit_file = "back_mmdit.weights.h5"
+            if shard_gb:
+                shards = sorted(f for f in os.listdir(os.path.join(work, "back")) if f.endswith(".weights.h5"))
+                ok = os.path.exists(os.path.join(work, "back", "model.weights.json")) and len(shards) > 2 and os.path.exists(os.path.join(work, "back_mmdit.weights.json"))
+                failed += not ok
+                record_fact(check, "Keras shards written", ok, f"preset: model.weights.json + {len(shards)} shards; MMDiT: back_mmdit.weights.json + shards")
+                mmdit_file = "back_mmdit.weights.json"
+            line = next(x for x in sh([KERAS_PY, me, "keras-verify", work, mmdit_file], env).splitlines() if x.startswith("RESULT "))
             r = json.loads(line[len("RESULT "):])
             p = r["preset"]
             ok = p["identical"] == p["weights"] == p["back_weights"]
@@ -141,6 +153,6 @@ if __name__ == "__main__":
     if cmd == "keras-make":
         keras_make(*sys.argv[2:5])
     elif cmd == "keras-verify":
-        keras_verify(sys.argv[2])
+        keras_verify(sys.argv[2], sys.argv[3])
     else:
         sys.exit(run(os.path.abspath(cmd)))

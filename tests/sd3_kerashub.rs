@@ -412,3 +412,47 @@ fn bf16_stays_bf16_through_a_kerashub_preset() {
     let t = StFile::open(&half.join("transformer/diffusion_pytorch_model.fp16.safetensors")).unwrap();
     assert!(t.keys().iter().all(|k| t.read(k).unwrap().dtype == DType::F16));
 }
+
+/// Above the shard size, a preset's weights and an MMDiT alone are written in Keras' sharded form
+/// (the map and numbered shards, a `vars` group split over two listed in order) and read back
+/// from it bit for bit.
+#[test]
+fn large_weights_are_written_and_read_as_keras_shards() {
+    use dreambridge::convert::sd3_to_keras::sd3_to_keras_sharded;
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, preset, back) = (dir.path().join("sd3"), dir.path().join("preset"), dir.path().join("back"));
+    make_sd3_folder(&folder, Variant::Sd35Medium);
+    let shard_gb = 64.0 * 1024.0 / (1u64 << 30) as f64; // 64 KiB
+    sd3_to_keras_sharded(&folder, &preset, false, shard_gb).unwrap();
+    assert!(!preset.join("model.weights.h5").exists());
+    let map: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(preset.join("model.weights.json")).unwrap()).unwrap();
+    let shards: std::collections::BTreeSet<String> = map["weight_map"].as_object().unwrap().values().flat_map(|v| match v {
+        serde_json::Value::Array(list) => list.iter().map(|s| s.as_str().unwrap().to_string()).collect(),
+        s => vec![s.as_str().unwrap().to_string()],
+    }).collect();
+    assert!(shards.len() > 3 && shards.contains("model_00000.weights.h5"), "{shards:?}");
+    for s in &shards {
+        // Data within the shard size, or one variable larger than it alone.
+        let datasets = KerasFile::open(&preset.join(s)).unwrap().keras3_datasets().unwrap();
+        let bytes: usize = datasets.iter().map(|(_, i)| i.shape.iter().product::<usize>() * i.dtype.size()).sum();
+        assert!(bytes <= 64 * 1024 || datasets.len() == 1, "{s}: {bytes} bytes in {} variables", datasets.len());
+    }
+    assert!(map["weight_map"].as_object().unwrap().values().any(|v| v.is_array()), "some group split over two shards");
+    let keras = kerashub::open(&preset).unwrap();
+    sd3_to_diffusers(&keras, &ToDiffusersOptions { out: back.clone(), ..Default::default() }).unwrap();
+    for part in PARTS {
+        same_part(&folder, &back, part);
+    }
+    // The MMDiT alone: `x.weights.h5` asked for, `x.weights.json` + `x_NNNNN.weights.h5` written.
+    let mmdit = dir.path().join("mmdit.weights.h5");
+    let done = sd3_to_keras_sharded(&folder, &mmdit, false, shard_gb).unwrap();
+    assert_eq!(done.out, dir.path().join("mmdit.weights.json"));
+    assert!(!mmdit.exists() && dir.path().join("mmdit_00001.weights.h5").exists());
+    let again = dir.path().join("again");
+    let keras = kerashub::open(&done.out).unwrap();
+    assert_eq!(keras.form, Form::Mmdit);
+    sd3_to_diffusers(&keras, &ToDiffusersOptions { out: again.clone(), base: Some(folder.clone()), ..Default::default() }).unwrap();
+    same_part(&folder, &again, PARTS[0]);
+    let e = sd3_to_keras_sharded(&folder, &mmdit, false, shard_gb).unwrap_err().to_string();
+    assert!(e.contains("mmdit.weights.json: already exists") || e.contains("already exists"), "{e}");
+}
