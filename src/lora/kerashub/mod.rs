@@ -297,3 +297,54 @@ pub fn convert_to_keras(input: &Path, output: &Path, base: &Path, force: bool) -
     write_lora_h5(output, rank, &layers)?;
     Ok(KerasLora { rank, target_layer_names: names.into_iter().collect(), layers: layers.len(), modules: adapters.len() })
 }
+
+/// The full-size SD3 backbones (KerasHub's presets: CLIP-L 12 layers, CLIP-G 32, MMDiT of 24 or
+/// 38 blocks of 64·blocks wide) whose layer numbering holds every layer of a `.lora.h5`: each index
+/// a layer with a LoRA kernel, and the MMDiT attention kernels' `a` as wide as that MMDiT.
+pub fn fitting_variants(layers: &[LoraLayer]) -> Vec<(&'static str, Vec<FlatLayer>)> {
+    let variants: [(&str, usize, bool, Vec<usize>); 3] =
+        [("SD3 medium", 24, false, Vec::new()), ("SD3.5 medium", 24, true, (0..=12).collect()), ("SD3.5 large", 38, true, Vec::new())];
+    let mut out = Vec::new();
+    for (name, blocks, qk_norm, dual) in variants {
+        let flat = flattened_layers(&Structure { clip_l_layers: 12, clip_g_layers: 32, blocks, qk_norm, dual });
+        let fits = layers.iter().all(|(index, a, _)| {
+            flat.get(*index).is_some_and(|l| {
+                let attention = ["attention_qkv", "attention_qkv2", "attention_proj", "attention_proj2"].iter().any(|n| l.path.ends_with(&format!("/{n}")));
+                l.kernel.is_some() && (!attention || !l.path.starts_with("diffuser/") || a.shape.first() == Some(&(64 * blocks)))
+            })
+        });
+        if fits {
+            out.push((name, flat));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32_zeros(shape: Vec<usize>) -> RawTensor {
+        RawTensor { dtype: DType::F32, data: vec![0; shape.iter().product::<usize>() * 4], shape }
+    }
+
+    /// A LoRA on one MMDiT attention kernel tells the variant by its layer number and width; one on
+    /// the CLIPs alone fits every variant; a number past any backbone fits none.
+    #[test]
+    fn the_variant_is_told_by_layer_numbers_and_widths() {
+        let index_of = |blocks, qk_norm, dual: Vec<usize>, path: &str| {
+            flattened_layers(&Structure { clip_l_layers: 12, clip_g_layers: 32, blocks, qk_norm, dual }).iter().position(|l| l.path == path).unwrap()
+        };
+        let qkv = "diffuser/joint_block_3/x_block/attention_qkv";
+        let names = |layers: &[LoraLayer]| fitting_variants(layers).into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+        let large = (index_of(38, true, vec![], qkv), f32_zeros(vec![2432, 4]), f32_zeros(vec![4, 3 * 2432]));
+        assert_eq!(names(&[large]), ["SD3.5 large"]);
+        let medium = (index_of(24, false, vec![], qkv), f32_zeros(vec![1536, 4]), f32_zeros(vec![4, 3 * 1536]));
+        assert_eq!(names(&[medium]), ["SD3 medium"]);
+        let medium35 = (index_of(24, true, (0..=12).collect(), qkv), f32_zeros(vec![1536, 4]), f32_zeros(vec![4, 3 * 1536]));
+        assert_eq!(names(&[medium35]), ["SD3.5 medium"]);
+        let query = index_of(24, false, vec![], "clip_l/clip_l_encoder_block_0/attention/query");
+        assert_eq!(names(&[(query, f32_zeros(vec![768, 12, 4]), f32_zeros(vec![4, 64]))]), ["SD3 medium", "SD3.5 medium", "SD3.5 large"]);
+        assert!(names(&[(100_000, f32_zeros(vec![1, 1]), f32_zeros(vec![1, 1]))]).is_empty());
+    }
+}

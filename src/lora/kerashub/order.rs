@@ -139,7 +139,7 @@ pub fn flattened_layers(s: &Structure) -> Vec<FlatLayer> {
     for (n, root) in &top {
         out.push(FlatLayer { path: n.name.clone(), kernel: None });
         for c in n.children.iter().rev() {
-            visit(c, &c.name, &format!("{root}{}", c.key), &mut out);
+            visit(c, &format!("{}/{}", n.name, c.name), &format!("{root}{}", c.key), &mut out);
         }
     }
     out
