@@ -242,6 +242,14 @@ fn bad_inputs_are_named() {
     assert!(err.contains("layers/t5_encoder/vars/0") && err.contains("T5"), "{err}");
     // The output of a failed conversion is not left behind, and an existing one is kept.
     assert!(sd3_to_keras(&folder, &preset, false).unwrap_err().to_string().contains("already exists"));
+    // A base whose pipeline asks for a T5 it does not have.
+    let mmdit = dir.path().join("mmdit.weights.h5");
+    sd3_to_keras(&folder2, &mmdit, false).unwrap();
+    write_json(&folder2.join("model_index.json"), dreambridge::diffusers::sd3::model_index(true));
+    let out = dir.path().join("no_t5");
+    let opts = ToDiffusersOptions { out: out.clone(), base: Some(folder2.clone()), ..Default::default() };
+    let err = format!("{:#}", sd3_to_diffusers(&kerashub::open(&mmdit).unwrap(), &opts).unwrap_err());
+    assert!(err.contains("model_index.json names `text_encoder_3`") && err.contains("no T5 weights") && !out.exists(), "{err}");
 }
 
 /// The KerasHub MMDiT tables give the tensor counts of the real presets' `.weights.h5` files
