@@ -2,7 +2,7 @@
 # The parity suite: dreambridge's conversions proven against the peers, KerasCV (Keras 2 and 3)
 # and diffusers/transformers, on real full-size models with random weights. CPU only.
 #
-#   parity/run.sh           everything (creates the three venvs on first use, ~8 GB)
+#   parity/run.sh           everything (creates the four venvs on first use, ~9 GB)
 #   parity/run.sh --setup   only create the venvs
 #
 # Prints a results table and exits non-zero if any check fails. Work files: parity/work/; each stage
@@ -26,6 +26,7 @@ make_venv() { # name, pip requirements...
 }
 make_venv keras "tensorflow-cpu==2.14.1" "keras-cv==0.6.4" "h5py==3.16.0" "huggingface_hub==0.26.5"
 make_venv keras3 "tensorflow-cpu==2.17.1" "keras-cv==0.9.0" "h5py==3.16.0"
+make_venv kerashub "keras-hub==0.32.0" "keras==3.15.1" "jax[cpu]==0.10.2" "h5py==3.16.0"
 make_venv torch "torch==2.15.0" "diffusers==0.42.1" "transformers==5.23.0" "safetensors==0.8.0" "accelerate==1.15.0" "h5py==3.16.0" "peft==0.21.2" "tensorboard==2.21.0" "bitsandbytes==0.50.2"
 # Added later: a venv made before gets it on the next run.
 "$P/.venv-torch/bin/python" -c "import tensorboard" 2>/dev/null || "$P/.venv-torch/bin/pip" install -q "tensorboard==2.21.0"
@@ -50,6 +51,7 @@ quiet() { grep -v "^WARNING\|absl\|Using TensorFlow\|warn" || true; } # TF start
 #   reverse      nothing (k3/pipe, sd1/ with keras_back, torch_sd1/, torch_sd1_keras/ deleted)
 #   sd2          nothing (sd2/*.h5, sd2/pipe deleted)
 #   models, train-output, train-flags, adam8bit, torchrun, lora: nothing (their tmp*/ and adam8bit/ deleted)
+#   sd3          nothing (sd3/, sd3_back/, sd3_lora/ deleted; tiny models, ~0.5 GB at most)
 #   single-file  nothing (single_file/ deleted; the script drops its tiny files before the full-size SD1.5 check)
 #   tf-formats   nothing (tf_formats/ deleted; the script drops each form once compared); sample/ deleted
 #   schedulers, eval, hub: nothing (schedulers/, eval/, tmp*/ deleted)
@@ -186,6 +188,13 @@ step single-file "Single-file checkpoints (original SD layout): dreambridge's in
 "$P/.venv-torch/bin/python" "$P/single_file_parity.py" "$DB" || single_file_rc=$?
 drop single_file
 
+step sd3 "KerasHub Stable Diffusion 3 (keras-hub 0.32, jax): presets, backbones and MMDiT-only files -> diffusers, the way back in keras-hub itself (bf16 too), LoRA both ways"
+KERAS_BACKEND=jax "$P/.venv-kerashub/bin/python" "$P/sd3_parity.py" make 2>&1 | quiet || sd3_rc=$?
+"$P/.venv-torch/bin/python" "$P/sd3_parity.py" check "$DB" || sd3_rc=$?
+"$P/.venv-torch/bin/python" "$P/sd3_back_parity.py" "$DB" || sd3_rc=$?
+"$P/.venv-torch/bin/python" "$P/sd3_lora_parity.py" run "$DB" || sd3_rc=$?
+drop sd3 sd3_back sd3_lora
+
 step tf-formats "KerasCV's other forms at full size: TF checkpoint, SavedModel (push_to_hub_keras), .keras; textual inversion"
 $P/.venv-keras/bin/python $P/tf_formats.py make 2>&1 | quiet
 $P/.venv-keras3/bin/python $P/tf_formats.py make3 2>&1 | quiet
@@ -210,4 +219,4 @@ disk=$(disk_peak)
 DISK_DONE=1
 echo
 "$P/.venv-torch/bin/python" "$P/report.py" "$W/results.jsonl" "$(( $(date +%s) - start ))" "$disk" || report_rc=$?
-exit "$(( ${report_rc:-0} | ${single_file_rc:-0} | ${tf_formats_rc:-0} | ${schedulers_rc:-0} | ${eval_rc:-0} | ${adam8bit_rc:-0} | ${torchrun_rc:-0} ))" # a crash that recorded no row still fails the suite
+exit "$(( ${report_rc:-0} | ${single_file_rc:-0} | ${tf_formats_rc:-0} | ${schedulers_rc:-0} | ${eval_rc:-0} | ${adam8bit_rc:-0} | ${torchrun_rc:-0} | ${sd3_rc:-0} ))" # a crash that recorded no row still fails the suite

@@ -15,6 +15,7 @@ use std::path::Path;
 pub fn inspect(path: &Path, sd_version: Option<u8>) -> Result<String> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let report = match ext {
+        _ if path.to_string_lossy().ends_with(".lora.h5") => inspect_keras_hub_lora(path),
         _ if crate::convert::kerashub::is_sd3(path) => inspect_keras_hub(path),
         // A TF checkpoint prefix such as TF's `training_1/cp.ckpt`: the bundle, not a torch file.
         _ if crate::keras::is_checkpoint_prefix(path) => inspect_keras(path, sd_version),
@@ -129,6 +130,34 @@ fn inspect_keras_hub(path: &Path) -> Result<String> {
     if sd3.form == crate::convert::kerashub::Form::Mmdit {
         writeln!(out, "  the MMDiT alone: convert with --base (a diffusers SD3 folder) for a complete pipeline")?;
     }
+    Ok(out)
+}
+
+/// A KerasHub LoRA file (`save_lora_weights`): its rank, its layers and, where the layer numbers
+/// and widths fit one, the full-size SD3 variant it was made on.
+fn inspect_keras_hub_lora(path: &Path) -> Result<String> {
+    use crate::lora::kerashub::{fitting_variants, read_lora_h5};
+    let (rank, layers) = read_lora_h5(path)?;
+    let mut out = String::new();
+    writeln!(out, "format: KerasHub LoRA (.lora.h5, Backbone.save_lora_weights), rank {rank}, {} layers", layers.len())?;
+    let fits = fitting_variants(&layers);
+    match fits.as_slice() {
+        [] => writeln!(out, "detected: KerasHub LoRA of no full-size SD3 backbone's layer numbering (a smaller model: convert with --base, which numbers its layers)")?,
+        [(name, flat)] => {
+            writeln!(out, "detected: KerasHub Stable Diffusion 3 LoRA, {name} (its layer numbers and widths fit that backbone)")?;
+            for (index, a, b) in &layers {
+                writeln!(out, "  lora/{index:<5} {:<60} a {:?}  b {:?}", flat[*index].path, a.shape, b.shape)?;
+            }
+        }
+        several => {
+            let names: Vec<&str> = several.iter().map(|(n, _)| *n).collect();
+            writeln!(out, "detected: KerasHub Stable Diffusion 3 LoRA, fits {} (the text encoders alone do not tell them apart)", names.join(", "))?;
+            for (index, a, b) in &layers {
+                writeln!(out, "  lora/{index:<5} {:<60} a {:?}  b {:?}", several[0].1[*index].path, a.shape, b.shape)?;
+            }
+        }
+    }
+    writeln!(out, "convert: dreambridge lora convert {} out.safetensors --to diffusers --base <the KerasHub preset or diffusers SD3 folder>", path.display())?;
     Ok(out)
 }
 

@@ -277,6 +277,11 @@ enum Direction {
         /// Force the Stable Diffusion version (1 or 2) instead of detecting it.
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
         sd_version: Option<u8>,
+        /// SD3 (KerasHub): weights above this many GB (2^30 bytes, as Keras counts) are written as
+        /// Keras shards (`model.weights.json` + `model_NNNNN.weights.h5`), as keras-hub's
+        /// `save_to_preset` does.
+        #[arg(long, default_value_t = dreambridge::convert::sd3_to_keras::DEFAULT_MAX_SHARD_GB)]
+        max_shard_size: f64,
     },
 }
 
@@ -777,11 +782,11 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> Result<()> {
                 println!("{kind} -> {}", done.out.join(name).display());
             }
         }
-        Command::Convert(ConvertArgs { direction: Some(Direction::DiffusersToKeras { model, out, force, sd_version }), .. }) => {
+        Command::Convert(ConvertArgs { direction: Some(Direction::DiffusersToKeras { model, out, force, sd_version, max_shard_size }), .. }) => {
             let local = if model.exists() { model.clone() } else { dreambridge::hub::download::local_or_hub(&model)? };
             if dreambridge::convert::sd3_to_keras::is_sd3_folder(&local) {
                 anyhow::ensure!(sd_version.is_none(), "--sd-version is for SD1/SD2 folders, not Stable Diffusion 3");
-                let done = dreambridge::convert::sd3_to_keras::sd3_to_keras(&local, &out, force)?;
+                let done = dreambridge::convert::sd3_to_keras::sd3_to_keras_sharded(&local, &out, force, max_shard_size)?;
                 println!("{} -> {} (KerasHub)", done.parts.join(", "), done.out.display());
                 return Ok(());
             }

@@ -242,6 +242,14 @@ fn bad_inputs_are_named() {
     assert!(err.contains("layers/t5_encoder/vars/0") && err.contains("T5"), "{err}");
     // The output of a failed conversion is not left behind, and an existing one is kept.
     assert!(sd3_to_keras(&folder, &preset, false).unwrap_err().to_string().contains("already exists"));
+    // A base whose pipeline asks for a T5 it does not have.
+    let mmdit = dir.path().join("mmdit.weights.h5");
+    sd3_to_keras(&folder2, &mmdit, false).unwrap();
+    write_json(&folder2.join("model_index.json"), dreambridge::diffusers::sd3::model_index(true));
+    let out = dir.path().join("no_t5");
+    let opts = ToDiffusersOptions { out: out.clone(), base: Some(folder2.clone()), ..Default::default() };
+    let err = format!("{:#}", sd3_to_diffusers(&kerashub::open(&mmdit).unwrap(), &opts).unwrap_err());
+    assert!(err.contains("model_index.json names `text_encoder_3`") && err.contains("no T5 weights") && !out.exists(), "{err}");
 }
 
 /// The KerasHub MMDiT tables give the tensor counts of the real presets' `.weights.h5` files
@@ -268,4 +276,191 @@ fn mmdit_table_counts_match_the_real_presets() {
         }
         assert_eq!(paths.len(), expected, "{blocks} blocks, qk {qk}, {dual_blocks} dual");
     }
+}
+
+/// ΔW = B·A per module (the scale is folded into A), as f64 sums.
+fn lora_deltas(adapters: &[dreambridge::lora::kerashub::Adapter]) -> BTreeMap<String, (usize, usize, Vec<f32>)> {
+    adapters
+        .iter()
+        .map(|ad| {
+            let mut w = vec![0f32; ad.d_out * ad.d_in];
+            for o in 0..ad.d_out {
+                for i in 0..ad.d_in {
+                    w[o * ad.d_in + i] = (0..ad.rank).map(|k| ad.b[o * ad.rank + k] as f64 * ad.a[k * ad.d_in + i] as f64).sum::<f64>() as f32;
+                }
+            }
+            (ad.key.clone(), (ad.d_out, ad.d_in, w))
+        })
+        .collect()
+}
+
+/// A diffusers SD3 LoRA (PEFT names) over fused q/k/v (two of three, different ranks), a second
+/// attention, both swapped-halves norms, per-head CLIP kernels (rank heads·r below and above
+/// head_dim), a CLIP output kernel and a projection goes to a KerasHub `.lora.h5` and back with
+/// the same update ΔW = scale·B·A on every diffusers weight; the layers that share an adapted
+/// layer's name (so `enable_lora` picks them) carry zeros.
+#[test]
+fn sd3_lora_goes_to_kerashub_and_back_with_the_same_updates() {
+    use dreambridge::lora::kerashub::{convert_to_diffusers, convert_to_keras, read_peft_sd3};
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = dir.path().join("pipe");
+    make_sd3_folder(&pipe, Variant::Sd35Medium);
+    let weight_shape = |module: &str| {
+        let (part, rest) = module.split_once('.').unwrap();
+        let file = if part == "transformer" { "transformer/diffusion_pytorch_model.safetensors".to_string() } else { format!("{part}/model.safetensors") };
+        StFile::open(&pipe.join(file)).unwrap().read(&format!("{rest}.weight")).unwrap().shape
+    };
+    let modules = [
+        ("transformer.transformer_blocks.0.attn.to_q", 2, Some(4.0f32)),
+        ("transformer.transformer_blocks.0.attn.to_v", 3, None),
+        ("transformer.transformer_blocks.0.attn2.to_k", 2, None),
+        ("transformer.transformer_blocks.2.norm1_context.linear", 2, None),
+        ("transformer.norm_out.linear", 2, None),
+        ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", 1, None),
+        ("text_encoder.text_projection", 2, None),
+        ("text_encoder_2.text_model.encoder.layers.1.self_attn.v_proj", 4, None),
+        ("text_encoder_2.text_model.encoder.layers.2.self_attn.out_proj", 2, None),
+    ];
+    let mut t = BTreeMap::new();
+    for (i, (m, r, alpha)) in modules.iter().enumerate() {
+        let shape = weight_shape(m);
+        let f = |shape: Vec<usize>, seed| RawTensor { dtype: DType::F32, data: values(shape.iter().product(), seed), shape };
+        t.insert(format!("{m}.lora_A.weight"), f(vec![*r, shape[1]], 100 + i as u64));
+        t.insert(format!("{m}.lora_B.weight"), f(vec![shape[0], *r], 200 + i as u64));
+        if let Some(a) = alpha {
+            t.insert(format!("{m}.alpha"), RawTensor { dtype: DType::F32, shape: vec![], data: a.to_le_bytes().to_vec() });
+        }
+    }
+    let peft = dir.path().join("peft.safetensors");
+    write_st(&peft, &t);
+    let original = read_peft_sd3(&peft).unwrap();
+    // Scales as diffusers loads them: the `.alpha` (4 / 2), else the model's most common rank
+    // (transformer: 2, so to_v is 2/3; text_encoder_2: ranks 4 and 2 once each, the lower wins).
+    let scale_of = |key: &str| {
+        let ad = original.iter().find(|a| a.key == key).unwrap();
+        let raw = t[&format!("{key}.lora_A.weight")].to_f32_values();
+        ad.a[0] / raw[0]
+    };
+    assert!((scale_of("transformer.transformer_blocks.0.attn.to_q") - 2.0).abs() < 1e-6);
+    assert!((scale_of("transformer.transformer_blocks.0.attn.to_v") - 2.0 / 3.0).abs() < 1e-6);
+    assert!((scale_of("text_encoder_2.text_model.encoder.layers.1.self_attn.v_proj") - 0.5).abs() < 1e-6);
+
+    let back = dir.path().join("back.lora.h5");
+    let done = convert_to_keras(&peft, &back, &pipe, false).unwrap();
+    // fused q/k/v: 2 + 3; v_proj of CLIP-G: 3 heads · 4 > head_dim 8, so 8 with b the identity.
+    assert_eq!(done.rank, 8);
+    assert_eq!(done.target_layer_names, ["attention_output", "attention_qkv", "attention_qkv2", "dense", "query", "value"]);
+    assert!(done.enable_lora_call().starts_with("backbone.enable_lora(8, target_layer_names=[\"attention_output\", "));
+    let again = dir.path().join("again.safetensors");
+    convert_to_diffusers(&back, &again, &pipe, false).unwrap();
+    let (before, after) = (lora_deltas(&original), lora_deltas(&read_peft_sd3(&again).unwrap()));
+    for (key, (o, i, w)) in &after {
+        match before.get(key) {
+            Some((o2, i2, w2)) => {
+                assert_eq!((o, i), (o2, i2), "{key}");
+                let max = w2.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = w.iter().zip(w2).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(diff <= 1e-5 * max, "{key}: |ΔW - ΔW'| {diff} of {max}");
+            }
+            None => assert!(w.iter().all(|v| *v == 0.0), "{key}: not adapted before, not zero after"),
+        }
+    }
+    for key in before.keys() {
+        assert!(after.contains_key(key), "{key}: lost");
+    }
+    // Every layer of an adapted name is in the file: e.g. every adaptive norm's `dense`.
+    assert!(after.contains_key("transformer.transformer_blocks.1.norm1.linear") && after.contains_key("text_encoder_2.text_projection"));
+
+    // Refused, by file and tensor or module, writing nothing.
+    let e = convert_to_keras(&peft, &back, &pipe, false).unwrap_err().to_string();
+    assert!(e.contains("already exists"), "{e}");
+    let e = convert_to_keras(&peft, &dir.path().join("x.h5"), &pipe, false).unwrap_err().to_string();
+    assert!(e.contains("*.lora.h5"), "{e}");
+    let mut conv = BTreeMap::new();
+    conv.insert("transformer.pos_embed.proj.lora_A.weight".to_string(), RawTensor { dtype: DType::F32, shape: vec![2, 16 * 4], data: values(128, 1) });
+    conv.insert("transformer.pos_embed.proj.lora_B.weight".to_string(), RawTensor { dtype: DType::F32, shape: vec![64, 2], data: values(128, 2) });
+    let bad = dir.path().join("conv.safetensors");
+    write_st(&bad, &conv);
+    let out = dir.path().join("conv.lora.h5");
+    let e = format!("{:#}", convert_to_keras(&bad, &out, &pipe, false).unwrap_err());
+    assert!(e.contains("conv.safetensors") && e.contains("transformer.pos_embed.proj") && !out.exists(), "{e}");
+    let mut other = BTreeMap::new();
+    other.insert("unet.down_blocks.0.attn.to_q.lora_A.weight".to_string(), RawTensor { dtype: DType::F32, shape: vec![1, 4], data: values(4, 3) });
+    write_st(&bad, &other);
+    let e = format!("{:#}", convert_to_keras(&bad, &out, &pipe, false).unwrap_err());
+    assert!(e.contains("conv.safetensors") && e.contains("`unet.down_blocks.0.attn.to_q.lora_A.weight`") && !e.contains('\n'), "{e}");
+}
+
+/// A bf16 SD3 folder (as SD3.5 ships) becomes a bf16 KerasHub preset stored as Keras 3 stores
+/// bfloat16 (2-byte opaque data tagged `dtype` = "bfloat16"), half the size of f32, and comes back
+/// bit for bit; `--half` on the way back gives diffusers' fp16 variant files.
+#[test]
+fn bf16_stays_bf16_through_a_kerashub_preset() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, preset, back, half) = (dir.path().join("sd3"), dir.path().join("preset"), dir.path().join("back"), dir.path().join("half"));
+    make_sd3_folder(&folder, Variant::Sd35Medium);
+    for part in PARTS {
+        let file = StFile::open(&folder.join(part)).unwrap();
+        let tensors: BTreeMap<String, RawTensor> = file.keys().into_iter().map(|k| (k.clone(), file.read(&k).unwrap().cast(DType::BF16))).collect();
+        drop(file);
+        write_st(&folder.join(part), &tensors);
+    }
+    sd3_to_keras(&folder, &preset, false).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(preset.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["config"]["dtype"]["config"]["name"], "bfloat16");
+    let weights = KerasFile::open(&preset.join("model.weights.h5")).unwrap();
+    let datasets = weights.keras3_datasets().unwrap();
+    assert!(datasets.len() > 100 && datasets.iter().all(|(_, info)| info.dtype == DType::BF16), "every variable bf16");
+    let keras = kerashub::open(&preset).unwrap();
+    sd3_to_diffusers(&keras, &ToDiffusersOptions { out: back.clone(), ..Default::default() }).unwrap();
+    for part in PARTS {
+        same_part(&folder, &back, part);
+    }
+    sd3_to_diffusers(&keras, &ToDiffusersOptions { out: half.clone(), half: true, ..Default::default() }).unwrap();
+    let t = StFile::open(&half.join("transformer/diffusion_pytorch_model.fp16.safetensors")).unwrap();
+    assert!(t.keys().iter().all(|k| t.read(k).unwrap().dtype == DType::F16));
+}
+
+/// Above the shard size, a preset's weights and an MMDiT alone are written in Keras' sharded form
+/// (the map and numbered shards, a `vars` group split over two listed in order) and read back
+/// from it bit for bit.
+#[test]
+fn large_weights_are_written_and_read_as_keras_shards() {
+    use dreambridge::convert::sd3_to_keras::sd3_to_keras_sharded;
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, preset, back) = (dir.path().join("sd3"), dir.path().join("preset"), dir.path().join("back"));
+    make_sd3_folder(&folder, Variant::Sd35Medium);
+    let shard_gb = 64.0 * 1024.0 / (1u64 << 30) as f64; // 64 KiB
+    sd3_to_keras_sharded(&folder, &preset, false, shard_gb).unwrap();
+    assert!(!preset.join("model.weights.h5").exists());
+    let map: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(preset.join("model.weights.json")).unwrap()).unwrap();
+    let shards: std::collections::BTreeSet<String> = map["weight_map"].as_object().unwrap().values().flat_map(|v| match v {
+        serde_json::Value::Array(list) => list.iter().map(|s| s.as_str().unwrap().to_string()).collect(),
+        s => vec![s.as_str().unwrap().to_string()],
+    }).collect();
+    assert!(shards.len() > 3 && shards.contains("model_00000.weights.h5"), "{shards:?}");
+    for s in &shards {
+        // Data within the shard size, or one variable larger than it alone.
+        let datasets = KerasFile::open(&preset.join(s)).unwrap().keras3_datasets().unwrap();
+        let bytes: usize = datasets.iter().map(|(_, i)| i.shape.iter().product::<usize>() * i.dtype.size()).sum();
+        assert!(bytes <= 64 * 1024 || datasets.len() == 1, "{s}: {bytes} bytes in {} variables", datasets.len());
+    }
+    assert!(map["weight_map"].as_object().unwrap().values().any(|v| v.is_array()), "some group split over two shards");
+    let keras = kerashub::open(&preset).unwrap();
+    sd3_to_diffusers(&keras, &ToDiffusersOptions { out: back.clone(), ..Default::default() }).unwrap();
+    for part in PARTS {
+        same_part(&folder, &back, part);
+    }
+    // The MMDiT alone: `x.weights.h5` asked for, `x.weights.json` + `x_NNNNN.weights.h5` written.
+    let mmdit = dir.path().join("mmdit.weights.h5");
+    let done = sd3_to_keras_sharded(&folder, &mmdit, false, shard_gb).unwrap();
+    assert_eq!(done.out, dir.path().join("mmdit.weights.json"));
+    assert!(!mmdit.exists() && dir.path().join("mmdit_00001.weights.h5").exists());
+    let again = dir.path().join("again");
+    let keras = kerashub::open(&done.out).unwrap();
+    assert_eq!(keras.form, Form::Mmdit);
+    sd3_to_diffusers(&keras, &ToDiffusersOptions { out: again.clone(), base: Some(folder.clone()), ..Default::default() }).unwrap();
+    same_part(&folder, &again, PARTS[0]);
+    let e = sd3_to_keras_sharded(&folder, &mmdit, false, shard_gb).unwrap_err().to_string();
+    assert!(e.contains("mmdit.weights.json: already exists") || e.contains("already exists"), "{e}");
 }

@@ -88,6 +88,13 @@ fn check_base(base: &Path, pooled: Option<usize>) -> Result<Option<usize>> {
     let value: Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", index.display()))?;
     let class = value.get("_class_name").and_then(Value::as_str).unwrap_or("?");
     ensure!(class.starts_with("StableDiffusion3"), "{}: a `{class}` folder, not a Stable Diffusion 3 one", base.display());
+    // A T5 the pipeline asks for must be there: diffusers would fail on the folder otherwise.
+    for (part, what) in [("text_encoder_3", "T5 weights"), ("tokenizer_3", "T5 tokenizer")] {
+        let named = value.get(part).and_then(Value::as_array).is_some_and(|v| v.first().is_some_and(|l| !l.is_null()));
+        let dir = base.join(part);
+        let present = std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some());
+        ensure!(!named || present, "{}: model_index.json names `{part}` but {} is missing or empty (no {what}); give a base with it, or set `{part}` to [null, null]", index.display(), dir.display());
+    }
     let width = |dir: &str| -> Option<usize> {
         let text = std::fs::read_to_string(base.join(dir).join("config.json")).ok()?;
         serde_json::from_str::<Value>(&text).ok()?.get("hidden_size")?.as_u64().map(|v| v as usize)

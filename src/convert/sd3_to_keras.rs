@@ -107,27 +107,69 @@ pub struct Written {
     pub parts: Vec<String>,
 }
 
+/// keras-hub's shard size (`save_to_preset(max_shard_size=10)`), in Keras' GB (2^30 bytes).
+pub const DEFAULT_MAX_SHARD_GB: f64 = 10.0;
+
 /// Writes `folder` as a KerasHub preset folder, or, when `out` ends in `.weights.h5`, its MMDiT
-/// alone (the file `backbone.diffuser.load_weights` reads).
+/// alone (the file `backbone.diffuser.load_weights` reads); sharded as keras-hub shards above 10 GB.
 pub fn sd3_to_keras(folder: &Path, out: &Path, force: bool) -> Result<Written> {
+    sd3_to_keras_sharded(folder, out, force, DEFAULT_MAX_SHARD_GB)
+}
+
+/// The bytes the Keras file of `m` will hold (each tensor in its own type).
+fn planned_bytes(m: &Matched) -> f64 {
+    m.plans.iter().flat_map(|(p, _)| &p.tensors).map(|t| (t.diffusers_shape.iter().product::<usize>() * t.dtype.size()) as f64).sum()
+}
+
+/// [`sd3_to_keras`] with the shard size in Keras' GB: weights above it are written as Keras'
+/// sharded form (`model.weights.json` and `model_NNNNN.weights.h5` in a preset; for the MMDiT
+/// alone `<name>.weights.json` and `<name>_NNNNN.weights.h5` beside the `.weights.h5` asked for,
+/// as Keras' `save_weights(max_shard_size=…)` renames it).
+pub fn sd3_to_keras_sharded(folder: &Path, out: &Path, force: bool, max_shard_gb: f64) -> Result<Written> {
+    ensure!(max_shard_gb > 0.0, "--max-shard-size must be above 0 GB");
+    let max_bytes = max_shard_gb * (1u64 << 30) as f64;
     let sd3 = plan_sd3_folder(folder)?;
     let mmdit_only = out.to_string_lossy().ends_with(".weights.h5");
     if mmdit_only {
-        ensure!(force || !out.exists(), "{}: already exists (use --force to replace it)", out.display());
-        crate::output::atomic_file(out, |temp| {
-            let writer = Keras3Writer::create(temp)?;
-            write_plans(&writer, &sd3.transformer, Some("layers/"))?;
-            writer.finish()
-        })?;
-        return Ok(Written { out: out.to_owned(), parts: vec![format!("{} MMDiT", sd3.variant.name())] });
+        let part = vec![format!("{} MMDiT", sd3.variant.name())];
+        if planned_bytes(&sd3.transformer) <= max_bytes {
+            ensure!(force || !out.exists(), "{}: already exists (use --force to replace it)", out.display());
+            crate::output::atomic_file(out, |temp| {
+                let mut writer = Keras3Writer::create(temp)?;
+                write_plans(&mut writer, &sd3.transformer, Some("layers/"))?;
+                writer.finish()
+            })?;
+            return Ok(Written { out: out.to_owned(), parts: part });
+        }
+        let map = PathBuf::from(format!("{}.json", out.to_string_lossy().strip_suffix(".h5").unwrap_or_default()));
+        let parent = map.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let temp = tempfile::Builder::new().prefix(".dreambridge-").tempdir_in(parent).with_context(|| format!("{}: cannot create a temp folder", parent.display()))?;
+        let mut writer = Keras3Writer::create_sharded(&temp.path().join(map.file_name().context("no file name")?), max_bytes)?;
+        write_plans(&mut writer, &sd3.transformer, Some("layers/"))?;
+        let files = writer.files();
+        writer.finish()?;
+        for f in &files {
+            let to = parent.join(f.file_name().context("no file name")?);
+            ensure!(force || !to.exists(), "{}: already exists (use --force to replace it)", to.display());
+        }
+        for f in &files {
+            std::fs::rename(f, parent.join(f.file_name().context("no file name")?)).with_context(|| format!("{}: cannot move into place", f.display()))?;
+        }
+        return Ok(Written { out: map, parts: part });
     }
     ensure!(sd3.clips.len() == 2 && sd3.vae.is_some(), "{}: a KerasHub preset needs text_encoder/, text_encoder_2/ and vae/ (for the MMDiT alone, name the output `<name>.weights.h5`)", folder.display());
     let staging = Staging::new(out, force, &[folder])?;
+    let models: Vec<&Matched> = std::iter::once(&sd3.transformer).chain(sd3.clips.iter().map(|(m, _)| m)).chain(sd3.vae.as_ref()).collect();
     let fill = || -> Result<Vec<String>> {
-        let writer = Keras3Writer::create(&staging.path("model.weights.h5")?)?;
+        let total: f64 = models.iter().map(|m| planned_bytes(m)).sum();
+        let mut writer = if total > max_bytes {
+            Keras3Writer::create_sharded(&staging.path("model.weights.json")?, max_bytes)?
+        } else {
+            Keras3Writer::create(&staging.path("model.weights.h5")?)?
+        };
         let mut count = 0;
-        for m in std::iter::once(&sd3.transformer).chain(sd3.clips.iter().map(|(m, _)| m)).chain(sd3.vae.as_ref()) {
-            count += write_plans(&writer, m, None)?;
+        for m in &models {
+            count += write_plans(&mut writer, m, None)?;
         }
         writer.finish()?;
         let dtype = sd3.transformer.plans[0].0.tensors[0].dtype;
@@ -148,7 +190,7 @@ pub fn sd3_to_keras(folder: &Path, out: &Path, force: bool) -> Result<Written> {
 
 /// Writes every tensor of `m`'s plans under their roots (or `root` for all); returns the count
 /// of parameters written.
-fn write_plans(writer: &Keras3Writer, m: &Matched, root: Option<&str>) -> Result<usize> {
+fn write_plans(writer: &mut Keras3Writer, m: &Matched, root: Option<&str>) -> Result<usize> {
     let mut params = 0;
     for (plan, plan_root) in &m.plans {
         let root = root.unwrap_or(plan_root);

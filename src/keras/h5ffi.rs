@@ -1,6 +1,6 @@
 //! The few libhdf5 calls the hdf5 crate does not wrap, for Keras 3's bfloat16 datasets: a 2-byte
 //! *opaque* type, which the crate's `TypeDescriptor` cannot describe (so it can neither tell it
-//! apart nor read it). libhdf5 itself is linked by hdf5-metno-sys; every call here runs under the
+//! apart, read it, nor write it). libhdf5 itself is linked by hdf5-metno-sys; every call here runs under the
 //! hdf5 crate's library lock, as the crate's own calls do.
 
 use anyhow::{ensure, Result};
@@ -42,10 +42,9 @@ pub fn read_own_type(ds: &hdf5::Dataset, element_size: usize) -> Result<Vec<u8>>
     Ok(buf)
 }
 
-/// Test helper: writes a dataset of a 2-byte opaque type as Keras 3 does for bfloat16 (h5py's
+/// Writes a dataset of a 2-byte opaque type as Keras 3 does for bfloat16 (h5py's
 /// `create_dataset(data=<ml_dtypes.bfloat16 array>)`), optionally chunked, with the `dtype`
-/// attribute if given.
-#[cfg(test)]
+/// attribute if given (Keras writes "bfloat16").
 pub fn write_opaque(group: &hdf5::Group, name: &str, shape: &[usize], bytes: &[u8], chunk: Option<&[usize]>, dtype_attr: Option<&str>) -> Result<()> {
     use std::os::raw::c_char;
     extern "C" {

@@ -1,22 +1,68 @@
 //! Writes Keras 3 `.weights.h5` files: each variable a dataset `<layer path>/vars/<n>`, found by
-//! Keras' loader by that path alone (`H5IOStore.get`).
+//! Keras' loader by that path alone (`H5IOStore.get`); or, above a shard size, Keras' sharded
+//! form (`ShardedH5IOStore`): `<name>.weights.json` mapping each `/<layer path>/vars` group to the
+//! shard(s) `<name>_00000.weights.h5`, … that hold it.
 
 use crate::tensor::{DType, RawTensor};
 use anyhow::{Context, Result};
-use std::path::Path;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 pub struct Keras3Writer {
     file: hdf5::File,
+    shards: Option<Shards>,
+}
+
+/// The sharded form's state: where the map goes, the shard size, what is where.
+struct Shards {
+    map: PathBuf,
+    base: String,
+    max_bytes: f64,
+    names: Vec<String>,
+    current_bytes: f64,
+    total_bytes: f64,
+    weight_map: BTreeMap<String, Vec<String>>,
+}
+
+/// Keras' shard file name: `model.weights.json` -> `model_00000.weights.h5`.
+pub fn shard_name(map: &Path, index: usize) -> String {
+    let stem = map.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let base = stem.strip_suffix(".json").unwrap_or(&stem).replace(".weights", "");
+    format!("{base}_{index:05}.weights.h5")
+}
+
+fn create_h5(path: &Path) -> Result<hdf5::File> {
+    let file = hdf5::File::create(path).map_err(|e| anyhow::anyhow!("{}: cannot create HDF5 file ({e})", path.display()))?;
+    // The root groups Keras writes.
+    file.create_group("layers")?;
+    file.create_group("vars")?;
+    Ok(file)
 }
 
 impl Keras3Writer {
     /// Creates the file with the root groups Keras writes (`layers`, `vars`).
     pub fn create(path: &Path) -> Result<Keras3Writer> {
-        let file = hdf5::File::create(path).map_err(|e| anyhow::anyhow!("{}: cannot create HDF5 file ({e})", path.display()))?;
-        let writer = Keras3Writer { file };
-        writer.group("layers")?;
-        writer.group("vars")?;
-        Ok(writer)
+        Ok(Keras3Writer { file: create_h5(path)?, shards: None })
+    }
+
+    /// Keras' sharded form: the map at `map` (`<name>.weights.json`), shards of at most
+    /// `max_bytes` beside it (a variable larger than that gets a shard of its own; Keras refuses
+    /// one, dreambridge cannot split it either: it is written whole).
+    pub fn create_sharded(map: &Path, max_bytes: f64) -> Result<Keras3Writer> {
+        let name = shard_name(map, 0);
+        let file = create_h5(&map.with_file_name(&name))?;
+        let base = shard_name(map, 0).trim_end_matches("_00000.weights.h5").to_string();
+        let shards = Shards { map: map.to_owned(), base, max_bytes, names: vec![name], current_bytes: 0.0, total_bytes: 0.0, weight_map: BTreeMap::new() };
+        Ok(Keras3Writer { file, shards: Some(shards) })
+    }
+
+    /// The files written so far (the map last, once finished).
+    pub fn files(&self) -> Vec<PathBuf> {
+        match &self.shards {
+            Some(s) => s.names.iter().map(|n| s.map.with_file_name(n)).chain([s.map.clone()]).collect(),
+            None => Vec::new(),
+        }
     }
 
     /// The group at `path`, created with its parents where missing.
@@ -33,14 +79,37 @@ impl Keras3Writer {
         Ok(group)
     }
 
-    /// Writes one variable at `path` (`layers/.../vars/0`). bf16 is written as f32, which Keras
-    /// casts back to the variable's bf16 when it loads (exactly: every bf16 value is an f32).
-    pub fn write(&self, path: &str, tensor: RawTensor) -> Result<()> {
-        let tensor = if tensor.dtype == DType::BF16 { tensor.cast(DType::F32) } else { tensor };
+    /// Sharded: counts `bytes` into the current shard, starting the next one first where it
+    /// would pass the shard size (as `ShardedH5IOStore.__setitem__`), and records the group.
+    fn place(&mut self, dir: &str, bytes: f64) -> Result<()> {
+        let Some(s) = &mut self.shards else { return Ok(()) };
+        s.total_bytes += bytes;
+        s.current_bytes += bytes;
+        if s.current_bytes > s.max_bytes && s.current_bytes > bytes {
+            let name = format!("{}_{:05}.weights.h5", s.base, s.names.len());
+            let next = create_h5(&s.map.with_file_name(&name))?;
+            let done = std::mem::replace(&mut self.file, next);
+            done.close()?;
+            s.names.push(name);
+            s.current_bytes = bytes;
+        }
+        let shard = s.names.last().expect("a shard").clone();
+        let owners = s.weight_map.entry(format!("/{dir}")).or_default();
+        if !owners.contains(&shard) {
+            owners.push(shard);
+        }
+        Ok(())
+    }
+
+    /// Writes one variable at `path` (`layers/.../vars/0`) in its own type; bfloat16 as Keras 3
+    /// stores it (a 2-byte opaque type with the attribute `dtype` = "bfloat16").
+    pub fn write(&mut self, path: &str, tensor: RawTensor) -> Result<()> {
         let (dir, name) = path.rsplit_once('/').with_context(|| format!("`{path}` has no group"))?;
+        self.place(dir, tensor.data.len() as f64)?;
         let g = self.group(dir)?;
         let shape = tensor.shape.clone();
         let written = match tensor.dtype {
+            DType::BF16 => super::h5ffi::write_opaque(&g, name, &shape, &tensor.data, None, Some("bfloat16")).map_err(|e| hdf5::Error::from(e.to_string().as_str())),
             DType::F32 => {
                 let v: Vec<f32> = bytemuck::pod_collect_to_vec(&tensor.data);
                 g.new_dataset_builder().with_data(&ndarray::ArrayView::from_shape(shape, &v)?).create(name).map(|_| ())
@@ -56,6 +125,13 @@ impl Keras3Writer {
     pub fn finish(self) -> Result<()> {
         self.file.flush()?;
         self.file.close()?;
+        if let Some(s) = self.shards {
+            // As Keras writes it: a group in one shard maps to its name, in several to the list.
+            let weight_map: serde_json::Map<String, Value> =
+                s.weight_map.into_iter().map(|(k, v)| (k, if v.len() == 1 { json!(v[0]) } else { json!(v) })).collect();
+            let map = json!({"metadata": {"total_size": s.total_bytes}, "weight_map": weight_map});
+            std::fs::write(&s.map, serde_json::to_string_pretty(&map)?).with_context(|| format!("{}: cannot write", s.map.display()))?;
+        }
         Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! KerasCV weight files: reading the Keras formats (and TensorFlow's checkpoint and SavedModel
 //! forms) and writing the legacy one.
 
-mod h5ffi;
+pub(crate) mod h5ffi;
 pub mod reader;
 mod sharded;
 pub mod strings;

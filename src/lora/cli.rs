@@ -3,7 +3,7 @@
 use super::describe::shape_version;
 use super::write::{write_diffusers, write_kohya, KohyaInfo};
 use super::{merge, read, LoraSet};
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::Subcommand;
 use std::path::{Path, PathBuf};
 
@@ -27,11 +27,18 @@ pub enum LoraCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Rewrite a LoRA file in diffusers keys or kohya keys (AUTOMATIC1111, ComfyUI).
+    /// Rewrite a LoRA file in diffusers keys or kohya keys (AUTOMATIC1111, ComfyUI); a KerasHub SD3
+    /// `.lora.h5` (`save_lora_weights`) into diffusers' SD3 LoRA (PEFT names) and back (--to
+    /// keras), with --base.
     Convert {
         input: PathBuf,
         output: PathBuf,
-        /// The key layout to write: diffusers (load_lora_weights) or kohya (AUTOMATIC1111, ComfyUI).
+        /// For KerasHub SD3 LoRA (`.lora.h5`, either way): the model it adapts (a KerasHub preset
+        /// folder or backbone .weights.h5, or a diffusers SD3 folder), which numbers its layers.
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// The key layout to write: diffusers (load_lora_weights), kohya (AUTOMATIC1111, ComfyUI), or
+        /// keras (a KerasHub SD3 `.lora.h5` for `backbone.load_lora_weights`, from a diffusers SD3 LoRA).
         #[arg(long, value_enum)]
         to: ConvertTo,
         /// SD version for the kohya metadata (default: as the file's metadata or shapes say, else 1).
@@ -51,6 +58,7 @@ pub enum LoraCommand {
 pub enum ConvertTo {
     Diffusers,
     Kohya,
+    Keras,
 }
 
 pub fn run(cmd: LoraCommand) -> Result<()> {
@@ -64,11 +72,28 @@ pub fn run(cmd: LoraCommand) -> Result<()> {
             let scales: Vec<String> = scales.iter().map(|s| s.to_string()).collect();
             println!("wrote {}: {} LoRA file(s), {modules} modules fused into {} (scale {})", done.display(), loras.len(), base.display(), scales.join(", "));
         }
-        LoraCommand::Convert { input, output, to, sd_version, v_prediction, force } => {
+        LoraCommand::Convert { input, output, base, to, force, .. } if input.to_string_lossy().ends_with(".lora.h5") => {
+            ensure!(to == ConvertTo::Diffusers, "a KerasHub .lora.h5 converts to diffusers (--to diffusers)");
+            let base = base.context("a KerasHub .lora.h5 numbers its layers by the backbone: give --base (the KerasHub preset or a diffusers SD3 folder)")?;
+            let base = crate::hub::download::local_file_or_hub(&base)?;
+            let n = super::kerashub::convert_to_diffusers(&input, &output, &base, force)?;
+            println!("wrote {}: {n} modules in diffusers' SD3 PEFT keys (transformer., text_encoder., text_encoder_2.)", output.display());
+        }
+        LoraCommand::Convert { input, output, base, to: ConvertTo::Keras, force, .. } => {
+            let base = base.context("a KerasHub .lora.h5 numbers its layers by the backbone: give --base (the KerasHub preset or a diffusers SD3 folder)")?;
+            let base = crate::hub::download::local_file_or_hub(&base)?;
+            let done = super::kerashub::convert_to_keras(&input, &output, &base, force)?;
+            println!("wrote {}: {} diffusers modules as {} KerasHub layers at rank {}; load it with", output.display(), done.modules, done.layers, done.rank);
+            println!("  {}", done.enable_lora_call());
+            println!("  backbone.load_lora_weights({:?})", output.display().to_string());
+        }
+        LoraCommand::Convert { input, output, base, to, sd_version, v_prediction, force } => {
+            ensure!(base.is_none(), "--base is for KerasHub .lora.h5 files");
             let n = convert(&input, &output, to, sd_version, v_prediction, force)?;
             let keys = match to {
                 ConvertTo::Diffusers => "diffusers",
                 ConvertTo::Kohya => "kohya",
+                ConvertTo::Keras => unreachable!("handled above"),
             };
             println!("wrote {}: {n} modules in {keys} keys", output.display());
         }
@@ -94,6 +119,7 @@ pub fn convert(input: &Path, output: &Path, to: ConvertTo, sd_version: Option<u8
     let set = read::read(input)?;
     match to {
         ConvertTo::Diffusers => write_diffusers(&set, output)?,
+        ConvertTo::Keras => bail!("{}: --to keras takes a diffusers SD3 LoRA (PEFT names) and --base", input.display()),
         ConvertTo::Kohya => {
             let stem = output.file_stem().map_or("lora".into(), |s| s.to_string_lossy().to_string());
             let (mut info, declared) = KohyaInfo::from_metadata(&set.metadata, &stem);

@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod describe;
+pub mod kerashub;
 pub mod merge;
 pub mod names;
 pub mod read;

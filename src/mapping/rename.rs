@@ -390,7 +390,7 @@ impl RenameTable {
     pub fn import_in(&self, layout_key: &str, last: Option<usize>) -> Imported {
         let Some(bare) = layout_key.strip_prefix(&self.prefix) else { return Imported::Elsewhere };
         let mut bare = bare.to_string();
-        if self.ignore.iter().any(|i| *i == bare) {
+        if self.ignore.contains(&bare) {
             return Imported::Ignored;
         }
         if let Some((from, to)) = self.read_aliases.iter().find(|(from, _)| bare.starts_with(from.as_str())) {

@@ -110,6 +110,7 @@ impl Rows {
 
     /// The runs of source rows, in order, that make the diffusers tensor, for a source tensor of
     /// `rows` rows (the diffusers tensor's first axis times [`Rows::parts`]).
+    #[allow(clippy::single_range_in_vec_init)] // a list of ranges, one or two
     pub fn runs(self, rows: usize) -> Vec<std::ops::Range<usize>> {
         match self {
             Rows::All => vec![0..rows],
@@ -285,7 +286,7 @@ fn parse_template_tensor(row: &Vec<String>) -> Result<TemplateTensor> {
         None => (row[2].parse()?, Rows::All),
     };
     let (mut keras_shape, mut when) = (None, None);
-    for option in row.get(4).map(|o| o.split(';').map(str::trim).filter(|o| !o.is_empty()).collect()).unwrap_or_else(Vec::new) {
+    for option in row.get(4).map(|o| o.split(';').map(str::trim).filter(|o| !o.is_empty()).collect::<Vec<_>>()).unwrap_or_default() {
         match option.split_once('=') {
             Some(("keras", shape)) => keras_shape = Some(parse_shape(shape)?),
             Some(("when", f)) => {
