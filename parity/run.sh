@@ -188,12 +188,13 @@ step single-file "Single-file checkpoints (original SD layout): dreambridge's in
 "$P/.venv-torch/bin/python" "$P/single_file_parity.py" "$DB" || single_file_rc=$?
 drop single_file
 
-step sd3 "KerasHub Stable Diffusion 3 (keras-hub 0.32, jax): presets, backbones and MMDiT-only files -> diffusers, the way back in keras-hub itself (bf16 too), LoRA both ways"
+step sd3 "Stable Diffusion 3: KerasHub (keras-hub 0.32, jax) presets, backbones and MMDiT-only files -> diffusers, the way back in keras-hub itself (bf16, shards), LoRA both ways; Stability's single file in diffusers' from_single_file"
 KERAS_BACKEND=jax "$P/.venv-kerashub/bin/python" "$P/sd3_parity.py" make 2>&1 | quiet || sd3_rc=$?
 "$P/.venv-torch/bin/python" "$P/sd3_parity.py" check "$DB" || sd3_rc=$?
 "$P/.venv-torch/bin/python" "$P/sd3_back_parity.py" "$DB" || sd3_rc=$?
 "$P/.venv-torch/bin/python" "$P/sd3_lora_parity.py" run "$DB" || sd3_rc=$?
-drop sd3 sd3_back sd3_lora
+"$P/.venv-torch/bin/python" "$P/sd3_single_file_parity.py" "$DB" || sd3_rc=$?
+drop sd3 sd3_back sd3_lora sd3_single_file
 
 step tf-formats "KerasCV's other forms at full size: TF checkpoint, SavedModel (push_to_hub_keras), .keras; textual inversion"
 $P/.venv-keras/bin/python $P/tf_formats.py make 2>&1 | quiet
