@@ -44,8 +44,27 @@ pub fn read_own_type(ds: &hdf5::Dataset, element_size: usize) -> Result<Vec<u8>>
 
 /// Writes a dataset of a 2-byte opaque type as Keras 3 does for bfloat16 (h5py's
 /// `create_dataset(data=<ml_dtypes.bfloat16 array>)`), optionally chunked, with the `dtype`
-/// attribute if given (Keras writes "bfloat16").
+/// attribute if given (Keras writes "bfloat16"). Tests write Keras-like files with it.
+#[cfg(test)]
 pub fn write_opaque(group: &hdf5::Group, name: &str, shape: &[usize], bytes: &[u8], chunk: Option<&[usize]>, dtype_attr: Option<&str>) -> Result<()> {
+    ensure!(bytes.len() == shape.iter().product::<usize>() * 2, "{name}: {} bytes for shape {shape:?}", bytes.len());
+    let mut dcpl = hdf5::plist::DatasetCreate::build();
+    if let Some(chunk) = chunk {
+        dcpl.chunk(chunk.to_vec());
+    }
+    create_opaque(group, name, shape, dcpl.finish()?, Some(bytes), dtype_attr).map(|_| ())
+}
+
+/// Creates a contiguous 2-byte opaque dataset (Keras' bfloat16, tagged by `dtype_attr`) with its
+/// storage allocated at once and never filled, and returns where in the file its bytes go (None
+/// for an empty one): the caller writes them there.
+pub fn create_opaque_placed(group: &hdf5::Group, name: &str, shape: &[usize], dtype_attr: Option<&str>) -> Result<Option<u64>> {
+    use hdf5::dataset::{AllocTime, FillTime};
+    let dcpl = hdf5::plist::DatasetCreate::build().alloc_time(Some(AllocTime::Early)).fill_time(FillTime::Never).finish()?;
+    create_opaque(group, name, shape, dcpl, None, dtype_attr)
+}
+
+fn create_opaque(group: &hdf5::Group, name: &str, shape: &[usize], dcpl: hdf5::plist::DatasetCreate, bytes: Option<&[u8]>, dtype_attr: Option<&str>) -> Result<Option<u64>> {
     use std::os::raw::c_char;
     extern "C" {
         fn H5Tcreate(class: c_int, size: usize) -> Hid;
@@ -54,13 +73,7 @@ pub fn write_opaque(group: &hdf5::Group, name: &str, shape: &[usize], bytes: &[u
         fn H5Dwrite(dset_id: Hid, mem_type_id: Hid, mem_space_id: Hid, file_space_id: Hid, plist_id: Hid, buf: *const c_void) -> c_int;
         fn H5Dclose(dset_id: Hid) -> c_int;
     }
-    ensure!(bytes.len() == shape.iter().product::<usize>() * 2, "{name}: {} bytes for shape {shape:?}", bytes.len());
     let space = hdf5::Dataspace::try_new(shape.to_vec())?;
-    let mut dcpl = hdf5::plist::DatasetCreate::build();
-    if let Some(chunk) = chunk {
-        dcpl.chunk(chunk.to_vec());
-    }
-    let dcpl = dcpl.finish()?;
     let cname = std::ffi::CString::new(name)?;
     let (loc, space_id, dcpl_id): (Hid, Hid, Hid) = (group.id(), space.id(), dcpl.id());
     let status = hdf5::sync::sync(|| unsafe {
@@ -69,7 +82,11 @@ pub fn write_opaque(group: &hdf5::Group, name: &str, shape: &[usize], bytes: &[u
             return -1;
         }
         let ds = H5Dcreate2(loc, cname.as_ptr(), datatype, space_id, H5P_DEFAULT, dcpl_id, H5P_DEFAULT);
-        let status = if ds < 0 { -1 } else { H5Dwrite(ds, datatype, H5S_ALL, H5S_ALL, H5P_DEFAULT, bytes.as_ptr().cast()) };
+        let status = match bytes {
+            _ if ds < 0 => -1,
+            Some(bytes) => H5Dwrite(ds, datatype, H5S_ALL, H5S_ALL, H5P_DEFAULT, bytes.as_ptr().cast()),
+            None => 0,
+        };
         if ds >= 0 {
             H5Dclose(ds);
         }
@@ -77,9 +94,10 @@ pub fn write_opaque(group: &hdf5::Group, name: &str, shape: &[usize], bytes: &[u
         status
     });
     ensure!(status >= 0, "{name}: cannot write the opaque dataset");
+    let ds = group.dataset(name)?;
     if let Some(value) = dtype_attr {
         let value: hdf5::types::VarLenUnicode = value.parse()?;
-        group.dataset(name)?.new_attr::<hdf5::types::VarLenUnicode>().create("dtype")?.write_scalar(&value)?;
+        ds.new_attr::<hdf5::types::VarLenUnicode>().create("dtype")?.write_scalar(&value)?;
     }
-    Ok(())
+    Ok(ds.offset())
 }

@@ -9,9 +9,39 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// libhdf5 lays out the file (groups, attributes, each dataset's storage, allocated at once and
+/// never filled); the tensors' bytes are written at their datasets' places through `data`,
+/// streamed to disk as they go ([`crate::output::Streamer`]), and the file is synced before
+/// [`Keras3Writer::finish`] returns.
 pub struct Keras3Writer {
     file: hdf5::File,
+    data: Placed,
     shards: Option<Shards>,
+}
+
+/// The current file opened for writing tensor bytes at their places.
+struct Placed {
+    path: PathBuf,
+    file: std::fs::File,
+    streamer: crate::output::Streamer,
+}
+
+impl Placed {
+    fn open(path: &Path) -> Result<Placed> {
+        let file = std::fs::OpenOptions::new().write(true).open(path).with_context(|| format!("{}: cannot open for writing", path.display()))?;
+        Ok(Placed { path: path.to_owned(), file, streamer: Default::default() })
+    }
+
+    fn write_at(&mut self, bytes: &[u8], offset: u64) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(bytes, offset).with_context(|| format!("{}: cannot write", self.path.display()))?;
+        self.streamer.written(&self.file, offset, bytes.len() as u64);
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.file.sync_all().with_context(|| format!("{}: cannot sync", self.path.display()))
+    }
 }
 
 /// The sharded form's state: where the map goes, the shard size, what is where.
@@ -43,7 +73,8 @@ fn create_h5(path: &Path) -> Result<hdf5::File> {
 impl Keras3Writer {
     /// Creates the file with the root groups Keras writes (`layers`, `vars`).
     pub fn create(path: &Path) -> Result<Keras3Writer> {
-        Ok(Keras3Writer { file: create_h5(path)?, shards: None })
+        let file = create_h5(path)?;
+        Ok(Keras3Writer { file, data: Placed::open(path)?, shards: None })
     }
 
     /// Keras' sharded form: the map at `map` (`<name>.weights.json`), shards of at most
@@ -51,10 +82,11 @@ impl Keras3Writer {
     /// one, dreambridge cannot split it either: it is written whole).
     pub fn create_sharded(map: &Path, max_bytes: f64) -> Result<Keras3Writer> {
         let name = shard_name(map, 0);
-        let file = create_h5(&map.with_file_name(&name))?;
+        let path = map.with_file_name(&name);
+        let file = create_h5(&path)?;
         let base = shard_name(map, 0).trim_end_matches("_00000.weights.h5").to_string();
         let shards = Shards { map: map.to_owned(), base, max_bytes, names: vec![name], current_bytes: 0.0, total_bytes: 0.0, weight_map: BTreeMap::new() };
-        Ok(Keras3Writer { file, shards: Some(shards) })
+        Ok(Keras3Writer { file, data: Placed::open(&path)?, shards: Some(shards) })
     }
 
     /// The files written so far (the map last, once finished).
@@ -87,9 +119,12 @@ impl Keras3Writer {
         s.current_bytes += bytes;
         if s.current_bytes > s.max_bytes && s.current_bytes > bytes {
             let name = format!("{}_{:05}.weights.h5", s.base, s.names.len());
-            let next = create_h5(&s.map.with_file_name(&name))?;
+            let path = s.map.with_file_name(&name);
+            let next = create_h5(&path)?;
             let done = std::mem::replace(&mut self.file, next);
             done.close()?;
+            let done = std::mem::replace(&mut self.data, Placed::open(&path)?);
+            done.sync()?;
             s.names.push(name);
             s.current_bytes = bytes;
         }
@@ -108,30 +143,37 @@ impl Keras3Writer {
         self.place(dir, tensor.data.len() as f64)?;
         let g = self.group(dir)?;
         let shape = tensor.shape.clone();
-        let written = match tensor.dtype {
-            DType::BF16 => super::h5ffi::write_opaque(&g, name, &shape, &tensor.data, None, Some("bfloat16")).map_err(|e| hdf5::Error::from(e.to_string().as_str())),
-            DType::F32 => {
-                let v: Vec<f32> = bytemuck::pod_collect_to_vec(&tensor.data);
-                g.new_dataset_builder().with_data(&ndarray::ArrayView::from_shape(shape, &v)?).create(name).map(|_| ())
-            }
-            _ => {
-                let v: Vec<half::f16> = bytemuck::pod_collect_to_vec(&tensor.data);
-                g.new_dataset_builder().with_data(&ndarray::ArrayView::from_shape(shape, &v)?).create(name).map(|_| ())
-            }
+        let what = |e: &dyn std::fmt::Display| anyhow::anyhow!("tensor `{path}`: cannot write ({e})");
+        let offset = match tensor.dtype {
+            DType::BF16 => super::h5ffi::create_opaque_placed(&g, name, &shape, Some("bfloat16")).map_err(|e| what(&e))?,
+            DType::F32 => placed(g.new_dataset::<f32>(), &shape, name).map_err(|e| what(&e))?,
+            DType::F16 => placed(g.new_dataset::<half::f16>(), &shape, name).map_err(|e| what(&e))?,
         };
-        written.map_err(|e| anyhow::anyhow!("tensor `{path}`: cannot write ({e})"))
+        match offset {
+            Some(offset) => self.data.write_at(&tensor.data, offset),
+            None if tensor.data.is_empty() => Ok(()),
+            None => Err(what(&"libhdf5 gave its storage no place in the file")),
+        }
     }
 
     pub fn finish(self) -> Result<()> {
         self.file.flush()?;
         self.file.close()?;
+        self.data.sync()?;
         if let Some(s) = self.shards {
             // As Keras writes it: a group in one shard maps to its name, in several to the list.
             let weight_map: serde_json::Map<String, Value> =
                 s.weight_map.into_iter().map(|(k, v)| (k, if v.len() == 1 { json!(v[0]) } else { json!(v) })).collect();
             let map = json!({"metadata": {"total_size": s.total_bytes}, "weight_map": weight_map});
             std::fs::write(&s.map, serde_json::to_string_pretty(&map)?).with_context(|| format!("{}: cannot write", s.map.display()))?;
+            Placed::open(&s.map)?.sync()?;
         }
         Ok(())
     }
+}
+
+/// A contiguous dataset whose storage is allocated at once and never filled; where its bytes go.
+fn placed(builder: hdf5::DatasetBuilderEmpty, shape: &[usize], name: &str) -> hdf5::Result<Option<u64>> {
+    use hdf5::dataset::{AllocTime, FillTime};
+    Ok(builder.shape(shape.to_vec()).alloc_time(Some(AllocTime::Early)).fill_time(FillTime::Never).create(name)?.offset())
 }
