@@ -246,12 +246,13 @@ enum Direction {
     /// KerasCV .h5 files, or a KerasHub SD3 input (--preset, or the MMDiT alone as --unet) -> one single-file
     /// checkpoint, directly (parts not given come from --base).
     KerasToSingleFile(KerasToSingleFile),
-    /// One single-file checkpoint -> KerasCV legacy .h5 files (diffusion_model.h5, text_encoder.h5, image_encoder.h5, decoder.h5).
+    /// One single-file checkpoint -> KerasCV legacy .h5 files (diffusion_model.h5, text_encoder.h5, image_encoder.h5, decoder.h5);
+    /// Stability's SD3 file -> a KerasHub preset folder, or its MMDiT alone with `--out <name>.weights.h5`.
     SingleFileToKeras {
         /// The checkpoint: a local file, `hf://owner/repo/file[@rev]` or a Hub resolve URL.
         #[arg(long)]
         checkpoint: PathBuf,
-        /// Output folder for the .h5 files.
+        /// Output folder for the .h5 files (SD3: the preset folder, or a `.weights.h5` file for the MMDiT alone).
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]
@@ -259,6 +260,9 @@ enum Direction {
         /// Replace an existing output folder.
         #[arg(long)]
         force: bool,
+        /// SD3 (KerasHub): weights above this many GB (2^30 bytes) are written as Keras shards.
+        #[arg(long, default_value_t = dreambridge::convert::sd3_to_keras::DEFAULT_MAX_SHARD_GB)]
+        max_shard_size: f64,
     },
     /// KerasCV .h5 / .weights.h5 files -> diffusers folder (runs the embedded sample when no file is given).
     KerasToDiffusers(KerasToDiffusers),
@@ -775,8 +779,13 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> Result<()> {
                 println!("from --base: {}", done.from_base.join(", "));
             }
         }
-        Command::Convert(ConvertArgs { direction: Some(Direction::SingleFileToKeras { checkpoint, out, read, force }), .. }) => {
+        Command::Convert(ConvertArgs { direction: Some(Direction::SingleFileToKeras { checkpoint, out, read, force, max_shard_size }), .. }) => {
             let checkpoint = dreambridge::hub::download::local_file_or_hub(&checkpoint)?;
+            if dreambridge::single_file::sd3::is_sd3_file(&checkpoint) {
+                let done = dreambridge::convert::sd3_to_keras::single_file_to_keras(&checkpoint, &out, force, max_shard_size)?;
+                println!("{} -> {} (KerasHub)", done.parts.join(", "), done.out.display());
+                return Ok(());
+            }
             let done = dreambridge::single_file::convert::single_file_to_keras(&checkpoint, &read.options(), &out, force)?;
             for (kind, name) in &done.files {
                 println!("{kind} -> {}", done.out.join(name).display());

@@ -432,3 +432,32 @@ fn the_cli_converts_sd3_both_ways() {
     let (ok, text) = run(&["convert", "single-file-to-diffusers", "--checkpoint", &s(p("f.safetensors")), "--out", &s(p("other")), "--sd-version", "2"]);
     assert!(!ok && text.contains("a Stable Diffusion 3 single file"), "{text}");
 }
+
+/// Stability's file straight into a KerasHub preset and an MMDiT-only file: the same Keras
+/// weights as the way through diffusers (the KerasHub -> diffusers conversion gives back the
+/// original folder's tensors bit for bit).
+#[test]
+fn a_single_file_goes_to_kerashub() {
+    use dreambridge::convert::sd3_to_keras::{single_file_to_keras, DEFAULT_MAX_SHARD_GB};
+    let _one = HDF5_AND_CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
+    for variant in [Variant::Sd3Medium, Variant::Sd35Medium] {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        make_sd3_folder(&p("sd3"), variant, false);
+        export(&p("sd3"), &p("sd3.safetensors"));
+        let done = single_file_to_keras(&p("sd3.safetensors"), &p("preset"), false, DEFAULT_MAX_SHARD_GB).unwrap();
+        assert_eq!(done.parts.len(), 4, "{:?}", done.parts);
+        let keras = kerashub::open(&p("preset")).unwrap();
+        assert_eq!(keras.variant, variant);
+        sd3_to_diffusers(&keras, &ToDiffusersOptions { out: p("back"), ..Default::default() }).unwrap();
+        for part in PARTS {
+            same_part(&p("sd3"), &p("back"), part);
+        }
+        single_file_to_keras(&p("sd3.safetensors"), &p("mmdit.weights.h5"), false, DEFAULT_MAX_SHARD_GB).unwrap();
+        let mmdit = kerashub::open(&p("mmdit.weights.h5")).unwrap();
+        sd3_to_diffusers(&mmdit, &ToDiffusersOptions { out: p("again"), base: Some(p("sd3")), ..Default::default() }).unwrap();
+        same_part(&p("sd3"), &p("again"), PARTS[0]);
+        // Nothing the user gave is replaced.
+        assert!(single_file_to_keras(&p("sd3.safetensors"), &p("preset"), false, DEFAULT_MAX_SHARD_GB).unwrap_err().to_string().contains("already exists"));
+    }
+}

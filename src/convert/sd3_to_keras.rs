@@ -4,19 +4,21 @@
 
 use super::kerashub::MMDIT_ROOT;
 use super::plan::{Plan, PlannedTensor};
-use crate::diffusers::sd3::{self, Variant};
+use crate::diffusers::sd3::{self, Clip, Variant};
 use crate::diffusers::st_read::StFile;
 use crate::keras::keras3_writer::Keras3Writer;
 use crate::mapping::{table_for, Symbols};
 use crate::output::Staging;
-use crate::tensor::{DType, RawTensor};
+use crate::tensor::{DType, RawTensor, TensorSource};
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
-/// One component file of the folder and the plans matched on it, with the Keras root of each.
+/// One component's tensors (a folder's file, or a part of a single file seen under diffusers'
+/// names) and the plans matched on them, with the Keras root of each.
 pub struct Matched {
-    pub file: StFile,
+    pub source: Rc<dyn TensorSource>,
     pub plans: Vec<(Plan, &'static str)>,
 }
 
@@ -60,44 +62,84 @@ pub fn is_sd3_folder(folder: &Path) -> bool {
 pub fn plan_sd3_folder(folder: &Path) -> Result<Sd3Folder> {
     let path = weights(folder, sd3::TRANSFORMER)?;
     let config = read_json(&folder.join("transformer/config.json"))?;
-    let file = StFile::open(&path).with_context(|| path.display().to_string())?;
-    let mmdit = Plan::for_diffusers(&file, &table_for("mmdit-sd3")?).with_context(|| path.display().to_string())?;
+    let file = Rc::new(StFile::open(&path).with_context(|| path.display().to_string())?);
+    let mmdit = Plan::for_diffusers(&*file, &table_for("mmdit-sd3")?).with_context(|| path.display().to_string())?;
     let heads = sd3::mmdit_heads(&mmdit, config.get("num_attention_heads").and_then(Value::as_u64).map(|h| h as usize)).with_context(|| path.display().to_string())?;
     let variant = Variant::of(&mmdit);
     let sample_size = config.get("sample_size").and_then(Value::as_u64).unwrap_or(128) as usize;
-    let transformer = Matched { file, plans: vec![(mmdit, MMDIT_ROOT)] };
+    let transformer = Matched { source: file, plans: vec![(mmdit, MMDIT_ROOT)] };
     let mut clips = Vec::new();
-    for (part, root, projection_root) in [
-        (sd3::TEXT_ENCODER, "layers/clip_text_encoder/layers/", "layers/clip_projection/"),
-        (sd3::TEXT_ENCODER_2, "layers/clip_text_encoder_1/layers/", "layers/clip_projection_1/"),
-    ] {
+    for (part, (root, projection_root)) in [sd3::TEXT_ENCODER, sd3::TEXT_ENCODER_2].into_iter().zip(CLIP_ROOTS) {
         if !folder.join(part.0).is_dir() {
             continue;
         }
         let path = weights(folder, part)?;
         let config = read_json(&folder.join(part.0).join("config.json"))?;
-        let file = StFile::open(&path).with_context(|| path.display().to_string())?;
+        let file: Rc<dyn TensorSource> = Rc::new(StFile::open(&path).with_context(|| path.display().to_string())?);
         let d = config.get("hidden_size").and_then(Value::as_u64).context("no hidden_size")? as usize;
         let heads = config.get("num_attention_heads").and_then(Value::as_u64).context("no num_attention_heads")? as usize;
         ensure!(heads > 0 && d % heads == 0, "{}: hidden_size {d} is not a multiple of {heads} heads", part.0);
-        let known: Symbols = [("heads".to_string(), heads), ("hd".to_string(), d / heads)].into();
-        let mut encoder = Plan::for_diffusers_with(&file, &table_for("clip-text-kerashub")?, known.clone()).with_context(|| path.display().to_string())?;
-        encoder.keras_shapes_with(&known)?;
-        let projection = Plan::for_diffusers(&file, &table_for("clip-projection-kerashub")?)
-            .with_context(|| format!("{}: KerasHub's SD3 needs each CLIP's text_projection", path.display()))?;
-        clips.push((Matched { file, plans: vec![(encoder, root), (projection, projection_root)] }, config));
+        clips.push((match_clip(file, heads, d, root, projection_root)?, config));
     }
     let vae = if folder.join("vae").is_dir() {
         let path = weights(folder, sd3::VAE)?;
-        let file = StFile::open(&path).with_context(|| path.display().to_string())?;
-        let encoder = Plan::for_diffusers(&file, &table_for("vae-encoder-kerashub")?).with_context(|| path.display().to_string())?;
-        let decoder = Plan::for_diffusers(&file, &table_for("vae-decoder-kerashub")?).with_context(|| path.display().to_string())?;
-        Some(Matched { file, plans: vec![(encoder, "layers/vae_encoder/"), (decoder, "layers/vae_decoder/")] })
+        let file = Rc::new(StFile::open(&path).with_context(|| path.display().to_string())?);
+        let encoder = Plan::for_diffusers(&*file, &table_for("vae-encoder-kerashub")?).with_context(|| path.display().to_string())?;
+        let decoder = Plan::for_diffusers(&*file, &table_for("vae-decoder-kerashub")?).with_context(|| path.display().to_string())?;
+        Some(Matched { source: file, plans: vec![(encoder, VAE_ROOTS.0), (decoder, VAE_ROOTS.1)] })
     } else {
         None
     };
     let scheduler_shift = read_json(&folder.join("scheduler/scheduler_config.json")).ok().and_then(|v| v.get("shift")?.as_f64()).unwrap_or(sd3::SCHEDULER_SHIFT);
     Ok(Sd3Folder { path: folder.to_owned(), transformer, variant, heads, clips, vae, scheduler_shift, sample_size })
+}
+
+/// The Keras roots of CLIP-L's and CLIP-G's encoder and projection.
+const CLIP_ROOTS: [(&str, &str); 2] = [("layers/clip_text_encoder/layers/", "layers/clip_projection/"), ("layers/clip_text_encoder_1/layers/", "layers/clip_projection_1/")];
+/// The Keras roots of the VAE's encoder and decoder.
+const VAE_ROOTS: (&str, &str) = ("layers/vae_encoder/", "layers/vae_decoder/");
+
+/// A CLIP's encoder and projection matched on `source`, the per-head Keras shapes bound.
+fn match_clip(source: Rc<dyn TensorSource>, heads: usize, d: usize, root: &'static str, projection_root: &'static str) -> Result<Matched> {
+    let origin = source.origin().display().to_string();
+    let known: Symbols = [("heads".to_string(), heads), ("hd".to_string(), d / heads)].into();
+    let mut encoder = Plan::for_diffusers_with(&*source, &table_for("clip-text-kerashub")?, known.clone()).with_context(|| origin.clone())?;
+    encoder.keras_shapes_with(&known)?;
+    let projection = Plan::for_diffusers(&*source, &table_for("clip-projection-kerashub")?).with_context(|| format!("{origin}: KerasHub's SD3 needs each CLIP's text_projection"))?;
+    Ok(Matched { source, plans: vec![(encoder, root), (projection, projection_root)] })
+}
+
+/// Matches Stability's SD3 single file (see [`crate::single_file::sd3`]) as a folder would be:
+/// its parts through Stability's tables, under diffusers' names. Its CLIPs' head counts are not in
+/// the weights: width / 64, as both of SD3's (12 and 20). T5 has no place in a KerasHub preset
+/// and is left out (a note says so).
+pub fn plan_sd3_single_file(path: &Path) -> Result<Sd3Folder> {
+    use crate::single_file::sd3::open_file;
+    let mut model = open_file(path)?;
+    let mut take = |part: &str| model.parts.remove(part);
+    let piece = take(sd3::TRANSFORMER.0).context("no MMDiT")?;
+    let mmdit = piece.plans.into_iter().next().context("no MMDiT plan")?;
+    let config = sd3::transformer_config(&mmdit, Some(model.heads), None)?;
+    let sample_size = config.get("sample_size").and_then(Value::as_u64).unwrap_or(128) as usize;
+    let transformer = Matched { source: piece.source, plans: vec![(mmdit, MMDIT_ROOT)] };
+    let mut clips = Vec::new();
+    for ((part, which), (root, projection_root)) in [(sd3::TEXT_ENCODER.0, Clip::L), (sd3::TEXT_ENCODER_2.0, Clip::G)].into_iter().zip(CLIP_ROOTS) {
+        let Some(piece) = take(part) else { continue };
+        let d = piece.plans.first().and_then(|p| p.symbols.get("d").copied()).context("no CLIP width")?;
+        let heads = (d / sd3::HEAD_DIM).max(1);
+        let matched = match_clip(piece.source, heads, d, root, projection_root).with_context(|| path.display().to_string())?;
+        let config = sd3::clip_config(&matched.plans[0].0, which, None, Some(heads))?;
+        clips.push((matched, config));
+    }
+    let vae = take(sd3::VAE.0).map(|piece| {
+        let mut plans = piece.plans.into_iter();
+        let (encoder, decoder) = (plans.next().expect("the VAE's encoder plan"), plans.next().expect("the VAE's decoder plan"));
+        Matched { source: piece.source, plans: vec![(encoder, VAE_ROOTS.0), (decoder, VAE_ROOTS.1)] }
+    });
+    if take(sd3::TEXT_ENCODER_3.0).is_some() {
+        eprintln!("note: {}: its T5-XXL is left out (KerasHub's SD3 has no T5)", path.display());
+    }
+    Ok(Sd3Folder { path: path.to_owned(), transformer, variant: model.variant, heads: model.heads, clips, vae, scheduler_shift: sd3::SCHEDULER_SHIFT, sample_size })
 }
 
 /// What was written.
@@ -126,9 +168,18 @@ fn planned_bytes(m: &Matched) -> f64 {
 /// alone `<name>.weights.json` and `<name>_NNNNN.weights.h5` beside the `.weights.h5` asked for,
 /// as Keras' `save_weights(max_shard_size=…)` renames it).
 pub fn sd3_to_keras_sharded(folder: &Path, out: &Path, force: bool, max_shard_gb: f64) -> Result<Written> {
+    write_keras(plan_sd3_folder(folder)?, out, force, max_shard_gb)
+}
+
+/// [`sd3_to_keras_sharded`] from Stability's SD3 single file.
+pub fn single_file_to_keras(checkpoint: &Path, out: &Path, force: bool, max_shard_gb: f64) -> Result<Written> {
+    write_keras(plan_sd3_single_file(checkpoint)?, out, force, max_shard_gb)
+}
+
+fn write_keras(sd3: Sd3Folder, out: &Path, force: bool, max_shard_gb: f64) -> Result<Written> {
     ensure!(max_shard_gb > 0.0, "--max-shard-size must be above 0 GB");
     let max_bytes = max_shard_gb * (1u64 << 30) as f64;
-    let sd3 = plan_sd3_folder(folder)?;
+    let folder = sd3.path.as_path();
     let mmdit_only = out.to_string_lossy().ends_with(".weights.h5");
     if mmdit_only {
         let part = vec![format!("{} MMDiT", sd3.variant.name())];
@@ -201,7 +252,7 @@ fn write_plans(writer: &mut Keras3Writer, m: &Matched, root: Option<&str>) -> Re
                 // The diffusers tensors of one Keras tensor (q, k, v) are consecutive.
                 let group = tensors[at..].iter().take_while(|t| t.spec.keras_path == tensors[at].spec.keras_path).count();
                 let path = format!("{root}{}/{}", layer.keras3_key, tensors[at].spec.keras3_suffix());
-                let tensor = keras_tensor(&m.file, &tensors[at..at + group]).with_context(|| format!("{}: writing `{path}`", m.file.path.display()))?;
+                let tensor = keras_tensor(&*m.source, &tensors[at..at + group]).with_context(|| format!("{}: writing `{path}`", m.source.origin().display()))?;
                 params += tensor.shape.iter().product::<usize>();
                 writer.write(&path, tensor)?;
                 at += group;
@@ -213,7 +264,7 @@ fn write_plans(writer: &mut Keras3Writer, m: &Matched, root: Option<&str>) -> Re
 
 /// One Keras tensor from the diffusers tensors that make it: their rows placed where the Keras
 /// tensor holds them (fused q/k/v, swapped halves), then re-laid-out by the op.
-fn keras_tensor(file: &StFile, parts: &[PlannedTensor]) -> Result<RawTensor> {
+fn keras_tensor(file: &dyn TensorSource, parts: &[PlannedTensor]) -> Result<RawTensor> {
     let first = &parts[0];
     let full = first.full_diffusers_shape();
     ensure!(parts.len() == first.spec.rows.parts(), "tensor `{}`: {} of its {} parts found", first.source, parts.len(), first.spec.rows.parts());
