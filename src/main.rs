@@ -730,6 +730,11 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> Result<()> {
                 print_sd3_exported(&done);
                 return Ok(());
             }
+            if dreambridge::single_file::sdxl::is_sdxl_folder(&model) {
+                let done = dreambridge::single_file::sdxl::diffusers_to_single_file(&model, &ExportOptions { out, half, force })?;
+                println!("wrote {} tensors (SDXL base: {}) -> {}", done.tensors, done.parts.join(", "), done.out.display());
+                return Ok(());
+            }
             let done = diffusers_to_single_file(&model, &ExportOptions { out, half, force })?;
             print_exported(&done);
         }
@@ -761,6 +766,20 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> Result<()> {
                 );
                 let done = single_file_to_diffusers(&checkpoint, &Sd3ToFolderOptions { base, out: a.out, half: a.half, force: a.force })?;
                 println!("converted {} single file ({}) -> {}", done.variant.name(), done.from_file.join(", "), done.out.display());
+                if !done.from_base.is_empty() {
+                    println!("from --base: {}", done.from_base.join(", "));
+                }
+                return Ok(());
+            }
+            if dreambridge::single_file::sdxl::is_sdxl_file(&checkpoint) {
+                use dreambridge::single_file::sdxl::{single_file_to_diffusers, SdxlToFolderOptions};
+                anyhow::ensure!(
+                    !a.read.ema && a.read.sd_version.is_none() && a.read.prediction_type.is_none(),
+                    "{}: an SDXL single file; --ema, --sd-version and --prediction-type are for SD1/SD2 files",
+                    checkpoint.display()
+                );
+                let done = single_file_to_diffusers(&checkpoint, &SdxlToFolderOptions { base, out: a.out, half: a.half, force: a.force })?;
+                println!("converted SDXL base single file ({}) -> {}", done.from_file.join(", "), done.out.display());
                 if !done.from_base.is_empty() {
                     println!("from --base: {}", done.from_base.join(", "));
                 }
