@@ -183,3 +183,77 @@ pub fn model_index() -> Value {
         "vae": ["diffusers", "AutoencoderKL"]
     })
 }
+
+/// The tensor names of an SDXL-style UNet with `config`'s structure (as [`unet_config`] derives
+/// it): every resnet, transformer block, sampler and embedding, in diffusers' names. Shapes are
+/// not checked here (the config came from them).
+pub fn unet_keys(config: &Value) -> Result<Vec<String>> {
+    let list = |k: &str| -> Result<Vec<usize>> {
+        config[k].as_array().with_context(|| format!("config `{k}`"))?.iter().map(|v| v.as_u64().map(|v| v as usize).with_context(|| format!("config `{k}`"))).collect()
+    };
+    let types = |k: &str| -> Result<Vec<String>> {
+        config[k].as_array().with_context(|| format!("config `{k}`"))?.iter().map(|v| v.as_str().map(str::to_string).with_context(|| format!("config `{k}`"))).collect()
+    };
+    let (widths, depths, down, up) = (list("block_out_channels")?, list("transformer_layers_per_block")?, types("down_block_types")?, types("up_block_types")?);
+    let per_level = config["layers_per_block"].as_u64().context("config `layers_per_block`")? as usize;
+    let up_depths: Vec<usize> = match config["reverse_transformer_layers_per_block"].as_array() {
+        Some(rows) => rows.iter().map(|r| r.get(0).and_then(Value::as_u64).unwrap_or(0) as usize).collect(),
+        None => depths.iter().rev().copied().collect(),
+    };
+    let mut keys = Vec::new();
+    let mut wb = |p: &str, names: &[&str], bias: bool| {
+        for n in names {
+            keys.push(format!("{p}{n}.weight"));
+            if bias {
+                keys.push(format!("{p}{n}.bias"));
+            }
+        }
+    };
+    let mut blocks: Vec<(String, bool)> = Vec::new(); // resnet prefix, has shortcut
+    let mut attn: Vec<(String, usize)> = Vec::new();
+    let mut cin = widths[0];
+    for (i, &c) in widths.iter().enumerate() {
+        for j in 0..per_level {
+            blocks.push((format!("down_blocks.{i}.resnets.{j}."), j == 0 && cin != c));
+            if down[i].starts_with("CrossAttn") {
+                attn.push((format!("down_blocks.{i}.attentions.{j}."), depths[i]));
+            }
+        }
+        if i + 1 < widths.len() {
+            wb(&format!("down_blocks.{i}.downsamplers.0."), &["conv"], true);
+        }
+        cin = c;
+    }
+    blocks.push(("mid_block.resnets.0.".into(), false));
+    blocks.push(("mid_block.resnets.1.".into(), false));
+    attn.push(("mid_block.attentions.0.".into(), *depths.last().context("no levels")?));
+    for (u, _) in widths.iter().enumerate() {
+        for j in 0..=per_level {
+            // Every up resnet takes a skip connection: its input width differs from its output.
+            blocks.push((format!("up_blocks.{u}.resnets.{j}."), true));
+            if up[u].starts_with("CrossAttn") {
+                attn.push((format!("up_blocks.{u}.attentions.{j}."), up_depths[u]));
+            }
+        }
+        if u + 1 < widths.len() {
+            wb(&format!("up_blocks.{u}.upsamplers.0."), &["conv"], true);
+        }
+    }
+    wb("", &["conv_in", "time_embedding.linear_1", "time_embedding.linear_2", "add_embedding.linear_1", "add_embedding.linear_2", "conv_norm_out", "conv_out"], true);
+    for (p, shortcut) in &blocks {
+        wb(p, &["norm1", "conv1", "time_emb_proj", "norm2", "conv2"], true);
+        if *shortcut {
+            wb(p, &["conv_shortcut"], true);
+        }
+    }
+    for (p, depth) in &attn {
+        wb(p, &["norm", "proj_in", "proj_out"], true);
+        for b in 0..*depth {
+            let q = format!("{p}transformer_blocks.{b}.");
+            wb(&q, &["norm1", "norm2", "norm3", "attn1.to_out.0", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"], true);
+            wb(&q, &["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "attn2.to_k", "attn2.to_v"], false);
+        }
+    }
+    keys.sort();
+    Ok(keys)
+}

@@ -213,8 +213,9 @@ pub fn open_file(path: &Path) -> Result<SdxlModel> {
     }
     ensure!(parts.contains_key(UNET), "{}", in_file("no UNet tensors (`model.diffusion_model.*`)".into()));
     let model = SdxlModel { path: path.to_owned(), parts };
-    // The configs must come out of the weights (widths and depths consistent).
-    sdxl::unet_config(&*model.parts[UNET].source, model.pooled()).with_context(|| in_file("the UNet".into()))?;
+    // The configs must come out of the weights (widths and depths consistent), and the UNet have
+    // every tensor of that structure and no other.
+    check_unet(&model).with_context(|| in_file("the UNet".into()))?;
     for (part, proj) in [(CLIP_L, false), (CLIP_G, true)] {
         if let Some(p) = model.parts.get(part) {
             sdxl::clip_config(&*p.source, proj).with_context(|| in_file(format!("the {}", part_name(part))))?;
@@ -243,7 +244,24 @@ pub fn open_folder(folder: &Path) -> Result<SdxlModel> {
         let plans = part_plans(part, &*source).with_context(|| source.origin().display().to_string())?;
         parts.insert(part, Piece { source, plans });
     }
-    Ok(SdxlModel { path: folder.to_owned(), parts })
+    let model = SdxlModel { path: folder.to_owned(), parts };
+    check_unet(&model).with_context(|| model.parts[UNET].source.origin().display().to_string())?;
+    Ok(model)
+}
+
+/// The UNet's tensors are those of the structure its weights show (see [`sdxl::unet_keys`]).
+fn check_unet(model: &SdxlModel) -> Result<()> {
+    let unet = &*model.parts[UNET].source;
+    let config = sdxl::unet_config(unet, model.pooled())?;
+    let expected: BTreeSet<String> = sdxl::unet_keys(&config)?.into_iter().collect();
+    let present: BTreeSet<String> = unet.keys().into_iter().collect();
+    if let Some(k) = expected.difference(&present).next() {
+        bail!("no tensor {}", unet.describe(k));
+    }
+    if let Some(k) = present.difference(&expected).next() {
+        bail!("tensor {}: not a tensor of an SDXL UNet", unet.describe(k));
+    }
+    Ok(())
 }
 
 /// What an SDXL single file was written with.
