@@ -15,7 +15,8 @@ Tiny pipeline: UNet of 3 levels (64, 128, 128 wide; no attention at the first le
 2. diffusers' `infer_diffusers_model_type` names our file `xl_base`.
 3. `convert single-file-to-diffusers` of the same file (no base: configs derived from the weights)
    loads with `StableDiffusionXLPipeline.from_pretrained`, every tensor bit-identical; the derived
-   configs agree with the originals on every field the weights fix.
+   configs agree with the originals on every field the weights fix; the same tensors saved by
+   `torch.save` as a `.ckpt` convert to the same models.
 4. `--half`: the fp16 file loads in diffusers to the original weights cast to fp16, bit for bit.
 
     parity/.venv-torch/bin/python parity/sdxl_single_file_parity.py DREAMBRIDGE
@@ -189,6 +190,14 @@ def check_import(folder, path):
         fact("our single-file-to-diffusers", f"{name} config", not bad, "; ".join(bad) or f"{len(fields)} fields agree")
     fact("our single-file-to-diffusers", "tokenizer_2 pads with !", back.tokenizer_2.pad_token == "!", repr(back.tokenizer_2.pad_token))
     drop(out)
+    # The same tensors in a torch.save `.ckpt` (a `state_dict` inside, as Stability's .ckpt files).
+    ckpt = os.path.join(W, "sdxl.ckpt")
+    torch.save({"state_dict": load_file(path)}, ckpt)
+    db("convert", "single-file-to-diffusers", "--checkpoint", ckpt, "--out", out, "--force")
+    back = load(out)
+    for name, m in models(back).items():
+        same("our single-file-to-diffusers (.ckpt)", f"from_pretrained {name}", getattr(orig, name), m)
+    drop(out, ckpt)
 
 
 def _norm(v):

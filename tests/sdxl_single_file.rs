@@ -392,3 +392,26 @@ fn existing_outputs_are_not_overwritten() {
     assert!(import(&file, &folder, false).is_err());
     assert!(folder.join("unet/diffusion_pytorch_model.safetensors").is_file());
 }
+
+#[test]
+fn the_cli_converts_and_inspect_says_sdxl() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, file, back) = (dir.path().join("sdxl"), dir.path().join("sdxl.safetensors"), dir.path().join("back"));
+    make_sdxl_folder(&folder);
+    let run = |args: &[&Path]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dreambridge")).args(args).output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let p = Path::new;
+    let (ok, text) = run(&[p("convert"), p("diffusers-to-single-file"), p("--model"), &folder, p("--out"), &file]);
+    assert!(ok && text.contains("SDXL base"), "{text}");
+    let (ok, text) = run(&[p("inspect"), &file]);
+    assert!(ok && text.contains("SDXL single file") && text.contains("SDXL base") && text.contains("OpenCLIP-G"), "{text}");
+    let (ok, text) = run(&[p("convert"), p("single-file-to-diffusers"), p("--checkpoint"), &file, p("--out"), &back]);
+    assert!(ok && text.contains("SDXL base"), "{text}");
+    assert!(back.join("text_encoder_2/model.safetensors").is_file());
+    let (ok, text) = run(&[p("convert"), p("single-file-to-diffusers"), p("--checkpoint"), &file, p("--out"), &back]);
+    assert!(!ok && text.contains("already exists"), "{text}");
+    let (ok, text) = run(&[p("convert"), p("single-file-to-diffusers"), p("--checkpoint"), &file, p("--out"), &dir.path().join("x"), p("--sd-version"), p("2")]);
+    assert!(!ok && text.contains("sdxl.safetensors") && text.lines().count() == 1, "{text}");
+}
