@@ -4,9 +4,10 @@ OpenCLIP-G under `conditioner.embedders.1.model.` with fused q/k/v and `text_pro
 transposed, the VAE under `first_stage_model.`) against diffusers' own single-file loader, on a tiny
 SDXL pipeline built by diffusers / transformers with every float tensor set to seeded random values.
 
-Tiny pipeline: UNet of 3 levels (64, 128, 128 wide; no attention at the first level, transformer depth
-2 and 3 after it, heads of 64), text-time conditioning with 8-wide time embeddings; CLIP-L 64 wide,
-2 layers; OpenCLIP-G 128 wide, 10 layers (diffusers' detection keys on `resblocks.9`), projection 96
+Two tiny pipelines: "sdxl-tiny" and "sdxl-depths" (SDXL base's own transformer depths 1/2/10 and
+32 OpenCLIP-G blocks, so every key name of the real model is made). UNet of 3 levels (64, 128, 128 wide; no attention at the first level, transformer depth
+2 and 3 after it in "sdxl-tiny", heads of 64), text-time conditioning with 8-wide time embeddings; CLIP-L 64 wide,
+2 layers; OpenCLIP-G 128 wide, 10 layers in "sdxl-tiny" (diffusers' detection keys on `resblocks.9`), projection 96
 (so `text_projection` is not square); a 4-level VAE with quant convs.
 
 1. `convert diffusers-to-single-file` (f32): `StableDiffusionXLPipeline.from_single_file(file,
@@ -46,9 +47,14 @@ torch.set_grad_enabled(False)
 W = os.path.join(WORK, "sdxl_single_file")
 FAILED = []
 DB = None
+# name: (transformer depth per UNet level, OpenCLIP-G layers); "sdxl-depths" has SDXL base's own
+# depths (1/2/10 per level, 32 OpenCLIP-G blocks) at tiny widths, so every real key name is made.
+VARIANTS = {"sdxl-tiny": ((1, 2, 3), 10), "sdxl-depths": ((1, 2, 10), 32)}
+VARIANT = ""
 
 
 def fact(check, component, ok, note=""):
+    check = f"{VARIANT}: {check}"
     if not ok:
         FAILED.append(f"{check} / {component}")
     print(json.dumps(dict(check=check, component=component, ok=bool(ok), note=note)), flush=True)
@@ -92,11 +98,12 @@ def clip_config(width, layers, act, projection):
 
 
 def make(sample):
-    folder = os.path.join(W, "sdxl")
+    depths, g_layers = VARIANTS[VARIANT]
+    folder = os.path.join(W, VARIANT)
     unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 128),
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(1, 2, 2),
-                                transformer_layers_per_block=(1, 2, 3), cross_attention_dim=64 + 128, use_linear_projection=True,
+                                transformer_layers_per_block=depths, cross_attention_dim=64 + 128, use_linear_projection=True,
                                 addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 96,
                                 norm_num_groups=32)
     randomize(unet, 50)
@@ -106,7 +113,7 @@ def make(sample):
     randomize(vae, 51)
     te = CLIPTextModel(clip_config(64, 2, "quick_gelu", 64))
     randomize(te, 52)
-    te2 = CLIPTextModelWithProjection(clip_config(128, 10, "gelu", 96))
+    te2 = CLIPTextModelWithProjection(clip_config(128, g_layers, "gelu", 96))
     randomize(te2, 53)
     tok = CLIPTokenizer.from_pretrained(os.path.join(sample, "tokenizer"))
     tok2 = CLIPTokenizer.from_pretrained(os.path.join(sample, "tokenizer"), pad_token="!")
@@ -209,10 +216,19 @@ def main():
     os.makedirs(W)
     sample = os.path.join(W, "sample")
     db("convert", "keras-to-diffusers", "--out", sample)  # the embedded tiny sample: its CLIP tokenizer
+    global VARIANT
+    for VARIANT in VARIANTS:
+        run_variant(sample)
+    drop(sample)
+    print(json.dumps(dict(summary=True, failed=FAILED)), flush=True)
+    return 1 if FAILED else 0
+
+
+def run_variant(sample):
     folder = guarded("build", make, sample)
     if folder is None:
-        return 1
-    path, half = os.path.join(W, "sdxl.safetensors"), os.path.join(W, "sdxl-fp16.safetensors")
+        return
+    path, half = os.path.join(W, f"{VARIANT}.safetensors"), os.path.join(W, f"{VARIANT}-fp16.safetensors")
     out = guarded("convert", db, "convert", "diffusers-to-single-file", "--model", folder, "--out", path, "--force")
     if out is not None:
         fact("convert", "diffusers-to-single-file", True, out.strip().splitlines()[-1])
@@ -221,9 +237,7 @@ def main():
         guarded("our single-file-to-diffusers", check_import, folder, path)
     if guarded("convert --half", db, "convert", "diffusers-to-single-file", "--model", folder, "--out", half, "--half", "--force") is not None:
         guarded("diffusers loads our file (fp16)", check_in_diffusers, folder, half, True)
-    drop(folder, path, half, sample)
-    print(json.dumps(dict(summary=True, failed=FAILED)), flush=True)
-    return 1 if FAILED else 0
+    drop(folder, path, half)
 
 
 if __name__ == "__main__":
