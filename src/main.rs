@@ -225,7 +225,8 @@ struct ConvertArgs {
 #[derive(Subcommand)]
 enum Direction {
     /// diffusers folder -> one single-file checkpoint in the original SD layout (A1111, ComfyUI);
-    /// a Stable Diffusion 3 folder -> Stability's SD3 single file (with T5 when the folder has it).
+    /// a Stable Diffusion 3 folder -> Stability's SD3 single file (with T5 when the folder has it); an SDXL
+    /// (StableDiffusionXLPipeline) folder -> Stability's SDXL base single file.
     DiffusersToSingleFile {
         /// The diffusers pipeline folder (or Hub repo id).
         #[arg(long)]
@@ -241,7 +242,8 @@ enum Direction {
         force: bool,
     },
     /// One single-file checkpoint (.safetensors, or a .ckpt/.pt read without running pickled code) -> diffusers folder
-    /// (a Stability SD3 / SD3.5 file -> a StableDiffusion3Pipeline folder).
+    /// (a Stability SD3 / SD3.5 file -> a StableDiffusion3Pipeline folder; an SDXL base file -> a
+    /// StableDiffusionXLPipeline folder).
     SingleFileToDiffusers(SingleFileToDiffusers),
     /// KerasCV .h5 files, or a KerasHub SD3 input (--preset, or the MMDiT alone as --unet) -> one single-file
     /// checkpoint, directly (parts not given come from --base).
@@ -400,7 +402,7 @@ struct SingleFileToDiffusers {
     #[arg(long)]
     out: PathBuf,
     /// A diffusers folder (or Hub repo id) giving configs, tokenizer, scheduler and any part the file lacks
-    /// (default: the embedded SD1/SD2/SD3 configs, derived from the weights; an SD3 file with T5 needs one for T5's
+    /// (default: the embedded SD1/SD2/SDXL/SD3 configs, derived from the weights; an SD3 file with T5 needs one for T5's
     /// config and tokenizer).
     #[arg(long)]
     base: Option<PathBuf>,
