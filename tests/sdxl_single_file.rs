@@ -415,3 +415,22 @@ fn the_cli_converts_and_inspect_says_sdxl() {
     let (ok, text) = run(&[p("convert"), p("single-file-to-diffusers"), p("--checkpoint"), &file, p("--out"), &dir.path().join("x"), p("--sd-version"), p("2")]);
     assert!(!ok && text.contains("sdxl.safetensors") && text.lines().count() == 1, "{text}");
 }
+
+#[test]
+fn a_base_folder_gives_its_configs_where_they_agree_with_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, file) = (dir.path().join("sdxl"), dir.path().join("sdxl.safetensors"));
+    make_sdxl_folder(&folder);
+    export(&folder, &file, false).unwrap();
+    let base_import = |base: &Path, out: &Path| sdxl::single_file_to_diffusers(&file, &SdxlToFolderOptions { base: Some(base.to_owned()), out: out.to_owned(), half: false, force: false });
+    let back = dir.path().join("back");
+    let done = base_import(&folder, &back).unwrap();
+    assert_eq!(done.from_base, ["scheduler"]);
+    // The base's heads (SDXL's 5/10/20) over the derived width / 64.
+    assert_eq!(read_json(&back.join("unet/config.json"))["attention_head_dim"], json!([5, 10, 20]));
+    // A base whose config disagrees with the weights is refused, naming its config and the field.
+    write_json(&folder.join("text_encoder_2/config.json"), json!({"hidden_size": 1280}));
+    let e = format!("{:#}", base_import(&folder, &dir.path().join("other")).err().unwrap());
+    assert!(e.contains("text_encoder_2/config.json") && e.contains("hidden_size"), "{e}");
+    assert!(!dir.path().join("other").exists());
+}
