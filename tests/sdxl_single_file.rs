@@ -348,6 +348,12 @@ fn refiners_and_other_families_are_refused_naming_the_file() {
     let sd1 = dir.path().join("sd1.safetensors");
     keys_file(&sd1, &["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.text_model.final_layer_norm.weight"]);
     assert!(!sdxl::is_sdxl_file(&sd1));
+    let unclip = dir.path().join("unclip.safetensors");
+    keys_file(&unclip, &["model.diffusion_model.label_emb.0.0.weight", "model.diffusion_model.input_blocks.9.0.in_layers.0.weight"]);
+    assert!(!sdxl::is_sdxl_file(&unclip));
+    let unet_only = dir.path().join("unet-only.safetensors");
+    keys_file(&unet_only, &["model.diffusion_model.label_emb.0.0.weight", "model.diffusion_model.input_blocks.8.0.in_layers.0.weight"]);
+    assert!(sdxl::is_sdxl_file(&unet_only));
     let e = format!("{:#}", import(&sd1, &dir.path().join("out"), false).err().unwrap());
     assert!(e.contains("sd1.safetensors") && e.contains("not an SDXL base single file"), "{e}");
     // An SDXL file is not read as SD1/SD2.

@@ -68,7 +68,8 @@ fn part_name(part: &str) -> &'static str {
 /// What family a file's keys say it is, for the SDXL checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
-    /// SDXL base (or a UNet-only SDXL file: added conditioning, no SD1/SD2 text encoder).
+    /// SDXL base (or a UNet-only SDXL file: added conditioning over three levels, no SD1/SD2 text
+    /// encoder).
     SdxlBase,
     /// SDXL refiner: OpenCLIP-G as the only embedder, no CLIP-L.
     SdxlRefiner,
@@ -83,7 +84,10 @@ pub fn family(source: &dyn TensorSource) -> Family {
     if has(REFINER_PREFIX) && !has(CLIP_L_PREFIX) {
         return Family::SdxlRefiner;
     }
-    if has(CLIP_L_PREFIX) || has(CLIP_G_PREFIX) || (source.contains(ADD_EMBEDDING) && !has("cond_stage_model.")) {
+    // A UNet alone: the added conditioning over three levels (SD2 unCLIP's UNet has `label_emb`
+    // too, over four levels and with an SD2 text encoder).
+    let unet_only = source.contains(ADD_EMBEDDING) && !has("cond_stage_model.") && !has("model.diffusion_model.input_blocks.9.");
+    if has(CLIP_L_PREFIX) || has(CLIP_G_PREFIX) || unet_only {
         return Family::SdxlBase;
     }
     Family::Other
