@@ -7,6 +7,8 @@ diffusers folder and back to a KerasHub preset and an MMDiT-only `.weights.h5`; 
   the original's dtype (so Keras -> diffusers -> Keras is bit-identical, bf16 included);
 * `backbone.diffuser.load_weights(back_mmdit.weights.h5)` on a zeroed backbone gives the original
   MMDiT weights bit for bit;
+* through Stability's single file (`diffusers-to-single-file`, then `single-file-to-keras`; CLIPs
+  of head width 64, as the file's head counts are width / 64), the same;
 * written as Keras shards (`--max-shard-size`, 1 MiB here), the same through keras-hub's and
   Keras' sharded readers (`model.weights.json`, `<name>.weights.json`);
 * `StableDiffusion3TextToImage.from_preset(back)` generates from a prompt (1 step, 64x64) and its
@@ -28,18 +30,19 @@ sys.path.insert(0, HERE)
 from common import WORK, drop, record_fact  # noqa: E402
 
 KERAS_PY = os.path.join(HERE, ".venv-kerashub", "bin", "python")
-# (variant, dtype, --max-shard-size in GB or None): the last case writes Keras shards of 1 MiB.
-CASES = [("sd3-medium", "float32", None), ("sd3.5-medium", "float32", None), ("sd3.5-large", "float32", None), ("sd3.5-medium", "bfloat16", None),
-         ("sd3.5-large", "float32", 2.0 ** -10)]
+# (variant, dtype, --max-shard-size in GB or None, through Stability's single file): one case
+# writes Keras shards of 1 MiB; the last goes diffusers -> single file -> KerasHub.
+CASES = [("sd3-medium", "float32", None, False), ("sd3.5-medium", "float32", None, False), ("sd3.5-large", "float32", None, False),
+         ("sd3.5-medium", "bfloat16", None, False), ("sd3.5-large", "float32", 2.0 ** -10, False), ("sd3.5-medium", "float32", None, True)]
 
 
-def keras_make(work, variant, dtype):
+def keras_make(work, variant, dtype, clip_head_dim):
     import keras
 
     keras.config.set_dtype_policy(dtype)
     import sd3_parity
 
-    backbone = sd3_parity.build(variant)
+    backbone = sd3_parity.build(variant, int(clip_head_dim) or None)
     sd3_parity.randomize(backbone, sd3_parity.VARIANTS[variant][2])
     backbone.save_to_preset(os.path.join(work, "preset"))
     print(json.dumps({"weights": len(backbone.weights), "dtypes": sorted({str(w.dtype) for w in backbone.weights})}))
@@ -106,19 +109,25 @@ def run(db):
     env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=HERE)
     me = os.path.abspath(__file__)
     failed = 0
-    for variant, dtype, shard_gb in CASES:
-        check = f"sd3 back {variant} {dtype}" + (" sharded" if shard_gb else "")
-        work = os.path.join(WORK, "sd3_back", f"{variant}-{dtype}-{shard_gb}")
+    for variant, dtype, shard_gb, single_file in CASES:
+        check = f"sd3 back {variant} {dtype}" + (" sharded" if shard_gb else "") + (" via single file" if single_file else "")
+        work = os.path.join(WORK, "sd3_back", f"{variant}-{dtype}-{shard_gb}-{single_file}")
         shard = ["--max-shard-size", str(shard_gb)] if shard_gb else []
         os.makedirs(work, exist_ok=True)
         try:
-            sh([KERAS_PY, me, "keras-make", work, variant, dtype], env)
+            sh([KERAS_PY, me, "keras-make", work, variant, dtype, "64" if single_file else "0"], env)
             diff = os.path.join(work, "diffusers")
             sh([db, "convert", "keras-to-diffusers", "--preset", os.path.join(work, "preset"), "--out", diff, "--force"])
             if dtype == "bfloat16":
                 torch_bf16(check, diff)
-            sh([db, "convert", "diffusers-to-keras", "--model", diff, "--out", os.path.join(work, "back"), "--force", *shard])
-            sh([db, "convert", "diffusers-to-keras", "--model", diff, "--out", os.path.join(work, "back_mmdit.weights.h5"), "--force", *shard])
+            if single_file:
+                one = os.path.join(work, "sd3.safetensors")
+                sh([db, "convert", "diffusers-to-single-file", "--model", diff, "--out", one])
+                for out in ["back", "back_mmdit.weights.h5"]:
+                    sh([db, "convert", "single-file-to-keras", "--checkpoint", one, "--out", os.path.join(work, out), "--force"])
+            else:
+                sh([db, "convert", "diffusers-to-keras", "--model", diff, "--out", os.path.join(work, "back"), "--force", *shard])
+                sh([db, "convert", "diffusers-to-keras", "--model", diff, "--out", os.path.join(work, "back_mmdit.weights.h5"), "--force", *shard])
             mmdit_file = "back_mmdit.weights.h5"
             if shard_gb:
                 shards = sorted(f for f in os.listdir(os.path.join(work, "back")) if f.endswith(".weights.h5"))
@@ -151,7 +160,7 @@ if __name__ == "__main__":
     cmd = sys.argv[1]
     os.makedirs(WORK, exist_ok=True)
     if cmd == "keras-make":
-        keras_make(*sys.argv[2:5])
+        keras_make(*sys.argv[2:6])
     elif cmd == "keras-verify":
         keras_verify(sys.argv[2], sys.argv[3])
     else:

@@ -108,14 +108,17 @@ def guarded(fn):
 
 # ============================================ keras side ============================================
 
-def build(variant):
+def build(variant, clip_head_dim=None):
+    """The tiny backbone; `clip_head_dim=64` gives CLIPs of SD3's head width (1 and 2 heads), for
+    the single file, whose CLIP head counts are width / 64."""
     from keras_hub.models import CLIPTextEncoder, StableDiffusion3Backbone
     from keras_hub.src.models.vae.vae_backbone import VAEBackbone
 
     qk, dual, _ = VARIANTS[variant]
-    clip_l = CLIPTextEncoder(vocabulary_size=49408, embedding_dim=32, hidden_dim=32, num_layers=2, num_heads=2, intermediate_dim=64,
+    (dl, hl), (dg, hg) = ((64, 1), (128, 2)) if clip_head_dim == 64 else ((32, 2), (64, 2))
+    clip_l = CLIPTextEncoder(vocabulary_size=49408, embedding_dim=dl, hidden_dim=dl, num_layers=2, num_heads=hl, intermediate_dim=2 * dl,
                              intermediate_activation="quick_gelu", intermediate_output_index=-2, name="clip_l")
-    clip_g = CLIPTextEncoder(vocabulary_size=49408, embedding_dim=64, hidden_dim=64, num_layers=3, num_heads=2, intermediate_dim=128,
+    clip_g = CLIPTextEncoder(vocabulary_size=49408, embedding_dim=dg, hidden_dim=dg, num_layers=3, num_heads=hg, intermediate_dim=2 * dg,
                              intermediate_activation="gelu", intermediate_output_index=-2, name="clip_g")
     vae = VAEBackbone([32, 64, 128, 128], [2, 2, 2, 2], [128, 128, 64, 32], [3, 3, 3, 3], name="vae")
     return StableDiffusion3Backbone(

@@ -7,7 +7,8 @@ use super::plan::{Plan, PlannedTensor};
 use crate::diffusers::sd3::{self, Clip, Variant};
 use crate::diffusers::st_read::StFile;
 use crate::keras::keras3_writer::Keras3Writer;
-use crate::mapping::{table_for, Symbols};
+use crate::mapping::table::Rows;
+use crate::mapping::{table_for, Op, Symbols};
 use crate::output::Staging;
 use crate::tensor::{DType, RawTensor, TensorSource};
 use anyhow::{ensure, Context, Result};
@@ -243,6 +244,7 @@ fn write_keras(sd3: Sd3Folder, out: &Path, force: bool, max_shard_gb: f64) -> Re
 /// of parameters written.
 fn write_plans(writer: &mut Keras3Writer, m: &Matched, root: Option<&str>) -> Result<usize> {
     let mut params = 0;
+    let mut scratch = Vec::new(); // re-laid-out bytes, its memory reused
     for (plan, plan_root) in &m.plans {
         let root = root.unwrap_or(plan_root);
         for layer in &plan.layout.layers {
@@ -252,9 +254,27 @@ fn write_plans(writer: &mut Keras3Writer, m: &Matched, root: Option<&str>) -> Re
                 // The diffusers tensors of one Keras tensor (q, k, v) are consecutive.
                 let group = tensors[at..].iter().take_while(|t| t.spec.keras_path == tensors[at].spec.keras_path).count();
                 let path = format!("{root}{}/{}", layer.keras3_key, tensors[at].spec.keras3_suffix());
-                let tensor = keras_tensor(&*m.source, &tensors[at..at + group]).with_context(|| format!("{}: writing `{path}`", m.source.origin().display()))?;
-                params += tensor.shape.iter().product::<usize>();
-                writer.write(&path, tensor)?;
+                let first = &tensors[at];
+                let context = || format!("{}: writing `{path}`", m.source.origin().display());
+                params += first.keras_shape.iter().product::<usize>();
+                if group == 1 && first.spec.rows == Rows::All {
+                    // One diffusers tensor, rows in order: re-laid-out from where its bytes lie
+                    // (a copy is written from there as it is).
+                    let full = first.full_diffusers_shape();
+                    m.source
+                        .with_bytes(&first.source, &mut |dtype, _, data| {
+                            ensure!(data.len() == full.iter().product::<usize>() * dtype.size(), "tensor `{}`: {} bytes for shape {full:?}", first.source, data.len());
+                            if first.spec.op == Op::Copy {
+                                return writer.write_bytes(&path, dtype, &first.keras_shape, data);
+                            }
+                            first.spec.op.to_keras_into(data, &full, dtype.size(), &mut scratch)?;
+                            writer.write_bytes(&path, dtype, &first.keras_shape, &scratch)
+                        })
+                        .with_context(context)?;
+                } else {
+                    let tensor = keras_tensor(&*m.source, &tensors[at..at + group]).with_context(context)?;
+                    writer.write(&path, tensor)?;
+                }
                 at += group;
             }
         }
@@ -270,6 +290,7 @@ fn keras_tensor(file: &dyn TensorSource, parts: &[PlannedTensor]) -> Result<RawT
     ensure!(parts.len() == first.spec.rows.parts(), "tensor `{}`: {} of its {} parts found", first.source, parts.len(), first.spec.rows.parts());
     let read: Vec<RawTensor> = parts.iter().map(|p| file.read(&p.source).with_context(|| format!("tensor `{}`", p.source))).collect::<Result<_>>()?;
     let dtype = read[0].dtype;
+
     ensure!(read.iter().all(|r| r.dtype == dtype), "tensor `{}`: its q/k/v parts differ in dtype", first.source);
     let elem = dtype.size();
     let row = full[1..].iter().product::<usize>() * elem;

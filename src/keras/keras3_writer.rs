@@ -139,19 +139,23 @@ impl Keras3Writer {
     /// Writes one variable at `path` (`layers/.../vars/0`) in its own type; bfloat16 as Keras 3
     /// stores it (a 2-byte opaque type with the attribute `dtype` = "bfloat16").
     pub fn write(&mut self, path: &str, tensor: RawTensor) -> Result<()> {
+        self.write_bytes(path, tensor.dtype, &tensor.shape, &tensor.data)
+    }
+
+    /// [`Keras3Writer::write`] from bytes where they lie (little-endian elements of `dtype`).
+    pub fn write_bytes(&mut self, path: &str, dtype: DType, shape: &[usize], data: &[u8]) -> Result<()> {
         let (dir, name) = path.rsplit_once('/').with_context(|| format!("`{path}` has no group"))?;
-        self.place(dir, tensor.data.len() as f64)?;
+        self.place(dir, data.len() as f64)?;
         let g = self.group(dir)?;
-        let shape = tensor.shape.clone();
         let what = |e: &dyn std::fmt::Display| anyhow::anyhow!("tensor `{path}`: cannot write ({e})");
-        let offset = match tensor.dtype {
-            DType::BF16 => super::h5ffi::create_opaque_placed(&g, name, &shape, Some("bfloat16")).map_err(|e| what(&e))?,
-            DType::F32 => placed(g.new_dataset::<f32>(), &shape, name).map_err(|e| what(&e))?,
-            DType::F16 => placed(g.new_dataset::<half::f16>(), &shape, name).map_err(|e| what(&e))?,
+        let offset = match dtype {
+            DType::BF16 => super::h5ffi::create_opaque_placed(&g, name, shape, Some("bfloat16")).map_err(|e| what(&e))?,
+            DType::F32 => placed(g.new_dataset::<f32>(), shape, name).map_err(|e| what(&e))?,
+            DType::F16 => placed(g.new_dataset::<half::f16>(), shape, name).map_err(|e| what(&e))?,
         };
         match offset {
-            Some(offset) => self.data.write_at(&tensor.data, offset),
-            None if tensor.data.is_empty() => Ok(()),
+            Some(offset) => self.data.write_at(data, offset),
+            None if data.is_empty() => Ok(()),
             None => Err(what(&"libhdf5 gave its storage no place in the file")),
         }
     }
