@@ -186,7 +186,8 @@ drop "tmp*"
 step single-file "Single-file checkpoints (original SD layout): dreambridge's in diffusers' from_single_file, torch-written ones in dreambridge"
 # Exits 1 when a check failed (the table shows which); the suite goes on to the report either way.
 "$P/.venv-torch/bin/python" "$P/single_file_parity.py" "$DB" || single_file_rc=$?
-drop single_file
+"$P/.venv-torch/bin/python" "$P/sdxl_single_file_parity.py" "$DB" || single_file_rc=$?
+drop single_file sdxl_single_file
 
 step sd3 "Stable Diffusion 3: KerasHub (keras-hub 0.32, jax) presets, backbones and MMDiT-only files -> diffusers, the way back in keras-hub itself (bf16, shards), LoRA both ways; Stability's single file in diffusers' from_single_file"
 KERAS_BACKEND=jax "$P/.venv-kerashub/bin/python" "$P/sd3_parity.py" make 2>&1 | quiet || sd3_rc=$?

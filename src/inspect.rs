@@ -39,6 +39,14 @@ fn inspect_single_file(path: &Path, sd_version: Option<u8>, source: Arc<dyn Tens
         tensor_table(&mut out, &*source)?;
         return Ok(out);
     }
+    if crate::single_file::sdxl::family(&*source) != crate::single_file::sdxl::Family::Other {
+        match crate::single_file::sdxl::open_file(path) {
+            Ok(m) => writeln!(out, "layout: Stability AI's SDXL single file, {}", m.describe())?,
+            Err(e) => writeln!(out, "layout: Stability AI's SDXL single file, not convertible: {}", crate::output::one_line(&e))?,
+        }
+        tensor_table(&mut out, &*source)?;
+        return Ok(out);
+    }
     let opts = ReadOptions { sd_version, ..Default::default() };
     match SingleFile::open(path, &opts) {
         Ok(f) => {

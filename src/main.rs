@@ -225,7 +225,8 @@ struct ConvertArgs {
 #[derive(Subcommand)]
 enum Direction {
     /// diffusers folder -> one single-file checkpoint in the original SD layout (A1111, ComfyUI);
-    /// a Stable Diffusion 3 folder -> Stability's SD3 single file (with T5 when the folder has it).
+    /// a Stable Diffusion 3 folder -> Stability's SD3 single file (with T5 when the folder has it); an SDXL
+    /// (StableDiffusionXLPipeline) folder -> Stability's SDXL base single file.
     DiffusersToSingleFile {
         /// The diffusers pipeline folder (or Hub repo id).
         #[arg(long)]
@@ -241,7 +242,8 @@ enum Direction {
         force: bool,
     },
     /// One single-file checkpoint (.safetensors, or a .ckpt/.pt read without running pickled code) -> diffusers folder
-    /// (a Stability SD3 / SD3.5 file -> a StableDiffusion3Pipeline folder).
+    /// (a Stability SD3 / SD3.5 file -> a StableDiffusion3Pipeline folder; an SDXL base file -> a
+    /// StableDiffusionXLPipeline folder).
     SingleFileToDiffusers(SingleFileToDiffusers),
     /// KerasCV .h5 files, or a KerasHub SD3 input (--preset, or the MMDiT alone as --unet) -> one single-file
     /// checkpoint, directly (parts not given come from --base).
@@ -400,7 +402,7 @@ struct SingleFileToDiffusers {
     #[arg(long)]
     out: PathBuf,
     /// A diffusers folder (or Hub repo id) giving configs, tokenizer, scheduler and any part the file lacks
-    /// (default: the embedded SD1/SD2/SD3 configs, derived from the weights; an SD3 file with T5 needs one for T5's
+    /// (default: the embedded SD1/SD2/SDXL/SD3 configs, derived from the weights; an SD3 file with T5 needs one for T5's
     /// config and tokenizer).
     #[arg(long)]
     base: Option<PathBuf>,
@@ -730,6 +732,11 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> Result<()> {
                 print_sd3_exported(&done);
                 return Ok(());
             }
+            if dreambridge::single_file::sdxl::is_sdxl_folder(&model) {
+                let done = dreambridge::single_file::sdxl::diffusers_to_single_file(&model, &ExportOptions { out, half, force })?;
+                println!("wrote {} tensors (SDXL base: {}) -> {}", done.tensors, done.parts.join(", "), done.out.display());
+                return Ok(());
+            }
             let done = diffusers_to_single_file(&model, &ExportOptions { out, half, force })?;
             print_exported(&done);
         }
@@ -761,6 +768,20 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> Result<()> {
                 );
                 let done = single_file_to_diffusers(&checkpoint, &Sd3ToFolderOptions { base, out: a.out, half: a.half, force: a.force })?;
                 println!("converted {} single file ({}) -> {}", done.variant.name(), done.from_file.join(", "), done.out.display());
+                if !done.from_base.is_empty() {
+                    println!("from --base: {}", done.from_base.join(", "));
+                }
+                return Ok(());
+            }
+            if dreambridge::single_file::sdxl::is_sdxl_file(&checkpoint) {
+                use dreambridge::single_file::sdxl::{single_file_to_diffusers, SdxlToFolderOptions};
+                anyhow::ensure!(
+                    !a.read.ema && a.read.sd_version.is_none() && a.read.prediction_type.is_none(),
+                    "{}: an SDXL single file; --ema, --sd-version and --prediction-type are for SD1/SD2 files",
+                    checkpoint.display()
+                );
+                let done = single_file_to_diffusers(&checkpoint, &SdxlToFolderOptions { base, out: a.out, half: a.half, force: a.force })?;
+                println!("converted SDXL base single file ({}) -> {}", done.from_file.join(", "), done.out.display());
                 if !done.from_base.is_empty() {
                     println!("from --base: {}", done.from_base.join(", "));
                 }

@@ -3,6 +3,7 @@
 pub mod configs;
 pub mod layout;
 pub mod sd3;
+pub mod sdxl;
 pub mod st_read;
 pub mod tokenizer;
 pub mod st_write;

@@ -23,24 +23,69 @@ const RENAME_TABLES: &[(&str, &str)] = &[
     ("sai_clip_l_sd3", include_str!("../../mappings/sai_clip_l_sd3.toml")),
     ("sai_clip_g_sd3", include_str!("../../mappings/sai_clip_g_sd3.toml")),
     ("sai_t5xxl_sd3", include_str!("../../mappings/sai_t5xxl_sd3.toml")),
+    ("ldm_unet_sdxl", include_str!("../../mappings/ldm_unet_sdxl.toml")),
+    ("ldm_clip_l_sdxl", include_str!("../../mappings/ldm_clip_l_sdxl.toml")),
+    ("ldm_clip_g_sdxl", include_str!("../../mappings/ldm_clip_g_sdxl.toml")),
 ];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTable {
-    layout: String,
-    component: String,
+    /// Another table this one is a delta of: its fields are taken where this one does not give
+    /// them, its module rows kept unless `drop_modules` names them or a row here has the same
+    /// diffusers pattern, its inner sets kept unless redefined here, its `[import]` kept unless
+    /// this table has one.
+    extends: Option<String>,
+    layout: Option<String>,
+    component: Option<String>,
     sd_version: Option<u8>,
-    prefix: String,
+    prefix: Option<String>,
+    #[serde(default)]
     modules: Vec<[String; 4]>,
+    /// Module rows of the extended table left out (by their diffusers pattern).
+    #[serde(default)]
+    drop_modules: Vec<String>,
     #[serde(default)]
     inner: BTreeMap<String, Vec<[String; 3]>>,
     #[serde(default)]
     read_aliases: BTreeMap<String, String>,
-    #[serde(default)]
-    import: RawImport,
+    import: Option<RawImport>,
     #[serde(default)]
     last_repeat: RawLastRepeat,
+}
+
+/// `raw` with the table it extends (recursively) filled in.
+fn resolve_extends(raw: RawTable, depth: usize) -> Result<RawTable> {
+    let Some(base_name) = raw.extends.clone() else { return Ok(raw) };
+    ensure!(depth < 8, "`extends` loops");
+    let text = RENAME_TABLES.iter().find(|(n, _)| *n == base_name).map(|(_, t)| *t).with_context(|| format!("extends unknown table `{base_name}`"))?;
+    let base = resolve_extends(toml::from_str::<RawTable>(text).with_context(|| format!("mappings/{base_name}.toml"))?, depth + 1)?;
+    for d in &raw.drop_modules {
+        ensure!(base.modules.iter().any(|r| &r[0] == d), "drop_modules: `{d}` is not a module of `{base_name}`");
+    }
+    let mut modules: Vec<[String; 4]> =
+        base.modules.into_iter().filter(|r| !raw.drop_modules.contains(&r[0]) && !raw.modules.iter().any(|m| m[0] == r[0])).collect();
+    modules.extend(raw.modules);
+    let mut inner = base.inner;
+    inner.extend(raw.inner);
+    let mut read_aliases = base.read_aliases;
+    read_aliases.extend(raw.read_aliases);
+    let mut last_inner = base.last_repeat.inner;
+    last_inner.extend(raw.last_repeat.inner);
+    Ok(RawTable {
+        extends: None,
+        layout: raw.layout.or(base.layout),
+        component: raw.component.or(base.component),
+        // A table's SD version is its own: a delta is another model's table.
+        sd_version: raw.sd_version,
+        prefix: raw.prefix.or(base.prefix),
+        modules,
+        drop_modules: Vec::new(),
+        inner,
+        read_aliases,
+        import: raw.import.or(base.import),
+        last_repeat: RawLastRepeat { inner: last_inner },
+    })
 }
 
 #[derive(Deserialize, Default)]
@@ -75,6 +120,9 @@ pub enum Reshape {
     /// Same shape, the two halves of the first axis swapped (Stability's (shift, scale) against
     /// diffusers' (scale, shift)).
     SwapHalves,
+    /// A matrix stored transposed: diffusers Linear `[out, in]` ⇄ layout `[in, out]` (OpenCLIP's
+    /// `text_projection`, applied as `x @ P`).
+    Transpose,
 }
 
 impl std::str::FromStr for Reshape {
@@ -85,7 +133,8 @@ impl std::str::FromStr for Reshape {
             "linear_conv1x1" => Reshape::LinearConv1x1,
             "concat" => Reshape::Concat,
             "swap_halves" => Reshape::SwapHalves,
-            other => bail!("unknown op `{other}` (copy, linear_conv1x1, concat, swap_halves)"),
+            "transpose" => Reshape::Transpose,
+            other => bail!("unknown op `{other}` (copy, linear_conv1x1, concat, swap_halves, transpose)"),
         })
     }
 }
@@ -164,6 +213,12 @@ pub fn rename_tables() -> Result<Vec<RenameTable>> {
     RENAME_TABLES.iter().map(|(name, text)| parse_table(name, text).with_context(|| format!("mappings/{name}.toml"))).collect()
 }
 
+/// The table named `name` (`mappings/<name>.toml`).
+pub fn rename_table_named(name: &str) -> Result<RenameTable> {
+    let text = RENAME_TABLES.iter().find(|(n, _)| *n == name).map(|(_, t)| *t).with_context(|| format!("no table `{name}`"))?;
+    parse_table(name, text).with_context(|| format!("mappings/{name}.toml"))
+}
+
 /// The table of `layout` for a diffusers component (`sd_version` picks between versioned tables).
 pub fn rename_table(layout: &str, component: &str, sd_version: Option<u8>) -> Result<RenameTable> {
     rename_tables()?
@@ -173,7 +228,13 @@ pub fn rename_table(layout: &str, component: &str, sd_version: Option<u8>) -> Re
 }
 
 fn parse_table(name: &str, text: &str) -> Result<RenameTable> {
-    let raw: RawTable = toml::from_str(text)?;
+    let raw = resolve_extends(toml::from_str(text)?, 0)?;
+    let import = raw.import.unwrap_or_default();
+    let (layout, component, prefix) = (
+        raw.layout.context("no `layout`")?,
+        raw.component.context("no `component`")?,
+        raw.prefix.context("no `prefix`")?,
+    );
     let mut modules = Vec::new();
     for row in &raw.modules {
         let inner = (!row[2].is_empty()).then(|| row[2].clone());
@@ -203,21 +264,26 @@ fn parse_table(name: &str, text: &str) -> Result<RenameTable> {
     }
     Ok(RenameTable {
         name: name.to_string(),
-        layout: raw.layout,
-        component: raw.component,
+        layout,
+        component,
         sd_version: raw.sd_version,
-        prefix: raw.prefix,
-        drop_last_repeat_when: raw.import.drop_last_repeat_when,
+        prefix,
+        drop_last_repeat_when: import.drop_last_repeat_when,
         modules,
         inner,
         read_aliases: raw.read_aliases.into_iter().collect(),
-        ignore: raw.import.ignore,
+        ignore: import.ignore,
         last_inner: raw.last_repeat.inner,
-        identity_if_missing: raw.import.identity_if_missing.into_iter().map(|[a, b]| (a, b)).collect(),
+        identity_if_missing: import.identity_if_missing.into_iter().map(|[a, b]| (a, b)).collect(),
     })
 }
 
+/// The segments of a dotted path; the empty path has none (an inner rule for the module's own
+/// tensor).
 fn segments(path: &str) -> Vec<String> {
+    if path.is_empty() {
+        return Vec::new();
+    }
     path.split('.').map(str::to_string).collect()
 }
 
@@ -441,6 +507,7 @@ impl RenameTable {
 pub fn layout_shape(op: Reshape, d: &[usize]) -> Vec<usize> {
     match op {
         Reshape::LinearConv1x1 if d.len() == 2 => vec![d[0], d[1], 1, 1],
+        Reshape::Transpose if d.len() == 2 => vec![d[1], d[0]],
         _ => d.to_vec(),
     }
 }
@@ -449,6 +516,10 @@ pub fn layout_shape(op: Reshape, d: &[usize]) -> Vec<usize> {
 pub fn diffusers_shape(op: Reshape, l: &[usize], part: Option<(usize, usize)>) -> Result<Vec<usize>> {
     Ok(match (op, part) {
         (Reshape::LinearConv1x1, _) if l.len() == 4 && l[2..] == [1, 1] => l[..2].to_vec(),
+        (Reshape::Transpose, _) => {
+            ensure!(l.len() == 2, "shape {l:?} is not a matrix to transpose");
+            vec![l[1], l[0]]
+        }
         (Reshape::Concat, Some((_, n))) => {
             ensure!(!l.is_empty() && l[0] % n == 0, "shape {l:?} does not split into {n} equal parts along its first axis");
             let mut d = l.to_vec();
@@ -574,5 +645,50 @@ mod tests {
             assert_eq!(fused, if component == "text_encoder" { 23 * 6 } else { 0 });
         }
         assert_eq!(diffusers_keys("unet-sd1", 0).len(), 686);
+    }
+
+    #[test]
+    fn sdxl_tables_are_deltas_of_the_sd_ones() {
+        let u = rename_table_named("ldm_unet_sdxl").unwrap();
+        assert_eq!((u.layout.as_str(), u.component.as_str(), u.prefix.as_str(), u.sd_version), ("ldm-sdxl", "unet", "model.diffusion_model.", None));
+        let cases = [
+            ("add_embedding.linear_1.weight", "label_emb.0.0.weight"),
+            ("add_embedding.linear_2.bias", "label_emb.0.2.bias"),
+            ("down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k.weight", "input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight"),
+            ("down_blocks.1.downsamplers.0.conv.weight", "input_blocks.6.0.op.weight"),
+            ("up_blocks.0.attentions.2.proj_out.weight", "output_blocks.2.1.proj_out.weight"),
+            ("up_blocks.0.upsamplers.0.conv.weight", "output_blocks.2.2.conv.weight"),
+            ("up_blocks.1.upsamplers.0.conv.bias", "output_blocks.5.2.conv.bias"),
+            ("up_blocks.2.resnets.2.conv_shortcut.weight", "output_blocks.8.0.skip_connection.weight"),
+        ];
+        for (d, l) in cases {
+            let r = u.export(d).unwrap_or_else(|| panic!("{d}"));
+            assert_eq!(r.key, format!("model.diffusion_model.{l}"), "{d}");
+            let Imported::Tensors(back) = u.import(&r.key) else { panic!("{l}") };
+            assert_eq!(back[0].key, d, "{l}");
+        }
+        let l = rename_table_named("ldm_clip_l_sdxl").unwrap();
+        assert_eq!((l.component.as_str(), l.sd_version), ("text_encoder", None));
+        let key = "text_model.encoder.layers.1.mlp.fc2.weight";
+        assert_eq!(l.export(key).unwrap().key, format!("conditioner.embedders.0.transformer.{key}"));
+        let g = rename_table_named("ldm_clip_g_sdxl").unwrap();
+        assert_eq!((g.component.as_str(), g.drop_last_repeat_when.as_deref()), ("text_encoder_2", None));
+        let p = g.export("text_projection.weight").unwrap();
+        assert_eq!((p.key.as_str(), p.op), ("conditioner.embedders.1.model.text_projection", Reshape::Transpose));
+        assert_eq!(g.import("conditioner.embedders.1.model.text_projection"), Imported::Tensors(vec![Renamed { key: "text_projection.weight".into(), ..p }]));
+        let v = g.export("text_model.encoder.layers.31.self_attn.v_proj.bias").unwrap();
+        assert_eq!((v.key.as_str(), v.part), ("conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_bias", Some((2, 3))));
+        assert_eq!(g.import("conditioner.embedders.1.model.logit_scale"), Imported::Ignored);
+        assert_eq!(layout_shape(Reshape::Transpose, &[96, 128]), vec![128, 96]);
+        assert_eq!(diffusers_shape(Reshape::Transpose, &[128, 96], None).unwrap(), vec![96, 128]);
+    }
+
+    #[test]
+    fn a_delta_table_must_name_rows_its_base_has() {
+        let raw: RawTable = toml::from_str("extends = \"ldm_unet\"\ndrop_modules = [\"no_such_module\"]").unwrap();
+        let e = resolve_extends(raw, 0).err().unwrap();
+        assert!(format!("{e}").contains("no_such_module"), "{e}");
+        let raw: RawTable = toml::from_str("extends = \"ldm_nothing\"").unwrap();
+        assert!(resolve_extends(raw, 0).is_err());
     }
 }

@@ -76,6 +76,8 @@ struct Planned {
     parts: Vec<(usize, usize)>,
     /// The halves of the first axis swapped on the way (one part only).
     swap: bool,
+    /// A matrix transposed on the way (one part only).
+    transpose: bool,
 }
 
 fn plan_outputs(components: &[ExportComponent], dtype: Option<DType>) -> Result<Vec<Planned>> {
@@ -93,6 +95,9 @@ fn plan_outputs(components: &[ExportComponent], dtype: Option<DType>) -> Result<
         };
         for (i, t) in comp.tensors.iter().enumerate() {
             let r = name(t, last)?;
+            if r.op == Reshape::Transpose {
+                ensure!(t.op.is_none() && t.rows.is_none() && t.info.shape.len() == 2, "tensor `{}`: a re-laid-out or non-matrix tensor cannot be stored transposed", t.key);
+            }
             match r.part {
                 None => outputs.push(Planned {
                     key: r.key,
@@ -100,10 +105,11 @@ fn plan_outputs(components: &[ExportComponent], dtype: Option<DType>) -> Result<
                     shape: layout_shape(r.op, &t.info.shape),
                     parts: vec![(c, i)],
                     swap: r.op == Reshape::SwapHalves,
+                    transpose: r.op == Reshape::Transpose,
                 }),
                 Some((k, n)) => {
                     let slot = fused.entry(r.key.clone()).or_insert_with(|| {
-                        outputs.push(Planned { key: r.key.clone(), dtype: dtype.unwrap_or(t.info.dtype), shape: vec![], parts: vec![], swap: false });
+                        outputs.push(Planned { key: r.key.clone(), dtype: dtype.unwrap_or(t.info.dtype), shape: vec![], parts: vec![], swap: false, transpose: false });
                         (outputs.len() - 1, vec![None; n])
                     });
                     slot.1[k] = Some((c, i));
@@ -162,6 +168,11 @@ pub fn write_single_file(path: &Path, components: &[ExportComponent], dtype: Opt
                     }
                     // The whole source tensor's values (a selection reads its rows out of it).
                     part.elements = t.view.as_ref().unwrap_or(&t.info.shape).iter().product();
+                    if o.transpose {
+                        // A diffusers-layout source (checked in the plan), transposed as a Keras
+                        // Dense kernel is.
+                        part.op = Some(Op::Dense);
+                    }
                     part.rows = selected;
                     part
                 })

@@ -12,6 +12,7 @@ pub mod convert;
 pub mod detect;
 pub mod export;
 pub mod sd3;
+pub mod sdxl;
 pub mod view;
 
 use crate::convert::plan::{detect as detect_table, Plan};
@@ -115,6 +116,7 @@ impl SingleFile {
         if sd3::is_sd3_source(&*source) {
             bail!("a Stable Diffusion 3 single file: read here by `convert single-file-to-diffusers` only");
         }
+        sdxl::refuse_in_sd_reader(&source)?;
         let unet_prefix = rename_table(LAYOUT, "unet", Some(1))?.prefix;
         if !keys.iter().any(|k| k.starts_with(&unet_prefix)) {
             let sample: Vec<&str> = keys.iter().take(3).map(String::as_str).collect();

@@ -215,7 +215,7 @@ pub fn is_sd3_folder(folder: &Path) -> bool {
 
 /// The safetensors weights of a folder part: plain, the fp16 variant, or sharded (an
 /// `.safetensors.index.json` beside its shards, as T5-XXL comes).
-fn part_weights(folder: &Path, part: &str) -> Result<Rc<dyn TensorSource>> {
+pub(crate) fn part_weights(folder: &Path, part: &str) -> Result<Rc<dyn TensorSource>> {
     let stem = if part.starts_with("text_encoder") { "model" } else { "diffusion_pytorch_model" };
     let dir = folder.join(part);
     for name in [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")] {
@@ -544,7 +544,7 @@ fn set_half(config: &mut Value, half: bool) {
 }
 
 /// Every tensor of `source`, as it is (fp16 with `half`), into `relative`.
-fn write_all(staging: &Staging, relative: &str, source: &dyn TensorSource, half: bool) -> Result<()> {
+pub(crate) fn write_all(staging: &Staging, relative: &str, source: &dyn TensorSource, half: bool) -> Result<()> {
     let outputs: Vec<Output> = source
         .keys()
         .into_iter()

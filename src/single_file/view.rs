@@ -28,8 +28,9 @@ pub struct ComponentView {
     synthetic: BTreeMap<String, RawTensor>,
 }
 
-/// The bytes of part `part` of a layout tensor, re-arranged by `op` (halves swapped).
-fn arrange<'a>(layout_key: &str, op: Reshape, part: Option<(usize, usize)>, data: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>> {
+/// The bytes of part `part` of a layout tensor (of `shape`, `elem`-byte values), re-arranged by
+/// `op` (halves swapped, a matrix transposed).
+fn arrange<'a>(layout_key: &str, op: Reshape, part: Option<(usize, usize)>, data: &'a [u8], shape: &[usize], elem: usize) -> Result<std::borrow::Cow<'a, [u8]>> {
     let data = match part {
         Some((k, n)) => {
             ensure!(data.len() % n == 0, "tensor `{layout_key}`: {} bytes do not split into {n} parts", data.len());
@@ -43,6 +44,18 @@ fn arrange<'a>(layout_key: &str, op: Reshape, part: Option<(usize, usize)>, data
             ensure!(data.len() % 2 == 0, "tensor `{layout_key}`: {} bytes do not split into two halves", data.len());
             let half = data.len() / 2;
             std::borrow::Cow::Owned([&data[half..], &data[..half]].concat())
+        }
+        Reshape::Transpose => {
+            let &[rows, cols] = shape else { anyhow::bail!("tensor `{layout_key}`: shape {shape:?} is not a matrix to transpose") };
+            ensure!(data.len() == rows * cols * elem, "tensor `{layout_key}`: {} bytes do not hold {rows}x{cols} values", data.len());
+            let mut out = vec![0u8; data.len()];
+            for r in 0..rows {
+                for c in 0..cols {
+                    let (from, to) = ((r * cols + c) * elem, (c * rows + r) * elem);
+                    out[to..to + elem].copy_from_slice(&data[from..from + elem]);
+                }
+            }
+            std::borrow::Cow::Owned(out)
         }
         _ => std::borrow::Cow::Borrowed(data),
     })
@@ -194,7 +207,7 @@ impl TensorSource for ComponentView {
         let e = self.entries.get(key).with_context(|| format!("tensor {}: not found", self.describe(key)))?;
         let raw = self.source.read(&e.layout_key)?;
         let shape = diffusers_shape(e.op, &raw.shape, e.part).with_context(|| format!("tensor `{}`", e.layout_key))?;
-        let data = arrange(&e.layout_key, e.op, e.part, &raw.data)?.into_owned();
+        let data = arrange(&e.layout_key, e.op, e.part, &raw.data, &raw.shape, raw.dtype.size())?.into_owned();
         Ok(RawTensor { dtype: raw.dtype, shape, data })
     }
 
@@ -204,8 +217,8 @@ impl TensorSource for ComponentView {
         }
         let e = self.entries.get(key).with_context(|| format!("tensor {}: not found", self.describe(key)))?;
         self.source.with_bytes(&e.layout_key, &mut |dtype, shape, data| {
-            let shape = diffusers_shape(e.op, shape, e.part).with_context(|| format!("tensor `{}`", e.layout_key))?;
-            f(dtype, &shape, &arrange(&e.layout_key, e.op, e.part, data)?)
+            let out_shape = diffusers_shape(e.op, shape, e.part).with_context(|| format!("tensor `{}`", e.layout_key))?;
+            f(dtype, &out_shape, &arrange(&e.layout_key, e.op, e.part, data, shape, dtype.size())?)
         })
     }
 

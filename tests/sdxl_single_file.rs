@@ -1,0 +1,442 @@
+//! Stability AI's SDXL base single file <-> diffusers `StableDiffusionXLPipeline` folders: a tiny
+//! SDXL folder built here (the UNet's tensors by SDXL's block structure, the CLIPs and VAE from
+//! the mapping tables) with non-symmetric values, converted to a single file and back bit for bit
+//! (f32 and fp16); Stability's names, the transposed OpenCLIP-G projection and its fused q/k/v
+//! checked on the file; refiner and other families refused naming the file; nothing overwritten.
+
+use dreambridge::diffusers::st_read::StFile;
+use dreambridge::diffusers::st_write::{PendingTensor, StWriter};
+use dreambridge::mapping::{table_for, Symbols};
+use dreambridge::single_file::convert::ExportOptions;
+use dreambridge::single_file::sdxl::{self, SdxlToFolderOptions};
+use dreambridge::tensor::{DType, RawTensor};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A deterministic, non-symmetric fill: every value differs from its neighbours.
+fn values(n: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .flat_map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5).to_le_bytes()
+        })
+        .collect()
+}
+
+type Tensors = BTreeMap<String, RawTensor>;
+
+fn put(t: &mut Tensors, key: &str, shape: &[usize]) {
+    let n = shape.iter().product();
+    let seed = t.len() as u64 * 7919 + key.len() as u64;
+    t.insert(key.to_string(), RawTensor { dtype: DType::F32, shape: shape.to_vec(), data: values(n, seed) });
+}
+
+fn table_tensors(kind: &str, repeats: usize, symbols: &Symbols, t: &mut Tensors) {
+    let layout = table_for(kind).unwrap().expand(repeats).unwrap();
+    for spec in &layout.tensors {
+        let shape: Vec<usize> = spec.shape.iter().map(|e| e.eval(symbols).unwrap_or_else(|| panic!("{kind}: {} unbound", spec.key))).collect();
+        put(t, &spec.key, &shape);
+    }
+}
+
+fn syms(pairs: &[(&str, usize)]) -> Symbols {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+fn write_st(path: &Path, tensors: &Tensors) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let pending = tensors.iter().map(|(k, t)| PendingTensor { key: k.clone(), dtype: t.dtype, shape: t.shape.clone() }).collect();
+    let mut w = StWriter::create(path, pending).unwrap();
+    for (k, t) in tensors {
+        w.write_next(k, t).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+fn write_json(path: &Path, value: Value) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, serde_json::to_string_pretty(&value).unwrap()).unwrap();
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn resnet(t: &mut Tensors, p: &str, cin: usize, cout: usize, temb: usize) {
+    for (k, s) in [
+        ("norm1.weight", vec![cin]),
+        ("norm1.bias", vec![cin]),
+        ("conv1.weight", vec![cout, cin, 3, 3]),
+        ("conv1.bias", vec![cout]),
+        ("time_emb_proj.weight", vec![cout, temb]),
+        ("time_emb_proj.bias", vec![cout]),
+        ("norm2.weight", vec![cout]),
+        ("norm2.bias", vec![cout]),
+        ("conv2.weight", vec![cout, cout, 3, 3]),
+        ("conv2.bias", vec![cout]),
+    ] {
+        put(t, &format!("{p}.{k}"), &s);
+    }
+    if cin != cout {
+        put(t, &format!("{p}.conv_shortcut.weight"), &[cout, cin, 1, 1]);
+        put(t, &format!("{p}.conv_shortcut.bias"), &[cout]);
+    }
+}
+
+fn transformer(t: &mut Tensors, p: &str, c: usize, depth: usize, ctx: usize) {
+    for (k, s) in [("norm.weight", vec![c]), ("norm.bias", vec![c]), ("proj_in.weight", vec![c, c]), ("proj_in.bias", vec![c]), ("proj_out.weight", vec![c, c]), ("proj_out.bias", vec![c])] {
+        put(t, &format!("{p}.{k}"), &s);
+    }
+    for b in 0..depth {
+        let q = format!("{p}.transformer_blocks.{b}");
+        for n in ["norm1", "norm2", "norm3"] {
+            put(t, &format!("{q}.{n}.weight"), &[c]);
+            put(t, &format!("{q}.{n}.bias"), &[c]);
+        }
+        for (a, kv) in [("attn1", c), ("attn2", ctx)] {
+            put(t, &format!("{q}.{a}.to_q.weight"), &[c, c]);
+            put(t, &format!("{q}.{a}.to_k.weight"), &[c, kv]);
+            put(t, &format!("{q}.{a}.to_v.weight"), &[c, kv]);
+            put(t, &format!("{q}.{a}.to_out.0.weight"), &[c, c]);
+            put(t, &format!("{q}.{a}.to_out.0.bias"), &[c]);
+        }
+        put(t, &format!("{q}.ff.net.0.proj.weight"), &[8 * c, c]);
+        put(t, &format!("{q}.ff.net.0.proj.bias"), &[8 * c]);
+        put(t, &format!("{q}.ff.net.2.weight"), &[c, 4 * c]);
+        put(t, &format!("{q}.ff.net.2.bias"), &[c]);
+    }
+}
+
+/// Widths, transformer depths per level (SDXL's 0/2/10 made small) and the conditioning widths.
+const WIDTHS: [usize; 3] = [32, 64, 64];
+const DEPTHS: [usize; 3] = [0, 1, 2];
+const CLIP_L: usize = 16;
+const CLIP_G: usize = 24;
+const POOLED: usize = 20;
+const TIME: usize = 8;
+
+/// A tiny SDXL UNet in diffusers' names: 3 levels, 2 resnets down and 3 up per level.
+fn unet_tensors() -> Tensors {
+    let mut t = Tensors::new();
+    let (c0, temb, ctx) = (WIDTHS[0], 4 * WIDTHS[0], CLIP_L + CLIP_G);
+    put(&mut t, "conv_in.weight", &[c0, 4, 3, 3]);
+    put(&mut t, "conv_in.bias", &[c0]);
+    for (k, s) in [("time_embedding.linear_1", [temb, c0]), ("time_embedding.linear_2", [temb, temb]), ("add_embedding.linear_1", [temb, POOLED + 6 * TIME]), ("add_embedding.linear_2", [temb, temb])] {
+        put(&mut t, &format!("{k}.weight"), &s);
+        put(&mut t, &format!("{k}.bias"), &s[..1]);
+    }
+    let mut cin = c0;
+    let mut skips = vec![c0];
+    for (i, (&c, &d)) in WIDTHS.iter().zip(&DEPTHS).enumerate() {
+        for j in 0..2 {
+            resnet(&mut t, &format!("down_blocks.{i}.resnets.{j}"), if j == 0 { cin } else { c }, c, temb);
+            if d > 0 {
+                transformer(&mut t, &format!("down_blocks.{i}.attentions.{j}"), c, d, ctx);
+            }
+            skips.push(c);
+        }
+        cin = c;
+        if i + 1 < WIDTHS.len() {
+            put(&mut t, &format!("down_blocks.{i}.downsamplers.0.conv.weight"), &[c, c, 3, 3]);
+            put(&mut t, &format!("down_blocks.{i}.downsamplers.0.conv.bias"), &[c]);
+            skips.push(c);
+        }
+    }
+    let cm = *WIDTHS.last().unwrap();
+    resnet(&mut t, "mid_block.resnets.0", cm, cm, temb);
+    transformer(&mut t, "mid_block.attentions.0", cm, *DEPTHS.last().unwrap(), ctx);
+    resnet(&mut t, "mid_block.resnets.1", cm, cm, temb);
+    let mut prev = cm;
+    for (u, (&c, &d)) in WIDTHS.iter().rev().zip(DEPTHS.iter().rev()).enumerate() {
+        for j in 0..3 {
+            let skip = skips.pop().unwrap();
+            resnet(&mut t, &format!("up_blocks.{u}.resnets.{j}"), prev + skip, c, temb);
+            if d > 0 {
+                transformer(&mut t, &format!("up_blocks.{u}.attentions.{j}"), c, d, ctx);
+            }
+            prev = c;
+        }
+        if u + 1 < WIDTHS.len() {
+            put(&mut t, &format!("up_blocks.{u}.upsamplers.0.conv.weight"), &[c, c, 3, 3]);
+            put(&mut t, &format!("up_blocks.{u}.upsamplers.0.conv.bias"), &[c]);
+        }
+    }
+    put(&mut t, "conv_norm_out.weight", &[c0]);
+    put(&mut t, "conv_norm_out.bias", &[c0]);
+    put(&mut t, "conv_out.weight", &[4, c0, 3, 3]);
+    put(&mut t, "conv_out.bias", &[4]);
+    t
+}
+
+/// A tiny SDXL pipeline folder; OpenCLIP-G's projection `[POOLED, CLIP_G]` is not square.
+fn make_sdxl_folder(dir: &Path) {
+    write_st(&dir.join("unet/diffusion_pytorch_model.safetensors"), &unet_tensors());
+    write_json(&dir.join("unet/config.json"), json!({"_class_name": "UNet2DConditionModel", "attention_head_dim": [5, 10, 20]}));
+    for (name, d, layers) in [("text_encoder", CLIP_L, 2), ("text_encoder_2", CLIP_G, 3)] {
+        let mut t = Tensors::new();
+        let s = syms(&[("d", d), ("vocab", 100), ("pos", 77), ("ff", 2 * d), ("heads", 2), ("hd", d / 2), ("n", layers)]);
+        table_tensors("clip-text-kerashub", layers, &s, &mut t);
+        if name == "text_encoder_2" {
+            put(&mut t, "text_projection.weight", &[POOLED, d]);
+        }
+        write_st(&dir.join(format!("{name}/model.safetensors")), &t);
+        write_json(&dir.join(format!("{name}/config.json")), json!({"hidden_size": d, "num_attention_heads": 2}));
+    }
+    let mut t = Tensors::new();
+    let vae = syms(&[("c0", 4), ("c1", 8), ("c2", 16), ("c3", 16), ("img", 3), ("z", 4)]);
+    table_tensors("vae-encoder", 0, &vae, &mut t);
+    table_tensors("vae-decoder", 0, &vae, &mut t);
+    write_st(&dir.join("vae/diffusion_pytorch_model.safetensors"), &t);
+    write_json(&dir.join("vae/config.json"), json!({"_class_name": "AutoencoderKL", "scaling_factor": 0.13025}));
+    write_json(&dir.join("scheduler/scheduler_config.json"), dreambridge::diffusers::sdxl::scheduler_config());
+    write_json(&dir.join("model_index.json"), dreambridge::diffusers::sdxl::model_index());
+}
+
+const PARTS: [&str; 4] = [
+    "unet/diffusion_pytorch_model",
+    "text_encoder/model",
+    "text_encoder_2/model",
+    "vae/diffusion_pytorch_model",
+];
+
+/// Every tensor of `a` equal to `b`'s (same keys), `b` cast to fp16 first with `half`.
+fn same_st(a: &Path, b: &Path, half: bool) -> usize {
+    let (x, y) = (StFile::open(a).unwrap(), StFile::open(b).unwrap());
+    let (mut kx, mut ky) = (x.keys(), y.keys());
+    kx.sort();
+    ky.sort();
+    assert_eq!(kx, ky, "{}: different tensors", a.display());
+    for k in &kx {
+        let (p, q) = (x.read(k).unwrap(), y.read(k).unwrap());
+        let q = if half { fp16(&q) } else { q };
+        assert_eq!(p, q, "{}: tensor `{k}` differs", a.display());
+    }
+    kx.len()
+}
+
+fn fp16(t: &RawTensor) -> RawTensor {
+    let data = t.to_f32_values().iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+    RawTensor { dtype: DType::F16, shape: t.shape.clone(), data }
+}
+
+fn export(folder: &Path, out: &Path, half: bool) -> Result<sdxl::SdxlExported, anyhow::Error> {
+    sdxl::diffusers_to_single_file(folder, &ExportOptions { out: out.to_owned(), half, force: false })
+}
+
+fn import(file: &Path, out: &Path, half: bool) -> Result<sdxl::SdxlFolderWritten, anyhow::Error> {
+    sdxl::single_file_to_diffusers(file, &SdxlToFolderOptions { base: None, out: out.to_owned(), half, force: false })
+}
+
+#[test]
+fn folder_to_file_to_folder_is_bit_identical_in_f32_and_fp16() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("sdxl");
+    make_sdxl_folder(&folder);
+    for half in [false, true] {
+        let (file, back) = (dir.path().join(format!("sdxl-{half}.safetensors")), dir.path().join(format!("back-{half}")));
+        let done = export(&folder, &file, half).unwrap();
+        assert_eq!(done.parts, ["UNet", "CLIP-L", "OpenCLIP-G", "VAE"]);
+        let f = StFile::open(&file).unwrap();
+        assert!(f.keys().iter().all(|k| f.info(k).unwrap().dtype == if half { DType::F16 } else { DType::F32 }));
+        assert!(sdxl::is_sdxl_file(&file));
+        let written = import(&file, &back, half).unwrap();
+        assert_eq!(written.from_file, ["UNet", "CLIP-L", "OpenCLIP-G", "VAE"]);
+        let suffix = if half { ".fp16.safetensors" } else { ".safetensors" };
+        let n: usize = PARTS.iter().map(|p| same_st(&back.join(format!("{p}{suffix}")), &folder.join(format!("{p}.safetensors")), half)).sum();
+        // Fused q/k/v: one file tensor per 3 diffusers tensors (OpenCLIP-G's 3 layers, weight and bias).
+        let fused = f.keys().iter().filter(|k| k.contains(".attn.in_proj_")).count();
+        assert_eq!((fused, n), (3 * 2, f.keys().len() + 2 * fused));
+        // The file written back from the imported folder is the same file.
+        let again = dir.path().join(format!("again-{half}.safetensors"));
+        let mut index = read_json(&back.join("model_index.json"));
+        assert_eq!(index["_class_name"], "StableDiffusionXLPipeline");
+        if half {
+            // diffusers' fp16 variant names: rename to plain ones to re-export.
+            for p in PARTS {
+                std::fs::rename(back.join(format!("{p}{suffix}")), back.join(format!("{p}.safetensors"))).unwrap();
+            }
+            index["_class_name"] = "StableDiffusionXLPipeline".into();
+        }
+        export(&back, &again, half).unwrap();
+        let (a, b) = (StFile::open(&file).unwrap(), StFile::open(&again).unwrap());
+        let mut keys = a.keys();
+        keys.sort();
+        let mut other = b.keys();
+        other.sort();
+        assert_eq!(keys, other);
+        for k in keys {
+            assert_eq!(a.read(&k).unwrap(), b.read(&k).unwrap(), "`{k}`");
+        }
+    }
+}
+
+#[test]
+fn the_file_has_stability_names_the_transposed_projection_and_fused_qkv() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, file) = (dir.path().join("sdxl"), dir.path().join("sdxl.safetensors"));
+    make_sdxl_folder(&folder);
+    export(&folder, &file, false).unwrap();
+    let f = StFile::open(&file).unwrap();
+    let unet = StFile::open(&folder.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let g = StFile::open(&folder.join("text_encoder_2/model.safetensors")).unwrap();
+    for (file_key, folder_key) in [
+        ("label_emb.0.0.weight", "add_embedding.linear_1.weight"),
+        ("label_emb.0.2.bias", "add_embedding.linear_2.bias"),
+        ("input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"),
+        ("output_blocks.2.1.transformer_blocks.1.ff.net.2.weight", "up_blocks.0.attentions.2.transformer_blocks.1.ff.net.2.weight"),
+        ("output_blocks.2.2.conv.weight", "up_blocks.0.upsamplers.0.conv.weight"),
+        ("output_blocks.5.2.conv.bias", "up_blocks.1.upsamplers.0.conv.bias"),
+        ("output_blocks.8.0.skip_connection.weight", "up_blocks.2.resnets.2.conv_shortcut.weight"),
+        ("middle_block.1.transformer_blocks.1.attn1.to_q.weight", "mid_block.attentions.0.transformer_blocks.1.attn1.to_q.weight"),
+    ] {
+        assert_eq!(f.read(&format!("model.diffusion_model.{file_key}")).unwrap(), unet.read(folder_key).unwrap(), "{file_key}");
+    }
+    // OpenCLIP-G: `x @ text_projection`, so the file holds diffusers' [POOLED, CLIP_G] transposed.
+    let p = g.read("text_projection.weight").unwrap();
+    let t = f.read("conditioner.embedders.1.model.text_projection").unwrap();
+    assert_eq!((p.shape.clone(), t.shape.clone()), (vec![POOLED, CLIP_G], vec![CLIP_G, POOLED]));
+    let (pv, tv) = (p.to_f32_values(), t.to_f32_values());
+    for r in 0..POOLED {
+        for c in 0..CLIP_G {
+            assert_eq!(pv[r * CLIP_G + c], tv[c * POOLED + r]);
+        }
+    }
+    let fused = f.read("conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight").unwrap();
+    let parts: Vec<u8> = ["q_proj", "k_proj", "v_proj"].iter().flat_map(|q| g.read(&format!("text_model.encoder.layers.1.self_attn.{q}.weight")).unwrap().data).collect();
+    assert_eq!((fused.shape.clone(), fused.data), (vec![3 * CLIP_G, CLIP_G], parts));
+    assert!(f.contains("conditioner.embedders.1.model.positional_embedding") && f.contains("conditioner.embedders.1.model.ln_final.weight"));
+    assert!(f.contains("conditioner.embedders.1.model.token_embedding.weight"));
+    assert!(f.contains("conditioner.embedders.0.transformer.text_model.encoder.layers.1.mlp.fc1.weight"));
+    assert!(f.contains("first_stage_model.quant_conv.weight") && f.contains("first_stage_model.decoder.up.3.block.0.conv1.weight"));
+    // The configs the import derives from these weights.
+    let back = dir.path().join("back");
+    import(&file, &back, false).unwrap();
+    let u = read_json(&back.join("unet/config.json"));
+    assert_eq!(u["transformer_layers_per_block"], json!([1, 1, 2]));
+    assert_eq!(u["down_block_types"], json!(["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]));
+    assert_eq!(u["up_block_types"], json!(["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]));
+    assert_eq!((u["addition_time_embed_dim"].clone(), u["projection_class_embeddings_input_dim"].clone()), (json!(TIME), json!(POOLED + 6 * TIME)));
+    assert_eq!((u["cross_attention_dim"].clone(), u["use_linear_projection"].clone()), (json!(CLIP_L + CLIP_G), json!(true)));
+    let g2 = read_json(&back.join("text_encoder_2/config.json"));
+    assert_eq!((g2["projection_dim"].clone(), g2["hidden_act"].clone(), g2["num_hidden_layers"].clone()), (json!(POOLED), json!("gelu"), json!(3)));
+    assert_eq!(read_json(&back.join("tokenizer_2/special_tokens_map.json"))["pad_token"], "!");
+    assert_eq!(read_json(&back.join("vae/config.json"))["scaling_factor"], json!(0.13025));
+    assert_eq!(read_json(&back.join("scheduler/scheduler_config.json"))["_class_name"], "EulerDiscreteScheduler");
+}
+
+/// A file of `keys` (tiny tensors).
+fn keys_file(path: &Path, keys: &[&str]) {
+    let mut t = Tensors::new();
+    for k in keys {
+        put(&mut t, k, &[2, 2]);
+    }
+    write_st(path, &t);
+}
+
+#[test]
+fn refiners_and_other_families_are_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let refiner = dir.path().join("refiner.safetensors");
+    keys_file(&refiner, &["model.diffusion_model.label_emb.0.0.weight", "conditioner.embedders.0.model.transformer.resblocks.0.ln_1.weight"]);
+    let e = format!("{:#}", import(&refiner, &dir.path().join("out"), false).err().unwrap());
+    assert!(e.contains("refiner.safetensors") && e.contains("SDXL refiner") && !e.contains('\n'), "{e}");
+    assert!(!dir.path().join("out").exists());
+    let e = format!("{:#}", dreambridge::single_file::SingleFile::open(&refiner, &Default::default()).err().unwrap());
+    assert!(e.contains("refiner.safetensors") && e.contains("SDXL refiner"), "{e}");
+    let sd1 = dir.path().join("sd1.safetensors");
+    keys_file(&sd1, &["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.text_model.final_layer_norm.weight"]);
+    assert!(!sdxl::is_sdxl_file(&sd1));
+    let unclip = dir.path().join("unclip.safetensors");
+    keys_file(&unclip, &["model.diffusion_model.label_emb.0.0.weight", "model.diffusion_model.input_blocks.9.0.in_layers.0.weight"]);
+    assert!(!sdxl::is_sdxl_file(&unclip));
+    let unet_only = dir.path().join("unet-only.safetensors");
+    keys_file(&unet_only, &["model.diffusion_model.label_emb.0.0.weight", "model.diffusion_model.input_blocks.8.0.in_layers.0.weight"]);
+    assert!(sdxl::is_sdxl_file(&unet_only));
+    let e = format!("{:#}", import(&sd1, &dir.path().join("out"), false).err().unwrap());
+    assert!(e.contains("sd1.safetensors") && e.contains("not an SDXL base single file"), "{e}");
+    // An SDXL file is not read as SD1/SD2.
+    let (folder, file) = (dir.path().join("sdxl"), dir.path().join("sdxl.safetensors"));
+    make_sdxl_folder(&folder);
+    export(&folder, &file, false).unwrap();
+    let e = format!("{:#}", dreambridge::single_file::SingleFile::open(&file, &Default::default()).err().unwrap());
+    assert!(e.contains("sdxl.safetensors") && e.contains("SDXL base"), "{e}");
+    // A tensor SDXL does not have, in an otherwise whole file, is named.
+    let f = StFile::open(&file).unwrap();
+    let mut all: Tensors = f.keys().into_iter().map(|k| (k.clone(), f.read(&k).unwrap())).collect();
+    put(&mut all, "conditioner.embedders.1.model.transformer.resblocks.0.attn.bogus", &[2]);
+    let odd = dir.path().join("odd.safetensors");
+    write_st(&odd, &all);
+    let e = format!("{:#}", import(&odd, &dir.path().join("out"), false).err().unwrap());
+    assert!(e.contains("odd.safetensors") && e.contains("resblocks.0.attn.bogus") && !e.contains('\n'), "{e}");
+    all.remove("conditioner.embedders.1.model.transformer.resblocks.0.attn.bogus");
+    all.remove("model.diffusion_model.label_emb.0.2.weight");
+    let short = dir.path().join("short.safetensors");
+    write_st(&short, &all);
+    let e = format!("{:#}", import(&short, &dir.path().join("out"), false).err().unwrap());
+    assert!(e.contains("short.safetensors") && e.contains("label_emb.0.2.weight"), "{e}");
+}
+
+#[test]
+fn existing_outputs_are_not_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, file) = (dir.path().join("sdxl"), dir.path().join("sdxl.safetensors"));
+    make_sdxl_folder(&folder);
+    std::fs::write(&file, b"mine").unwrap();
+    let e = format!("{:#}", export(&folder, &file, false).err().unwrap());
+    assert!(e.contains("already exists"), "{e}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"mine");
+    std::fs::remove_file(&file).unwrap();
+    export(&folder, &file, false).unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), b"mine").unwrap();
+    assert!(import(&file, &out, false).is_err());
+    assert_eq!(std::fs::read(out.join("keep.txt")).unwrap(), b"mine");
+    // The input folder is not a valid output.
+    assert!(import(&file, &folder, false).is_err());
+    assert!(folder.join("unet/diffusion_pytorch_model.safetensors").is_file());
+}
+
+#[test]
+fn the_cli_converts_and_inspect_says_sdxl() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, file, back) = (dir.path().join("sdxl"), dir.path().join("sdxl.safetensors"), dir.path().join("back"));
+    make_sdxl_folder(&folder);
+    let run = |args: &[&Path]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dreambridge")).args(args).output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let p = Path::new;
+    let (ok, text) = run(&[p("convert"), p("diffusers-to-single-file"), p("--model"), &folder, p("--out"), &file]);
+    assert!(ok && text.contains("SDXL base"), "{text}");
+    let (ok, text) = run(&[p("inspect"), &file]);
+    assert!(ok && text.contains("SDXL single file") && text.contains("SDXL base") && text.contains("OpenCLIP-G"), "{text}");
+    let (ok, text) = run(&[p("convert"), p("single-file-to-diffusers"), p("--checkpoint"), &file, p("--out"), &back]);
+    assert!(ok && text.contains("SDXL base"), "{text}");
+    assert!(back.join("text_encoder_2/model.safetensors").is_file());
+    let (ok, text) = run(&[p("convert"), p("single-file-to-diffusers"), p("--checkpoint"), &file, p("--out"), &back]);
+    assert!(!ok && text.contains("already exists"), "{text}");
+    let (ok, text) = run(&[p("convert"), p("single-file-to-diffusers"), p("--checkpoint"), &file, p("--out"), &dir.path().join("x"), p("--sd-version"), p("2")]);
+    assert!(!ok && text.contains("sdxl.safetensors") && text.lines().count() == 1, "{text}");
+}
+
+#[test]
+fn a_base_folder_gives_its_configs_where_they_agree_with_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, file) = (dir.path().join("sdxl"), dir.path().join("sdxl.safetensors"));
+    make_sdxl_folder(&folder);
+    export(&folder, &file, false).unwrap();
+    let base_import = |base: &Path, out: &Path| sdxl::single_file_to_diffusers(&file, &SdxlToFolderOptions { base: Some(base.to_owned()), out: out.to_owned(), half: false, force: false });
+    let back = dir.path().join("back");
+    let done = base_import(&folder, &back).unwrap();
+    assert_eq!(done.from_base, ["scheduler"]);
+    // The base's heads (SDXL's 5/10/20) over the derived width / 64.
+    assert_eq!(read_json(&back.join("unet/config.json"))["attention_head_dim"], json!([5, 10, 20]));
+    // A base whose config disagrees with the weights is refused, naming its config and the field.
+    write_json(&folder.join("text_encoder_2/config.json"), json!({"hidden_size": 1280}));
+    let e = format!("{:#}", base_import(&folder, &dir.path().join("other")).err().unwrap());
+    assert!(e.contains("text_encoder_2/config.json") && e.contains("hidden_size"), "{e}");
+    assert!(!dir.path().join("other").exists());
+}
