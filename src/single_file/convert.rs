@@ -331,22 +331,57 @@ fn derived_config(component: &str, plans: &[Plan]) -> Result<Value> {
     })
 }
 
-/// The config fields the weights fix; a base whose config disagrees is refused.
-fn check_base_config(base: &Path, component: &str, derived: &Value) -> Result<()> {
-    let path = base.join(component).join("config.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let given: Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
-    let fields: &[&str] = match component {
-        "unet" => &["block_out_channels", "cross_attention_dim", "in_channels"],
-        "text_encoder" => &["hidden_size", "num_hidden_layers", "vocab_size"],
-        _ => &["block_out_channels", "latent_channels"],
+/// A JSON file, or an error naming it.
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))
+}
+
+/// The base's config of `component` when it agrees with `derived` on the `fields` the weights
+/// fix (else an error naming the file, the field and `what`, the single file's part); None
+/// where the base has no such config.
+pub(crate) fn check_base_config(base: Option<&Path>, component: &str, what: &str, derived: &Value, fields: &[&str]) -> Result<Option<Value>> {
+    let path = match base {
+        Some(b) if b.join(component).join("config.json").is_file() => b.join(component).join("config.json"),
+        _ => return Ok(None),
     };
+    let given = read_json(&path)?;
     for f in fields {
         if let (Some(a), Some(b)) = (given.get(*f), derived.get(*f)) {
-            ensure!(a == b, "{}: `{f}` is {a} but the single file's {component} has {b}", path.display());
+            ensure!(a == b, "{}: `{f}` is {a} but the single file's {what} has {b}", path.display());
         }
     }
-    Ok(())
+    Ok(Some(given))
+}
+
+/// `derived` with the base's config of `component` over it, once they agree on `fields` (see
+/// [`check_base_config`]).
+pub(crate) fn merged_base_config(base: Option<&Path>, component: &str, what: &str, mut derived: Value, fields: &[&str]) -> Result<Value> {
+    if let Some(given) = check_base_config(base, component, what, &derived, fields)? {
+        if let (Some(d), Some(g)) = (derived.as_object_mut(), given.as_object()) {
+            d.extend(g.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+    }
+    Ok(derived)
+}
+
+/// What a single file lacks, from the base folder: each of `parts` not `present`, and the
+/// scheduler (written as `scheduler` where the base has none). Returns what came from the base.
+pub(crate) fn rest_from_base(staging: &Staging, base: Option<&Path>, present: &dyn Fn(&str) -> bool, parts: &[&str], scheduler: &Value) -> Result<Vec<String>> {
+    let mut from_base = Vec::new();
+    for part in parts.iter().copied().filter(|p| !present(p)) {
+        let b = base.with_context(|| format!("the single file has no {part} and no --base gives one"))?;
+        copy_tree(&b.join(part), &staging.path(part)?, &|_| false)?;
+        from_base.push(part.to_string());
+    }
+    match base.filter(|b| b.join("scheduler").is_dir()) {
+        Some(b) => {
+            copy_tree(&b.join("scheduler"), &staging.path("scheduler")?, &|_| false)?;
+            from_base.push("scheduler".into());
+        }
+        None => write_json(staging, "scheduler/scheduler_config.json", scheduler)?,
+    }
+    Ok(from_base)
 }
 
 /// One single-file checkpoint -> a diffusers pipeline folder.
@@ -376,7 +411,12 @@ pub fn single_file_to_diffusers(checkpoint: &Path, opts: &ToFolderOptions) -> Re
             let derived = derived_config(component, &part.plans)?;
             match base {
                 Some(b) if b.join(component).join("config.json").is_file() => {
-                    check_base_config(b, component, &derived)?;
+                    let fields: &[&str] = match *component {
+                        "unet" => &["block_out_channels", "cross_attention_dim", "in_channels"],
+                        "text_encoder" => &["hidden_size", "num_hidden_layers", "vocab_size"],
+                        _ => &["block_out_channels", "latent_channels"],
+                    };
+                    check_base_config(base, component, component, &derived, fields)?;
                     crate::output::copy_file(&b.join(component).join("config.json"), &staging.path(&format!("{component}/config.json"))?)?;
                 }
                 _ => {

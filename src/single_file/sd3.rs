@@ -9,7 +9,7 @@
 //! Every direction streams through diffusers' names: diffusers folder, KerasHub input (its table
 //! composed with Stability's) or single file in, single file or diffusers folder out.
 
-use super::convert::{check_destination, write_weights, ExportOptions};
+use super::convert::{check_base_config, check_destination, merged_base_config, read_json, rest_from_base, write_weights, ExportOptions};
 use super::export::{write_single_file, ExportComponent, ExportTensor};
 use super::open_tensors;
 use super::view::ComponentView;
@@ -203,10 +203,6 @@ pub fn open_file(path: &Path) -> Result<Sd3Model> {
     finish_model(path, parts, None)
 }
 
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))
-}
 
 /// True when `folder` is a diffusers `StableDiffusion3Pipeline` folder (by its model index).
 pub fn is_sd3_folder(folder: &Path) -> bool {
@@ -420,24 +416,15 @@ pub struct Sd3FolderWritten {
     pub from_base: Vec<String>,
 }
 
-/// The config of `part` in the base folder, if there is one.
-fn base_config(base: Option<&Path>, part: &str) -> Option<Value> {
-    read_json(&base?.join(part).join("config.json")).ok()
+/// The config of `part` in the base folder, if it has one (an unreadable one is an error naming it).
+fn base_config(base: Option<&Path>, part: &str) -> Result<Option<Value>> {
+    check_base_config(base, part, part_name(part), &Value::Null, &[])
 }
 
 /// `derived` with the base config's values over it, once the base agrees on the fields the
 /// weights fix (else an error naming the field).
-fn checked_config(base: Option<&Path>, part: &str, mut derived: Value, fields: &[&str]) -> Result<Value> {
-    let Some(given) = base_config(base, part) else { return Ok(derived) };
-    for f in fields {
-        if let (Some(a), Some(b)) = (given.get(*f), derived.get(*f)) {
-            ensure!(a == b, "{}: `{f}` is {a} but the single file's {} has {b}", base.unwrap().join(part).join("config.json").display(), part_name(part));
-        }
-    }
-    if let (Some(d), Some(g)) = (derived.as_object_mut(), given.as_object()) {
-        d.extend(g.iter().map(|(k, v)| (k.clone(), v.clone())));
-    }
-    Ok(derived)
+fn checked_config(base: Option<&Path>, part: &str, derived: Value, fields: &[&str]) -> Result<Value> {
+    merged_base_config(base, part, part_name(part), derived, fields)
 }
 
 /// How to write a diffusers folder from an SD3 single file.
@@ -476,7 +463,7 @@ pub fn single_file_to_diffusers(checkpoint: &Path, opts: &Sd3ToFolderOptions) ->
     let staging = Staging::new(&opts.out, opts.force, &inputs)?;
     let fill = || -> Result<Vec<String>> {
         let mmdit = model.mmdit();
-        let base_transformer = base_config(base, TRANSFORMER);
+        let base_transformer = base_config(base, TRANSFORMER)?;
         let base_usize = |c: &Option<Value>, k: &str| c.as_ref().and_then(|c| c.get(k)?.as_u64()).map(|v| v as usize);
         // Heads: the weights' (q/k norms), else the base's, else width / 64.
         let heads = sd3::mmdit_heads(mmdit, base_usize(&base_transformer, "num_attention_heads")).with_context(|| format!("{}: the MMDiT", checkpoint.display()))?;
@@ -488,7 +475,7 @@ pub fn single_file_to_diffusers(checkpoint: &Path, opts: &Sd3ToFolderOptions) ->
         write_weights(&staging, &weights(TRANSFORMER), &*piece.source, &piece.plans, opts.half)?;
         for (part, which, tokenizer_dir) in [(CLIP_L, Clip::L, "tokenizer"), (CLIP_G, Clip::G, "tokenizer_2")] {
             if let Some(piece) = model.parts.get(part) {
-                let given = base_config(base, part);
+                let given = base_config(base, part)?;
                 let act = given.as_ref().and_then(|c| c.get("hidden_act")?.as_str().map(str::to_string));
                 let derived = sd3::clip_config(&piece.plans[0], which, act.as_deref(), base_usize(&given, "num_attention_heads"))?;
                 let mut config = checked_config(base, part, derived, &["hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "max_position_embeddings"])?;
@@ -509,26 +496,14 @@ pub fn single_file_to_diffusers(checkpoint: &Path, opts: &Sd3ToFolderOptions) ->
             write_all(&staging, &weights(T5), &*piece.source, opts.half)?;
         }
         if let Some(piece) = model.parts.get(VAE) {
-            let given = base_config(base, VAE);
+            let given = base_config(base, VAE)?;
             let f = |k: &str, d: f64| given.as_ref().and_then(|c| c.get(k)?.as_f64()).unwrap_or(d);
             let derived = sd3::vae_config(&piece.plans[0], &piece.plans[1], f("scaling_factor", sd3::VAE_SCALE), f("shift_factor", sd3::VAE_SHIFT))?;
             let config = checked_config(base, VAE, derived, &["block_out_channels", "latent_channels", "in_channels", "out_channels"])?;
             write_json(&staging, "vae/config.json", &config)?;
             write_weights(&staging, &weights(VAE), &*piece.source, &piece.plans, opts.half)?;
         }
-        let mut from_base = Vec::new();
-        for part in [CLIP_L, CLIP_G, VAE] {
-            if !model.parts.contains_key(part) {
-                copy_tree(&base.unwrap().join(part), &staging.path(part)?, &|_| false)?;
-                from_base.push(part.to_string());
-            }
-        }
-        if has_base("scheduler") {
-            copy_tree(&base.unwrap().join("scheduler"), &staging.path("scheduler")?, &|_| false)?;
-            from_base.push("scheduler".into());
-        } else {
-            write_json(&staging, "scheduler/scheduler_config.json", &sd3::scheduler_config(sd3::SCHEDULER_SHIFT))?;
-        }
+        let from_base = rest_from_base(&staging, base, &|p| model.parts.contains_key(p), &[CLIP_L, CLIP_G, VAE], &sd3::scheduler_config(sd3::SCHEDULER_SHIFT))?;
         write_json(&staging, "model_index.json", &sd3::model_index(model.parts.contains_key(T5)))?;
         Ok(from_base)
     };

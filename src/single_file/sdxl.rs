@@ -6,7 +6,7 @@
 //! SD1/SD2 tables) and `ldm_vae.toml`; the configs are read from the weights
 //! ([`crate::diffusers::sdxl`]). Both directions stream through diffusers' names.
 
-use super::convert::{check_destination, write_weights, ExportOptions};
+use super::convert::{check_destination, merged_base_config, read_json, rest_from_base, write_weights, ExportOptions};
 use super::export::{write_single_file, ExportComponent, ExportTensor};
 use super::open_tensors;
 use super::sd3::{part_weights, write_all};
@@ -228,10 +228,6 @@ pub fn open_file(path: &Path) -> Result<SdxlModel> {
     Ok(model)
 }
 
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))
-}
 
 /// True when `folder` is a diffusers `StableDiffusionXLPipeline` folder (by its model index).
 pub fn is_sdxl_folder(folder: &Path) -> bool {
@@ -327,21 +323,8 @@ pub struct SdxlFolderWritten {
 }
 
 /// `derived` with the base config's values over it, once the base agrees on `fields`.
-fn checked_config(base: Option<&Path>, part: &str, mut derived: Value, fields: &[&str]) -> Result<Value> {
-    let path = match base {
-        Some(b) if b.join(part).join("config.json").is_file() => b.join(part).join("config.json"),
-        _ => return Ok(derived),
-    };
-    let given = read_json(&path)?;
-    for f in fields {
-        if let (Some(a), Some(b)) = (given.get(*f), derived.get(*f)) {
-            ensure!(a == b, "{}: `{f}` is {a} but the single file's {} has {b}", path.display(), part_name(part));
-        }
-    }
-    if let (Some(d), Some(g)) = (derived.as_object_mut(), given.as_object()) {
-        d.extend(g.iter().map(|(k, v)| (k.clone(), v.clone())));
-    }
-    Ok(derived)
+fn checked_config(base: Option<&Path>, part: &str, derived: Value, fields: &[&str]) -> Result<Value> {
+    merged_base_config(base, part, part_name(part), derived, fields)
 }
 
 fn weights_name(part: &str, half: bool) -> String {
@@ -410,19 +393,7 @@ pub fn single_file_to_diffusers(checkpoint: &Path, opts: &SdxlToFolderOptions) -
             write_json(&staging, "vae/config.json", &config)?;
             write_weights(&staging, &weights_name(VAE, opts.half), &*piece.source, &piece.plans, opts.half)?;
         }
-        let mut from_base = Vec::new();
-        for part in [CLIP_L, CLIP_G, VAE] {
-            if !model.parts.contains_key(part) {
-                copy_tree(&base.unwrap().join(part), &staging.path(part)?, &|_| false)?;
-                from_base.push(part.to_string());
-            }
-        }
-        if has_base("scheduler") {
-            copy_tree(&base.unwrap().join("scheduler"), &staging.path("scheduler")?, &|_| false)?;
-            from_base.push("scheduler".into());
-        } else {
-            write_json(&staging, "scheduler/scheduler_config.json", &sdxl::scheduler_config())?;
-        }
+        let from_base = rest_from_base(&staging, base, &|p| model.parts.contains_key(p), &[CLIP_L, CLIP_G, VAE], &sdxl::scheduler_config())?;
         write_json(&staging, "model_index.json", &sdxl::model_index())?;
         Ok(from_base)
     };
