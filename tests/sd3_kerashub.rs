@@ -3,130 +3,27 @@
 //! an MMDiT-only file and back, bit for bit; the layout changes checked on the Keras side; bad
 //! inputs refused by name.
 
+mod common;
+
+use common::tiny::*;
 use dreambridge::convert::kerashub::{self, Form};
 use dreambridge::convert::sd3_to_diffusers::sd3_to_diffusers;
 use dreambridge::convert::sd3_to_keras::sd3_to_keras;
 use dreambridge::convert::to_diffusers::ToDiffusersOptions;
 use dreambridge::diffusers::sd3::Variant;
 use dreambridge::diffusers::st_read::StFile;
-use dreambridge::diffusers::st_write::{PendingTensor, StWriter};
 use dreambridge::keras::KerasFile;
-use dreambridge::mapping::{table_for, Symbols};
+use dreambridge::mapping::table_for;
 use dreambridge::tensor::{DType, RawTensor};
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::path::Path;
-
-/// A deterministic, non-symmetric fill: every value differs from its neighbours.
-fn values(n: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .flat_map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5).to_le_bytes()
-        })
-        .collect()
-}
-
-/// Writes the tensors of `kind`'s table (with `repeats` and `symbols`) into `tensors`; a
-/// `when=` tensor is kept when `has(feature, layer's first key)` says its feature is there.
-fn table_tensors(kind: &str, repeats: usize, symbols: &Symbols, has: &dyn Fn(&str, &str) -> bool, tensors: &mut BTreeMap<String, RawTensor>) {
-    let layout = table_for(kind).unwrap().expand(repeats).unwrap();
-    for layer in &layout.layers {
-        let specs = &layout.tensors[layer.tensors.clone()];
-        for spec in specs {
-            if let Some(w) = &spec.when {
-                if has(&w.feature, &specs[0].key) != w.present {
-                    continue;
-                }
-            }
-            let shape: Vec<usize> = spec.shape.iter().map(|e| e.eval(symbols).unwrap_or_else(|| panic!("{kind}: {} unbound", spec.key))).collect();
-            let n = shape.iter().product();
-            let seed = tensors.len() as u64 + 17;
-            tensors.insert(spec.key.clone(), RawTensor { dtype: DType::F32, shape, data: values(n, seed) });
-        }
-    }
-}
-
-fn write_st(path: &Path, tensors: &BTreeMap<String, RawTensor>) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let pending = tensors.iter().map(|(k, t)| PendingTensor { key: k.clone(), dtype: t.dtype, shape: t.shape.clone() }).collect();
-    let mut w = StWriter::create(path, pending).unwrap();
-    for (k, t) in tensors {
-        w.write_next(k, t).unwrap();
-    }
-    w.finish().unwrap();
-}
-
-fn write_json(path: &Path, value: serde_json::Value) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, serde_json::to_string_pretty(&value).unwrap()).unwrap();
-}
-
-fn syms(pairs: &[(&str, usize)]) -> Symbols {
-    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
-}
-
-/// A tiny SD3 pipeline folder: 3 MMDiT blocks of width 64 (2 heads of 32), two small CLIPs, a
-/// small VAE. `variant` picks the q/k norms and the second attention (block 0 only).
-fn make_sd3_folder(dir: &Path, variant: Variant) {
-    let qk = variant != Variant::Sd3Medium;
-    let dual = variant == Variant::Sd35Medium;
-    let mut t = BTreeMap::new();
-    let mmdit = syms(&[("h", 64), ("hd", 32), ("lat", 16), ("p", 2), ("po", 64), ("pp", 16), ("ctx", 4096), ("pooled", 40), ("n", 2)]);
-    let has = |feature: &str, first: &str| match feature {
-        "qk_norm" => qk,
-        "dual" => dual && first.starts_with("transformer_blocks.0."),
-        "dual_qk_norm" => qk && dual && first.starts_with("transformer_blocks.0."),
-        _ => false,
-    };
-    table_tensors("mmdit-sd3", 2, &mmdit, &has, &mut t);
-    write_st(&dir.join("transformer/diffusion_pytorch_model.safetensors"), &t);
-    write_json(&dir.join("transformer/config.json"), json!({"_class_name": "SD3Transformer2DModel", "num_attention_heads": 2, "sample_size": 8}));
-    for (name, d, heads, layers, act) in [("text_encoder", 16, 2, 2, "quick_gelu"), ("text_encoder_2", 24, 3, 3, "gelu")] {
-        let mut t = BTreeMap::new();
-        let s = syms(&[("d", d), ("vocab", 100), ("pos", 77), ("ff", 2 * d), ("heads", heads), ("hd", d / heads), ("n", layers)]);
-        table_tensors("clip-text-kerashub", layers, &s, &|_, _| false, &mut t);
-        table_tensors("clip-projection-kerashub", 0, &s, &|_, _| false, &mut t);
-        write_st(&dir.join(format!("{name}/model.safetensors")), &t);
-        write_json(&dir.join(format!("{name}/config.json")), json!({"hidden_size": d, "num_attention_heads": heads, "hidden_act": act}));
-    }
-    let mut t = BTreeMap::new();
-    let enc = syms(&[("c0", 4), ("c1", 8), ("c2", 16), ("c3", 16), ("img", 3), ("lat", 16)]);
-    let dec = syms(&[("d0", 16), ("d1", 16), ("d2", 8), ("d3", 4), ("img", 3), ("lat", 16)]);
-    table_tensors("vae-encoder-kerashub", 0, &enc, &|_, _| false, &mut t);
-    table_tensors("vae-decoder-kerashub", 0, &dec, &|_, _| false, &mut t);
-    write_st(&dir.join("vae/diffusion_pytorch_model.safetensors"), &t);
-    write_json(&dir.join("vae/config.json"), json!({"_class_name": "AutoencoderKL", "scaling_factor": 1.5305, "shift_factor": 0.0609}));
-    write_json(&dir.join("scheduler/scheduler_config.json"), json!({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}));
-    write_json(&dir.join("model_index.json"), dreambridge::diffusers::sd3::model_index(false));
-}
-
-/// Every tensor of `part` in `a` equals `b`'s, byte for byte.
-fn same_part(a: &Path, b: &Path, file: &str) {
-    let (x, y) = (StFile::open(&a.join(file)).unwrap(), StFile::open(&b.join(file)).unwrap());
-    let (mut kx, mut ky) = (x.keys(), y.keys());
-    kx.sort();
-    ky.sort();
-    assert_eq!(kx, ky, "{file}: different tensors");
-    for k in kx {
-        assert_eq!(x.read(&k).unwrap(), y.read(&k).unwrap(), "{file}: tensor `{k}` differs");
-    }
-}
-
-const PARTS: [&str; 4] = [
-    "transformer/diffusion_pytorch_model.safetensors",
-    "text_encoder/model.safetensors",
-    "text_encoder_2/model.safetensors",
-    "vae/diffusion_pytorch_model.safetensors",
-];
 
 #[test]
 fn every_variant_round_trips_through_a_kerashub_preset_bit_for_bit() {
     for variant in [Variant::Sd3Medium, Variant::Sd35Medium, Variant::Sd35Large] {
         let dir = tempfile::tempdir().unwrap();
         let (folder, preset, back) = (dir.path().join("sd3"), dir.path().join("preset"), dir.path().join("back"));
-        make_sd3_folder(&folder, variant);
+        make_sd3_folder(&folder, variant, false);
         sd3_to_keras(&folder, &preset, false).unwrap();
         let keras = kerashub::open(&preset).unwrap();
         assert_eq!((keras.form, keras.variant, keras.heads), (Form::Preset, variant, 2), "{variant:?}");
@@ -150,7 +47,7 @@ fn every_variant_round_trips_through_a_kerashub_preset_bit_for_bit() {
 fn keras_holds_fused_qkv_and_stabilitys_shift_scale_order() {
     let dir = tempfile::tempdir().unwrap();
     let (folder, preset) = (dir.path().join("sd3"), dir.path().join("preset"));
-    make_sd3_folder(&folder, Variant::Sd3Medium);
+    make_sd3_folder(&folder, Variant::Sd3Medium, false);
     sd3_to_keras(&folder, &preset, false).unwrap();
     let keras = KerasFile::open(&preset.join("model.weights.h5")).unwrap();
     let st = StFile::open(&folder.join(PARTS[0])).unwrap();
@@ -187,7 +84,7 @@ fn keras_holds_fused_qkv_and_stabilitys_shift_scale_order() {
 fn an_mmdit_alone_takes_the_rest_from_base() {
     let dir = tempfile::tempdir().unwrap();
     let (folder, mmdit, out, lone) = (dir.path().join("sd3"), dir.path().join("dreambooth-unet.weights.h5"), dir.path().join("out"), dir.path().join("lone"));
-    make_sd3_folder(&folder, Variant::Sd35Medium);
+    make_sd3_folder(&folder, Variant::Sd35Medium, false);
     sd3_to_keras(&folder, &mmdit, false).unwrap();
     let keras = kerashub::open(&mmdit).unwrap();
     assert_eq!((keras.form, keras.variant), (Form::Mmdit, Variant::Sd35Medium));
@@ -212,7 +109,7 @@ fn an_mmdit_alone_takes_the_rest_from_base() {
 fn bad_inputs_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let (folder, preset) = (dir.path().join("sd3"), dir.path().join("preset"));
-    make_sd3_folder(&folder, Variant::Sd3Medium);
+    make_sd3_folder(&folder, Variant::Sd3Medium, false);
     sd3_to_keras(&folder, &preset, false).unwrap();
     // A preset of another model.
     let other = dir.path().join("other");
@@ -231,7 +128,7 @@ fn bad_inputs_are_named() {
     assert!(err.contains("model.weights.h5") && err.contains("mm_di_t_block_1/x_block/attention_proj/vars/1") && err.contains("not found"), "{err}");
     // A tensor no table knows (a T5 encoder) is refused, not dropped.
     let (folder2, preset2) = (dir.path().join("sd3b"), dir.path().join("preset2"));
-    make_sd3_folder(&folder2, Variant::Sd3Medium);
+    make_sd3_folder(&folder2, Variant::Sd3Medium, false);
     sd3_to_keras(&folder2, &preset2, false).unwrap();
     {
         let w = hdf5::File::open_rw(preset2.join("model.weights.h5")).unwrap();
@@ -304,7 +201,7 @@ fn sd3_lora_goes_to_kerashub_and_back_with_the_same_updates() {
     use dreambridge::lora::kerashub::{convert_to_diffusers, convert_to_keras, read_peft_sd3};
     let dir = tempfile::tempdir().unwrap();
     let pipe = dir.path().join("pipe");
-    make_sd3_folder(&pipe, Variant::Sd35Medium);
+    make_sd3_folder(&pipe, Variant::Sd35Medium, false);
     let weight_shape = |module: &str| {
         let (part, rest) = module.split_once('.').unwrap();
         let file = if part == "transformer" { "transformer/diffusion_pytorch_model.safetensors".to_string() } else { format!("{part}/model.safetensors") };
@@ -398,7 +295,7 @@ fn sd3_lora_goes_to_kerashub_and_back_with_the_same_updates() {
 fn bf16_stays_bf16_through_a_kerashub_preset() {
     let dir = tempfile::tempdir().unwrap();
     let (folder, preset, back, half) = (dir.path().join("sd3"), dir.path().join("preset"), dir.path().join("back"), dir.path().join("half"));
-    make_sd3_folder(&folder, Variant::Sd35Medium);
+    make_sd3_folder(&folder, Variant::Sd35Medium, false);
     for part in PARTS {
         let file = StFile::open(&folder.join(part)).unwrap();
         let tensors: BTreeMap<String, RawTensor> = file.keys().into_iter().map(|k| (k.clone(), file.read(&k).unwrap().cast(DType::BF16))).collect();
@@ -429,7 +326,7 @@ fn large_weights_are_written_and_read_as_keras_shards() {
     use dreambridge::convert::sd3_to_keras::sd3_to_keras_sharded;
     let dir = tempfile::tempdir().unwrap();
     let (folder, preset, back) = (dir.path().join("sd3"), dir.path().join("preset"), dir.path().join("back"));
-    make_sd3_folder(&folder, Variant::Sd35Medium);
+    make_sd3_folder(&folder, Variant::Sd35Medium, false);
     let shard_gb = 64.0 * 1024.0 / (1u64 << 30) as f64; // 64 KiB
     sd3_to_keras_sharded(&folder, &preset, false, shard_gb).unwrap();
     assert!(!preset.join("model.weights.h5").exists());

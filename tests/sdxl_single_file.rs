@@ -4,26 +4,18 @@
 //! (f32 and fp16); Stability's names, the transposed OpenCLIP-G projection and its fused q/k/v
 //! checked on the file; refiner and other families refused naming the file; nothing overwritten.
 
+mod common;
+
+use common::tiny::{read_json, syms, values, write_json, write_st};
 use dreambridge::diffusers::st_read::StFile;
-use dreambridge::diffusers::st_write::{PendingTensor, StWriter};
+
 use dreambridge::mapping::{table_for, Symbols};
 use dreambridge::single_file::convert::ExportOptions;
 use dreambridge::single_file::sdxl::{self, SdxlToFolderOptions};
 use dreambridge::tensor::{DType, RawTensor};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;
-
-/// A deterministic, non-symmetric fill: every value differs from its neighbours.
-fn values(n: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .flat_map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5).to_le_bytes()
-        })
-        .collect()
-}
 
 type Tensors = BTreeMap<String, RawTensor>;
 
@@ -39,29 +31,6 @@ fn table_tensors(kind: &str, repeats: usize, symbols: &Symbols, t: &mut Tensors)
         let shape: Vec<usize> = spec.shape.iter().map(|e| e.eval(symbols).unwrap_or_else(|| panic!("{kind}: {} unbound", spec.key))).collect();
         put(t, &spec.key, &shape);
     }
-}
-
-fn syms(pairs: &[(&str, usize)]) -> Symbols {
-    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
-}
-
-fn write_st(path: &Path, tensors: &Tensors) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let pending = tensors.iter().map(|(k, t)| PendingTensor { key: k.clone(), dtype: t.dtype, shape: t.shape.clone() }).collect();
-    let mut w = StWriter::create(path, pending).unwrap();
-    for (k, t) in tensors {
-        w.write_next(k, t).unwrap();
-    }
-    w.finish().unwrap();
-}
-
-fn write_json(path: &Path, value: Value) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, serde_json::to_string_pretty(&value).unwrap()).unwrap();
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 fn resnet(t: &mut Tensors, p: &str, cin: usize, cout: usize, temb: usize) {

@@ -7,6 +7,7 @@ use dreambridge::tensor::RawTensor;
 use std::path::{Path, PathBuf};
 
 pub mod hub;
+pub mod tiny;
 
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny").join(name)
