@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 
 import numpy as np
 
@@ -127,3 +128,13 @@ class LogWarnings(logging.Handler):
         """The messages about weights that were missing, unexpected or unused."""
         words = ("missing", "unexpected", "not used", "not initialized", "newly initialized", "mismatch", "legacy")
         return [m for m in self.messages if any(w in m.lower() for w in words)]
+
+
+def run_checked(args, env=None):
+    """Runs a command (dreambridge, or a script in the other venv) and returns its CompletedProcess
+    (text output captured); a non-zero exit raises, naming the command and the end of its stderr."""
+    args = [str(a) for a in args]
+    p = subprocess.run(args, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} exited {p.returncode}: {p.stderr.strip()[-1500:]}")
+    return p

@@ -20,14 +20,13 @@ The bf16 diffusers folder itself is checked on the torch side: every tensor bf16
 """
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import WORK, drop, record_fact  # noqa: E402
+from common import run_checked, WORK, drop, record_fact  # noqa: E402
 
 KERAS_PY = os.path.join(HERE, ".venv-kerashub", "bin", "python")
 # (variant, dtype, --max-shard-size in GB or None, through Stability's single file): one case
@@ -78,10 +77,7 @@ def keras_verify(work, mmdit_file):
 
 
 def sh(args, env=None):
-    p = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env)
-    if p.returncode:
-        raise RuntimeError(f"{' '.join(map(str, args))} exited {p.returncode}: {p.stderr.strip()[-1500:]}")
-    return p.stdout
+    return run_checked(args, env).stdout
 
 
 def torch_bf16(check, folder):

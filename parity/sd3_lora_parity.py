@@ -24,14 +24,13 @@ backbone with random weights, per MMDiT variant:
 """
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import WORK, drop, record, record_fact  # noqa: E402
+from common import run_checked, WORK, drop, record, record_fact  # noqa: E402
 
 TARGETS = ["attention_qkv", "attention_proj", "query", "value", "attention_output", "dense1", "dense"]
 VARIANTS = os.environ.get("SD3_VARIANTS", "sd3-medium,sd3.5-medium,sd3.5-large").split(",")
@@ -187,10 +186,7 @@ def torch_back(work, variant):
 
 
 def sh(args, env=None):
-    p = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env)
-    if p.returncode:
-        raise RuntimeError(f"{' '.join(map(str, args))} exited {p.returncode}: {p.stderr.strip()[-1500:]}")
-    return p.stdout
+    return run_checked(args, env).stdout
 
 
 def run(db):

@@ -55,7 +55,6 @@ Exits 1 when a check of this run failed.
 """
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -64,7 +63,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import WORK, LogWarnings, drop, record, record_fact, st_digest, tensor_digest  # noqa: E402
+from common import run_checked, WORK, LogWarnings, drop, record, record_fact, st_digest, tensor_digest  # noqa: E402
 
 W = os.path.join(WORK, "sd3")
 TOL = 1e-4
@@ -324,10 +323,7 @@ def make_variant(variant, seed):
 # ============================================ torch side ============================================
 
 def db(*args):
-    p = subprocess.run([DB, *map(str, args)], capture_output=True, text=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"dreambridge {' '.join(map(str, args))} exited {p.returncode}: {p.stderr.strip()[-1500:]}")
-    return p
+    return run_checked([DB, *args])
 
 
 def nchw(a):

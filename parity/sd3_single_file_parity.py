@@ -38,7 +38,6 @@ import gc
 import json
 import os
 import shutil
-import subprocess
 import sys
 import traceback
 
@@ -49,7 +48,7 @@ from safetensors import safe_open  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import WORK, LogWarnings, drop, record_fact  # noqa: E402
+from common import run_checked, WORK, LogWarnings, drop, record_fact  # noqa: E402
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline  # noqa: E402
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast  # noqa: E402
@@ -84,9 +83,7 @@ def guarded(check, fn, *args):
 
 
 def db(*args):
-    p = subprocess.run([DB, *map(str, args)], capture_output=True, text=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"dreambridge {' '.join(map(str, args))} exited {p.returncode}: {p.stderr.strip()[-1500:]}")
+    p = run_checked([DB, *args])
     return p.stdout + p.stderr
 
 

@@ -27,7 +27,6 @@ Work files: $PARITY_WORK/sdxl_single_file. Prints a JSON line per check; exits 1
 import json
 import os
 import shutil
-import subprocess
 import sys
 import traceback
 
@@ -38,7 +37,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import WORK, drop, record_fact  # noqa: E402
+from common import run_checked, WORK, drop, record_fact  # noqa: E402
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: E402
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
@@ -71,9 +70,7 @@ def guarded(check, fn, *args):
 
 
 def db(*args):
-    p = subprocess.run([DB, *map(str, args)], capture_output=True, text=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"dreambridge {' '.join(map(str, args))} exited {p.returncode}: {p.stderr.strip()[-1500:]}")
+    p = run_checked([DB, *args])
     return p.stdout + p.stderr
 
 
