@@ -13,12 +13,12 @@ use std::path::{Path, PathBuf};
 
 /// Where the parts of a backbone sit in its Keras 3 file.
 pub const MMDIT_ROOT: &str = "layers/mm_di_t/layers/";
-const CLIP_L_ROOT: &str = "layers/clip_text_encoder/layers/";
-const CLIP_G_ROOT: &str = "layers/clip_text_encoder_1/layers/";
-const CLIP_L_PROJECTION_ROOT: &str = "layers/clip_projection/";
-const CLIP_G_PROJECTION_ROOT: &str = "layers/clip_projection_1/";
-const VAE_ENCODER_ROOT: &str = "layers/vae_encoder/";
-const VAE_DECODER_ROOT: &str = "layers/vae_decoder/";
+pub const CLIP_L_ROOT: &str = "layers/clip_text_encoder/layers/";
+pub const CLIP_G_ROOT: &str = "layers/clip_text_encoder_1/layers/";
+pub const CLIP_L_PROJECTION_ROOT: &str = "layers/clip_projection/";
+pub const CLIP_G_PROJECTION_ROOT: &str = "layers/clip_projection_1/";
+pub const VAE_ENCODER_ROOT: &str = "layers/vae_encoder/";
+pub const VAE_DECODER_ROOT: &str = "layers/vae_decoder/";
 
 /// What a KerasHub SD3 input holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! `StableDiffusion3Backbone.from_preset` loads, or the MMDiT alone as the `.weights.h5` that
 //! `backbone.diffuser.load_weights` reads.
 
-use super::kerashub::MMDIT_ROOT;
+use super::kerashub::{self, MMDIT_ROOT};
 use super::plan::{Plan, PlannedTensor};
 use crate::diffusers::sd3::{self, Clip, Variant};
 use crate::diffusers::st_read::StFile;
@@ -96,9 +96,9 @@ pub fn plan_sd3_folder(folder: &Path) -> Result<Sd3Folder> {
 }
 
 /// The Keras roots of CLIP-L's and CLIP-G's encoder and projection.
-const CLIP_ROOTS: [(&str, &str); 2] = [("layers/clip_text_encoder/layers/", "layers/clip_projection/"), ("layers/clip_text_encoder_1/layers/", "layers/clip_projection_1/")];
+const CLIP_ROOTS: [(&str, &str); 2] = [(kerashub::CLIP_L_ROOT, kerashub::CLIP_L_PROJECTION_ROOT), (kerashub::CLIP_G_ROOT, kerashub::CLIP_G_PROJECTION_ROOT)];
 /// The Keras roots of the VAE's encoder and decoder.
-const VAE_ROOTS: (&str, &str) = ("layers/vae_encoder/", "layers/vae_decoder/");
+const VAE_ROOTS: (&str, &str) = (kerashub::VAE_ENCODER_ROOT, kerashub::VAE_DECODER_ROOT);
 
 /// A CLIP's encoder and projection matched on `source`, the per-head Keras shapes bound.
 fn match_clip(source: Rc<dyn TensorSource>, heads: usize, d: usize, root: &'static str, projection_root: &'static str) -> Result<Matched> {

@@ -121,7 +121,7 @@ pub struct Base {
 impl Base {
     pub fn open(path: &Path) -> Result<Base> {
         use crate::convert::{kerashub, sd3_to_keras};
-        const ROOTS: [&str; 5] = [kerashub::MMDIT_ROOT, "layers/clip_text_encoder/layers/", "layers/clip_projection/", "layers/clip_text_encoder_1/layers/", "layers/clip_projection_1/"];
+        const ROOTS: [&str; 5] = [kerashub::MMDIT_ROOT, kerashub::CLIP_L_ROOT, kerashub::CLIP_L_PROJECTION_ROOT, kerashub::CLIP_G_ROOT, kerashub::CLIP_G_PROJECTION_ROOT];
         if path.is_dir() && sd3_to_keras::is_sd3_folder(path) {
             let f = sd3_to_keras::plan_sd3_folder(path)?;
             ensure!(f.clips.len() == 2, "{}: a KerasHub LoRA's layer numbers need both CLIPs (text_encoder/, text_encoder_2/)", path.display());
