@@ -102,6 +102,7 @@ def record_fact(check, component, ok, note):
     with open(os.path.join(WORK, "results.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"  {check:28s} {component:22s} {'PASS' if ok else 'FAIL'} {note}", flush=True)
+    return bool(ok)
 
 
 class LogWarnings(logging.Handler):

@@ -311,9 +311,10 @@ struct GenerateArgs {
     /// Classifier-free guidance scale (1 = no guidance).
     #[arg(long, default_value_t = 7.5)]
     guidance_scale: f64,
-    /// Image size in pixels (a multiple of 8).
-    #[arg(long, default_value_t = 512)]
-    size: usize,
+    /// Image size in pixels (a multiple of 8); default: the model's (the UNet's `sample_size`
+    /// times 8: 512 for SD 1.5, 768 for SD 2 768-v, 1024 for SDXL).
+    #[arg(long)]
+    size: Option<usize>,
     /// diffusers' --height; it must equal --width (square images).
     #[arg(long)]
     height: Option<usize>,
@@ -338,6 +339,13 @@ struct GenerateArgs {
     /// Strength of each --lora (one for all, or one per file; default 1).
     #[arg(long)]
     lora_scale: Vec<f64>,
+    /// Parity checks: initial latents (`latents` in a safetensors file) instead of drawn noise.
+    #[arg(long, hide = true, requires = "trace")]
+    init_latents: Option<PathBuf>,
+    /// Parity checks: write the embeddings, every step's latents and the images to this
+    /// safetensors file instead of PNGs.
+    #[arg(long, hide = true, requires = "init_latents")]
+    trace: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -620,24 +628,29 @@ fn run(cli: Cli, argv: &[std::ffi::OsString]) -> Result<()> {
         Command::Convert(ConvertArgs { direction: None, manifest, index }) => {
             run_manifest(&manifest.context("convert needs a direction or --manifest")?, index, dreambridge::scale::manifest::RowKind::Convert, "convert", argv)?
         }
-        Command::Generate(mut a) => {
-            a.size = match (a.height, a.width) {
+        Command::Generate(a) => {
+            let size = match (a.height, a.width) {
                 (None, None) => a.size,
-                (Some(h), Some(w)) if h == w => h,
-                (Some(s), None) | (None, Some(s)) => s,
+                (Some(h), Some(w)) if h == w => Some(h),
+                (Some(s), None) | (None, Some(s)) => Some(s),
                 (Some(h), Some(w)) => anyhow::bail!("--height {h} and --width {w}: only square images are generated for now"),
             };
-            anyhow::ensure!(a.size % 8 == 0 && a.size >= 8, "--size must be a multiple of 8");
             let model = dreambridge::single_file::base::resolve_base(&a.model)?;
             let pipe = dreambridge::pipeline::Pipeline::load(&model, &dreambridge::device::parse(&a.device)?)?;
+            let size = size.unwrap_or_else(|| pipe.default_size());
+            anyhow::ensure!(size % 8 == 0 && size >= 8, "--size {size}: must be a multiple of 8");
             dreambridge::lora::merge::merge_files_into_vars(&a.lora, &a.lora_scale, Some(&pipe.unet_vars), Some(&pipe.text_vars))?;
+            if let (Some(init), Some(trace)) = (&a.init_latents, &a.trace) {
+                let sampling = dreambridge::generate::text_to_image::Sampling { size, steps: a.steps, guidance: a.guidance_scale, kind: a.scheduler };
+                return dreambridge::generate::trajectory::trace_generation(&pipe, &a.prompt, &a.negative_prompt, &sampling, init, trace);
+            }
             std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create", a.out.display()))?;
             let mut rng = dreambridge::rng::TrainRng::new(a.seed);
             for i in 0..a.num_images {
                 let path = a.out.join(format!("image_{i}.png"));
                 anyhow::ensure!(!path.exists(), "{}: already exists", path.display());
                 let image =
-                    dreambridge::generate::text_to_image::generate_with(&pipe, &a.prompt, &a.negative_prompt, a.size, a.steps, a.guidance_scale, a.scheduler, &mut rng)?;
+                    dreambridge::generate::text_to_image::generate_with(&pipe, &a.prompt, &a.negative_prompt, size, a.steps, a.guidance_scale, a.scheduler, &mut rng)?;
                 dreambridge::generate::text_to_image::save_png(&image, &path)?;
                 println!("{}", path.display());
             }

@@ -49,16 +49,23 @@ pub fn find_variant_weights(folder: &Path, c: Component, variant: &str) -> Resul
 }
 
 pub fn find_weights(folder: &Path, c: Component) -> Result<PathBuf> {
-    let dir = folder.join(c.dir());
-    for half in [false, true] {
-        let p = dir.join(c.weights_name(half));
+    find_weights_of(folder, c.dir(), &c.weights_name(false))
+}
+
+/// [`find_weights`] for any sub-folder `part` whose weights are `file` (`model.safetensors`, ...),
+/// such as SDXL's `text_encoder_2`; its `fp16` variant is taken when the plain file is missing.
+pub fn find_weights_of(folder: &Path, part: &str, file: &str) -> Result<PathBuf> {
+    let dir = folder.join(part);
+    let stem = file.trim_end_matches(".safetensors");
+    for name in [file.to_string(), format!("{stem}.fp16.safetensors")] {
+        let p = dir.join(name);
         if p.is_file() {
             return Ok(p);
         }
     }
-    let index = dir.join(format!("{}.index.json", c.weights_name(false)));
+    let index = dir.join(format!("{file}.index.json"));
     if index.is_file() {
         bail!("{}: sharded weights are not supported yet", index.display());
     }
-    bail!("{}: no {} (safetensors weights are needed; .bin files are not read)", dir.display(), c.weights_name(false))
+    bail!("{}: no {file} (safetensors weights are needed; .bin files are not read)", dir.display())
 }

@@ -46,3 +46,42 @@ pub fn run(kind: SchedulerKind, config: &Path, steps: usize, inputs: &Path, out:
     }
     w.finish()
 }
+
+/// A whole guided generation from given initial latents (the hidden `generate --init-latents
+/// --trace` the parity suite drives against diffusers' pipelines): writes the prompt embeddings
+/// (`context`, `pooled` and `negative_*`), the latents after every step (`latents_<i>`) and the
+/// decoded images (`images`, `(n, 3, H, W)` in [0, 1]).
+pub fn trace_generation(
+    pipe: &crate::pipeline::Pipeline,
+    prompt: &str,
+    negative: &str,
+    sampling: &super::text_to_image::Sampling,
+    init_latents: &Path,
+    out: &Path,
+) -> Result<()> {
+    use super::text_to_image::{decode, sample_latents};
+    let file = StFile::open(init_latents).with_context(|| init_latents.display().to_string())?;
+    let raw_init = file.read("latents").with_context(|| format!("{}: tensor `latents`", init_latents.display()))?;
+    let init = Tensor::from_vec(raw_init.to_f32_values(), raw_init.shape.clone(), &pipe.device)?;
+    let (cond, uncond) = (pipe.encode(prompt)?, pipe.encode_negative(negative)?);
+    let mut results: Vec<(String, RawTensor)> = Vec::new();
+    for (name, embeds) in [("", &cond), ("negative_", &uncond)] {
+        results.push((format!("{name}context"), raw(&embeds.context)?));
+        if let Some(p) = &embeds.pooled {
+            results.push((format!("{name}pooled"), raw(p)?));
+        }
+    }
+    let cast = pipe.sampling_models()?;
+    let mut no_noise = |i: usize| -> Result<Tensor> { anyhow::bail!("step {i}: a traced generation takes deterministic samplers only (DDIM, DPM-Solver++)") };
+    let latents = sample_latents(pipe, &cast, &cond, &uncond, sampling, init, &mut no_noise, &mut |i, x| {
+        results.push((format!("latents_{i}"), raw(x)?));
+        Ok(())
+    })?;
+    results.push(("images".into(), raw(&decode(pipe, &cast, &latents)?)?));
+    let pending = results.iter().map(|(k, t)| PendingTensor { key: k.clone(), dtype: DType::F32, shape: t.shape.clone() }).collect();
+    let mut w = StWriter::create(out, pending)?;
+    for (k, t) in &results {
+        w.write_next(k, t)?;
+    }
+    w.finish()
+}

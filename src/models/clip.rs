@@ -1,5 +1,7 @@
-//! CLIP text transformer (transformers' `CLIPTextModel`), differentiable end to end, with the
-//! transformers key layout (`text_model.embeddings.token_embedding.weight`, ...) and its config.
+//! CLIP text transformer (transformers' `CLIPTextModel`, and `CLIPTextModelWithProjection` when
+//! built with [`ClipTextModel::with_projection`]), differentiable end to end, with the
+//! transformers key layout (`text_model.embeddings.token_embedding.weight`, ...,
+//! `text_projection.weight`) and its config.
 
 use super::layers::{softmax_last, LayerNorm, Linear};
 use candle_core::{DType, Module, Result, Tensor};
@@ -20,6 +22,16 @@ pub struct ClipTextConfig {
     pub hidden_act: String,
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
+    /// Width of `text_projection` (`CLIPTextModelWithProjection`).
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
+    /// The end-of-text id that marks the pooled position (transformers: 2 means "the largest id").
+    #[serde(default = "default_eos")]
+    pub eos_token_id: u32,
+}
+
+fn default_eos() -> u32 {
+    2
 }
 
 fn default_act() -> String {
@@ -109,8 +121,19 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// `CLIPTextModelWithProjection`'s `text_projection` (no bias).
+    text_projection: Option<Linear>,
+    eos_token_id: u32,
 }
 
+/// What SDXL's pipelines take from a text encoder (`output_hidden_states=True`).
+pub struct ClipHidden {
+    /// `hidden_states[-2]`: the input of the last layer, before the final norm.
+    pub penultimate: Tensor,
+    /// The final-normed state at each sequence's end-of-text token `(B, D)`, through
+    /// `text_projection` when the model has one (`text_embeds`), else `pooler_output`.
+    pub pooled: Tensor,
+}
 impl ClipTextModel {
     /// Builds the model under `text_model.` in `vb` (the transformers key layout).
     pub fn new<'a>(vb: impl Into<Builder<'a>>, c: &ClipTextConfig) -> Result<ClipTextModel> {
@@ -122,7 +145,61 @@ impl ClipTextModel {
         let position_embedding = emb.pp("position_embedding").get_with_hints((c.max_position_embeddings, c.hidden_size), "weight", init)?;
         let layers = (0..c.num_hidden_layers).map(|i| EncoderLayer::new(vb.pp("encoder").pp("layers").pp(i), c)).collect::<Result<_>>()?;
         let final_layer_norm = LayerNorm::new(vb.pp("final_layer_norm"), c.hidden_size, c.layer_norm_eps)?;
-        Ok(ClipTextModel { token_embedding, position_embedding, layers, final_layer_norm })
+        Ok(ClipTextModel { token_embedding, position_embedding, layers, final_layer_norm, text_projection: None, eos_token_id: c.eos_token_id })
+    }
+
+    /// `CLIPTextModelWithProjection`: [`ClipTextModel::new`] plus `text_projection.weight` at the
+    /// root of `vb` (width `projection_dim`, else `hidden_size`).
+    pub fn with_projection<'a>(vb: impl Into<Builder<'a>>, c: &ClipTextConfig) -> Result<ClipTextModel> {
+        let vb: Builder = vb.into();
+        let mut model = ClipTextModel::new(vb.clone(), c)?;
+        let width = c.projection_dim.unwrap_or(c.hidden_size);
+        model.text_projection = Some(Linear::new(vb.pp("text_projection"), c.hidden_size, width, false)?);
+        Ok(model)
+    }
+
+    /// The penultimate hidden states and the pooled output ([`ClipHidden`]) for token ids
+    /// `(batch, len)`, computed in `dtype`. The pooled position is transformers': the first
+    /// `eos_token_id`, or the largest id when that is 2 (older configs).
+    pub fn forward_hidden(&self, input_ids: &Tensor, dtype: DType) -> Result<ClipHidden> {
+        let (b, l) = input_ids.dims2()?;
+        if self.layers.is_empty() {
+            candle_core::bail!("the text encoder has no layers");
+        }
+        let mut x = self.embed(input_ids, dtype)?;
+        let mask = causal_mask(l, dtype, input_ids.device())?;
+        let last = self.layers.len() - 1;
+        for layer in &self.layers[..last] {
+            x = layer.forward(&x, &mask)?;
+        }
+        let penultimate = x.clone();
+        let normed = self.final_layer_norm.forward(&self.layers[last].forward(&x, &mask)?)?;
+        let ids: Vec<Vec<u32>> = input_ids.to_vec2()?;
+        // Row i of the (b*l, d) states at i*l + position[i].
+        let rows: Vec<u32> = ids.iter().enumerate().map(|(i, row)| (i * l + self.pooled_position(row)) as u32).collect();
+        let pooled = normed.reshape((b * l, ()))?.index_select(&Tensor::from_vec(rows, b, input_ids.device())?, 0)?;
+        let pooled = match &self.text_projection {
+            Some(p) => p.forward(&pooled)?,
+            None => pooled,
+        };
+        Ok(ClipHidden { penultimate, pooled })
+    }
+
+    fn pooled_position(&self, row: &[u32]) -> usize {
+        if self.eos_token_id == 2 {
+            // torch.argmax: the first of the largest.
+            let max = row.iter().copied().max().unwrap_or(0);
+            row.iter().position(|&t| t == max).unwrap_or(0)
+        } else {
+            row.iter().position(|&t| t == self.eos_token_id).unwrap_or(0)
+        }
+    }
+
+    fn embed(&self, input_ids: &Tensor, dtype: DType) -> Result<Tensor> {
+        let (b, l) = input_ids.dims2()?;
+        let tokens = self.token_embedding.to_dtype(dtype)?.embedding(&input_ids.flatten_all()?)?.reshape((b, l, ()))?;
+        let positions = self.position_embedding.to_dtype(dtype)?.narrow(0, 0, l)?;
+        tokens.broadcast_add(&positions)
     }
 
     /// `last_hidden_state` for token ids `(batch, len)` (u32), computed in `dtype`.
@@ -134,9 +211,7 @@ impl ClipTextModel {
     /// padding): no position attends to a padding position, on top of the causal mask.
     pub fn forward_masked(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, dtype: DType) -> Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
-        let tokens = self.token_embedding.to_dtype(dtype)?.embedding(&input_ids.flatten_all()?)?.reshape((b, l, ()))?;
-        let positions = self.position_embedding.to_dtype(dtype)?.narrow(0, 0, l)?;
-        let mut x = tokens.broadcast_add(&positions)?;
+        let mut x = self.embed(input_ids, dtype)?;
         let mut mask = causal_mask(l, dtype, input_ids.device())?;
         if let Some(keep) = attention_mask {
             // (1 - mask) x a large negative value over the keys, as transformers' _prepare_4d_attention_mask.
@@ -174,6 +249,8 @@ mod tests {
             max_position_embeddings: 12,
             hidden_act: act.into(),
             layer_norm_eps: 1e-5,
+            projection_dim: None,
+            eos_token_id: 2,
         }
     }
 
@@ -194,6 +271,36 @@ mod tests {
             // 2 embeddings + 2 layers x 16 + final norm 2
             assert_eq!(assert_every_var_has_a_gradient(&varmap, &grads), 36, "{act}");
         }
+    }
+
+    #[test]
+    fn hidden_states_and_pooled_output_as_transformers() {
+        let varmap = VarMap::new();
+        let mut c = tiny("gelu");
+        c.projection_dim = Some(5);
+        let model = ClipTextModel::with_projection(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &c).unwrap();
+        assert_eq!(varmap.data().lock().unwrap()["text_projection.weight"].dims(), &[5, 16]);
+        // Legacy eos id 2: the pooled position is the first largest id.
+        let ids = Tensor::new(&[[0u32, 7, 49, 3, 49, 1], [0, 49, 2, 2, 2, 2]], &Device::Cpu).unwrap();
+        let out = model.forward_hidden(&ids, DType::F32).unwrap();
+        assert_eq!(out.pooled.dims(), &[2, 5]);
+        // The penultimate state is the output of all layers but the last: a one-layer model of the same weights.
+        let one_layer = ClipTextModel::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &ClipTextConfig { num_hidden_layers: 1, ..c.clone() }).unwrap();
+        let mut x = one_layer.embed(&ids, DType::F32).unwrap();
+        x = one_layer.layers[0].forward(&x, &causal_mask(6, DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let diff = (&out.penultimate - &x).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0);
+        // The pooled rows are the final states at positions 2 and 1, projected.
+        let last = model.forward(&ids, DType::F32).unwrap();
+        let w = varmap.data().lock().unwrap()["text_projection.weight"].as_tensor().clone();
+        for (row, pos) in [(0usize, 2usize), (1, 1)] {
+            let want = last.get(row).unwrap().get(pos).unwrap().unsqueeze(0).unwrap().matmul(&w.t().unwrap()).unwrap().squeeze(0).unwrap();
+            let diff = (out.pooled.get(row).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-6, "row {row}: {diff}");
+        }
+        // A set eos id: its first occurrence.
+        let model = ClipTextModel { eos_token_id: 3, ..ClipTextModel::new(VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu), &tiny("gelu")).unwrap() };
+        assert_eq!(model.pooled_position(&[0, 9, 3, 3, 49]), 2);
     }
 
     #[test]

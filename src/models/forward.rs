@@ -2,10 +2,10 @@
 //! diffusers/transformers): `dreambridge forward unet|text-encoder --model DIR --inputs F --out F`.
 
 use super::clip::{ClipTextConfig, ClipTextModel};
-use super::unet::{UNet, UNetConfig};
+use super::unet::{AddedCond, UNet, UNetConfig};
 use super::vae::{Vae, VaeConfig};
 use super::weights::load_into;
-use crate::diffusers::layout::{find_weights, Component};
+use crate::diffusers::layout::{find_weights, find_weights_of, Component};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
@@ -17,9 +17,11 @@ fn config<T: serde::de::DeserializeOwned>(dir: &Path, component: Component) -> R
     serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| path.display().to_string())?).with_context(|| path.display().to_string())
 }
 
-/// Inputs: unet `sample`, `timesteps`, `context`; text-encoder `input_ids` (and optionally
-/// transformers' `attention_mask`); vae-encode `image`
-/// (output: latent mean); vae-decode `latents`. Output: `out` (f32).
+/// Inputs: unet `sample`, `timesteps`, `context` (SDXL: also `text_embeds` and `time_ids`);
+/// text-encoder `input_ids` (and optionally transformers' `attention_mask`), text-encoder-2
+/// (SDXL's `text_encoder_2`) `input_ids`; vae-encode `image` (output: latent mean); vae-decode
+/// `latents`. Output: `out` (f32); the text encoders without a mask also write `penultimate`
+/// (`hidden_states[-2]`) and `pooled` (text-encoder-2: the projected `text_embeds`).
 /// `loras` (with `scales`, as `merge_files_into_vars` takes them) are folded into the weights.
 pub fn run(component: &str, model: &Path, loras: &[std::path::PathBuf], scales: &[f64], inputs: &Path, out: &Path, dev: &Device) -> Result<()> {
     let dev = dev.clone();
@@ -32,14 +34,38 @@ pub fn run(component: &str, model: &Path, loras: &[std::path::PathBuf], scales: 
             let net = UNet::new(vb, &config::<UNetConfig>(model, Component::Unet)?)?;
             load_into(&varmap, &find_weights(model, Component::Unet)?, "")?;
             crate::lora::merge::merge_files_into_vars(loras, scales, Some(&varmap), None)?;
-            net.forward(&get("sample")?.to_dtype(DType::F32)?, &get("timesteps")?.to_dtype(DType::F32)?, get("context")?)?
+            let added = match (x.get("text_embeds"), x.get("time_ids")) {
+                (Some(text_embeds), Some(time_ids)) => Some(AddedCond { text_embeds: text_embeds.to_dtype(DType::F32)?, time_ids: time_ids.to_dtype(DType::F32)? }),
+                _ => None,
+            };
+            net.forward_added(&get("sample")?.to_dtype(DType::F32)?, &get("timesteps")?.to_dtype(DType::F32)?, get("context")?, added.as_ref())?
         }
-        "text-encoder" => {
-            let net = ClipTextModel::new(vb, &config::<ClipTextConfig>(model, Component::TextEncoder)?)?;
-            load_into(&varmap, &find_weights(model, Component::TextEncoder)?, "text_model.")?;
-            crate::lora::merge::merge_files_into_vars(loras, scales, None, Some(&varmap))?;
-            let mask = x.get("attention_mask").map(|m| m.to_dtype(DType::F32)).transpose()?;
-            net.forward_masked(&get("input_ids")?.to_dtype(DType::U32)?, mask.as_ref(), DType::F32)?
+        "text-encoder" | "text-encoder-2" => {
+            let second = component == "text-encoder-2";
+            let (folder, file) = if second { ("text_encoder_2", "model.safetensors") } else { (Component::TextEncoder.dir(), "model.safetensors") };
+            let path = model.join(folder).join("config.json");
+            let c: ClipTextConfig = serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| path.display().to_string())?).with_context(|| path.display().to_string())?;
+            let net = if second { ClipTextModel::with_projection(vb, &c)? } else { ClipTextModel::new(vb, &c)? };
+            load_into(&varmap, &find_weights_of(model, folder, file)?, "text_model.")?;
+            if !second {
+                crate::lora::merge::merge_files_into_vars(loras, scales, None, Some(&varmap))?;
+            } else if !loras.is_empty() {
+                bail!("forward text-encoder-2: --lora is not supported for the second text encoder");
+            }
+            let ids = get("input_ids")?.to_dtype(DType::U32)?;
+            match x.get("attention_mask") {
+                Some(mask) => net.forward_masked(&ids, Some(&mask.to_dtype(DType::F32)?), DType::F32)?,
+                None => {
+                    let hidden = net.forward_hidden(&ids, DType::F32)?;
+                    let tensors = HashMap::from([
+                        ("out".to_string(), net.forward(&ids, DType::F32)?),
+                        ("penultimate".to_string(), hidden.penultimate),
+                        ("pooled".to_string(), hidden.pooled),
+                    ]);
+                    candle_core::safetensors::save(&tensors, out)?;
+                    return Ok(());
+                }
+            }
         }
         "vae-encode" | "vae-decode" => {
             let net = Vae::new(vb, &config::<VaeConfig>(model, Component::Vae)?)?;
@@ -51,7 +77,7 @@ pub fn run(component: &str, model: &Path, loras: &[std::path::PathBuf], scales: 
             }
         }
         "train-step" => return train_step(model, &x, out, &dev),
-        other => bail!("unknown component `{other}` (unet, text-encoder, vae-encode, vae-decode, train-step)"),
+        other => bail!("unknown component `{other}` (unet, text-encoder, text-encoder-2, vae-encode, vae-decode, train-step)"),
     };
     candle_core::safetensors::save(&HashMap::from([("out".to_string(), result.to_dtype(DType::F32)?)]), out)?;
     Ok(())

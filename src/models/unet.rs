@@ -1,5 +1,8 @@
-//! diffusers' `UNet2DConditionModel` (SD 1.x / 2.x), differentiable, with per-sample timesteps,
-//! built from `unet/config.json` and loading diffusers keys.
+//! diffusers' `UNet2DConditionModel` (SD 1.x / 2.x and SDXL), differentiable, with per-sample
+//! timesteps, built from `unet/config.json` and loading diffusers keys. SDXL adds
+//! `transformer_layers_per_block` (several transformer blocks per attention) and
+//! `addition_embed_type = "text_time"`: the pooled text embedding and six size/crop numbers
+//! ([`AddedCond`]) go through `add_embedding` into the time embedding.
 
 use super::checkpoint::{Checkpointer, Segment};
 use super::attention::attention;
@@ -32,6 +35,24 @@ pub struct UNetConfig {
     pub flip_sin_to_cos: bool,
     #[serde(default)]
     pub freq_shift: f64,
+    /// Latent size the model was trained at (pipelines' default image size is this times 8).
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+    /// Transformer blocks per attention, one number or one per down block (SDXL: [1, 2, 10]).
+    #[serde(default)]
+    pub transformer_layers_per_block: Option<HeadCount>,
+    /// Heads per block when set (newer configs); `attention_head_dim` otherwise, as diffusers.
+    #[serde(default)]
+    pub num_attention_heads: Option<HeadCount>,
+    /// `"text_time"` (SDXL) or none.
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    /// Width of each time-id embedding of `text_time` (SDXL: 256).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// Input width of `add_embedding`: pooled text width + 6 x `addition_time_embed_dim`.
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -49,12 +70,60 @@ fn default_true() -> bool {
     true
 }
 
-impl UNetConfig {
-    fn heads(&self, block: usize) -> usize {
-        match &self.attention_head_dim {
+impl HeadCount {
+    fn at(&self, block: usize) -> usize {
+        match self {
             HeadCount::Same(n) => *n,
             HeadCount::PerBlock(v) => v[block],
         }
+    }
+}
+
+impl UNetConfig {
+    fn heads(&self, block: usize) -> usize {
+        self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim).at(block)
+    }
+
+    /// Transformer blocks in the attentions of down block `block` (1 unless configured).
+    fn depth(&self, block: usize) -> usize {
+        self.transformer_layers_per_block.as_ref().map_or(1, |d| d.at(block))
+    }
+
+    /// The `text_time` added conditioning's (time-id embedding width, `add_embedding` input width).
+    fn text_time(&self) -> Result<Option<(usize, usize)>> {
+        match self.addition_embed_type.as_deref() {
+            None => Ok(None),
+            Some("text_time") => match (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim) {
+                (Some(t), Some(p)) => Ok(Some((t, p))),
+                _ => candle_core::bail!("unet config: addition_embed_type \"text_time\" needs addition_time_embed_dim and projection_class_embeddings_input_dim"),
+            },
+            Some(other) => candle_core::bail!("unet config: addition_embed_type \"{other}\" is not supported (only SDXL's \"text_time\")"),
+        }
+    }
+
+    /// Whether the UNet takes SDXL's added conditioning ([`AddedCond`]).
+    pub fn is_text_time(&self) -> bool {
+        self.addition_embed_type.as_deref() == Some("text_time")
+    }
+}
+
+/// SDXL's added conditioning (diffusers' `added_cond_kwargs`): the pooled text embedding `(B, P)`
+/// and the time ids `(B, 6)`: original height and width, crop top and left, target height and width.
+#[derive(Clone, Debug)]
+pub struct AddedCond {
+    pub text_embeds: Tensor,
+    pub time_ids: Tensor,
+}
+
+impl AddedCond {
+    /// Both parts of `self` then of `other`, along the batch.
+    pub fn cat(&self, other: &AddedCond) -> Result<AddedCond> {
+        Ok(AddedCond { text_embeds: Tensor::cat(&[&self.text_embeds, &other.text_embeds], 0)?, time_ids: Tensor::cat(&[&self.time_ids, &other.time_ids], 0)? })
+    }
+
+    /// Each part repeated `n` times along the batch.
+    pub fn repeat(&self, n: usize) -> Result<AddedCond> {
+        Ok(AddedCond { text_embeds: Tensor::cat(&vec![&self.text_embeds; n], 0)?, time_ids: Tensor::cat(&vec![&self.time_ids; n], 0)? })
     }
 }
 
@@ -141,11 +210,11 @@ impl TransformerBlock {
     }
 }
 
-/// `Transformer2DModel`: GroupNorm, projection in, one transformer block, projection out, residual.
+/// `Transformer2DModel`: GroupNorm, projection in, transformer blocks, projection out, residual.
 struct SpatialTransformer {
     norm: GroupNorm,
     proj_in: Projection,
-    block: TransformerBlock,
+    blocks: Vec<TransformerBlock>,
     proj_out: Projection,
 }
 
@@ -155,7 +224,7 @@ enum Projection {
 }
 
 impl SpatialTransformer {
-    fn new(vb: Builder, c: &UNetConfig, dim: usize, heads: usize) -> Result<SpatialTransformer> {
+    fn new(vb: Builder, c: &UNetConfig, dim: usize, heads: usize, depth: usize) -> Result<SpatialTransformer> {
         let proj = |name: &str| -> Result<Projection> {
             Ok(if c.use_linear_projection {
                 Projection::Linear(Linear::new(vb.pp(name), dim, dim, true)?)
@@ -166,7 +235,7 @@ impl SpatialTransformer {
         Ok(SpatialTransformer {
             norm: GroupNorm::new(vb.pp("norm"), c.norm_num_groups, dim, 1e-6)?,
             proj_in: proj("proj_in")?,
-            block: TransformerBlock::new(vb.pp("transformer_blocks").pp(0), dim, c.cross_attention_dim, heads)?,
+            blocks: (0..depth).map(|i| TransformerBlock::new(vb.pp("transformer_blocks").pp(i), dim, c.cross_attention_dim, heads)).collect::<Result<_>>()?,
             proj_out: proj("proj_out")?,
         })
     }
@@ -180,7 +249,10 @@ impl SpatialTransformer {
             Projection::Conv(conv) => to_tokens(conv.forward(&n)?)?,
             Projection::Linear(lin) => lin.forward(&to_tokens(n)?)?,
         };
-        let tokens = self.block.forward(&tokens, context)?;
+        let mut tokens = tokens;
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
         let out = match &self.proj_out {
             Projection::Conv(conv) => conv.forward(&to_map(tokens)?)?,
             Projection::Linear(lin) => to_map(lin.forward(&tokens)?)?,
@@ -201,6 +273,8 @@ pub struct UNet {
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    /// SDXL's `add_embedding` (`linear_1`, `linear_2`) and its time-id embedding width.
+    add_embedding: Option<(Linear, Linear, usize)>,
     down: Vec<Block>,
     mid_resnets: Vec<Segment>,
     mid_attention: Segment,
@@ -233,7 +307,7 @@ impl UNet {
             for j in 0..c.layers_per_block {
                 block.resnets.push(resnet_segment(ResnetBlock::new(vb.pp("resnets").pp(j), c.norm_num_groups, c.norm_eps, if j == 0 { cin } else { ch[i] }, ch[i], Some(ch[0] * 4))?));
                 if cross(kind) {
-                    block.attentions.push(attention_segment(SpatialTransformer::new(vb.pp("attentions").pp(j), c, ch[i], c.heads(i))?));
+                    block.attentions.push(attention_segment(SpatialTransformer::new(vb.pp("attentions").pp(j), c, ch[i], c.heads(i), c.depth(i))?));
                 }
             }
             if i + 1 < n {
@@ -245,7 +319,7 @@ impl UNet {
         let mid = vb.pp("mid_block");
         let mid_res = |j: usize| ResnetBlock::new(mid.pp("resnets").pp(j), c.norm_num_groups, c.norm_eps, ch[n - 1], ch[n - 1], Some(ch[0] * 4)).map(resnet_segment);
         let mid_resnets = vec![mid_res(0)?, mid_res(1)?];
-        let mid_attention = attention_segment(SpatialTransformer::new(mid.pp("attentions").pp(0), c, ch[n - 1], c.heads(n - 1))?);
+        let mid_attention = attention_segment(SpatialTransformer::new(mid.pp("attentions").pp(0), c, ch[n - 1], c.heads(n - 1), c.depth(n - 1))?);
         let mut up = Vec::new();
         let mut out_ch = ch[n - 1];
         for (i, kind) in c.up_block_types.iter().enumerate() {
@@ -260,7 +334,7 @@ impl UNet {
                 let rin = if j == 0 { prev } else { out_ch };
                 block.resnets.push(resnet_segment(ResnetBlock::new(vb.pp("resnets").pp(j), c.norm_num_groups, c.norm_eps, rin + skip, out_ch, Some(ch[0] * 4))?));
                 if cross(kind) {
-                    block.attentions.push(attention_segment(SpatialTransformer::new(vb.pp("attentions").pp(j), c, out_ch, c.heads(n - 1 - i))?));
+                    block.attentions.push(attention_segment(SpatialTransformer::new(vb.pp("attentions").pp(j), c, out_ch, c.heads(n - 1 - i), c.depth(n - 1 - i))?));
                 }
             }
             if i + 1 < n {
@@ -268,7 +342,16 @@ impl UNet {
             }
             up.push(block);
         }
+        let temb_dim = ch[0] * 4;
+        let add_embedding = match c.text_time()? {
+            Some((time_dim, input)) => {
+                let add = vb.pp("add_embedding");
+                Some((Linear::new(add.pp("linear_1"), input, temb_dim, true)?, Linear::new(add.pp("linear_2"), temb_dim, temb_dim, true)?, time_dim))
+            }
+            None => None,
+        };
         Ok(UNet {
+            add_embedding,
             conv_in: Conv2d::new(vb.pp("conv_in"), c.in_channels, ch[0], 3, 1, 1)?,
             time_linear_1: Linear::new(vb.pp("time_embedding").pp("linear_1"), ch[0], ch[0] * 4, true)?,
             time_linear_2: Linear::new(vb.pp("time_embedding").pp("linear_2"), ch[0] * 4, ch[0] * 4, true)?,
@@ -307,12 +390,38 @@ impl UNet {
     }
 
     /// Predicts noise (or v) for latents `(B, C, H, W)` at per-sample `timesteps` `(B,)`, with text
-    /// context `(B, L, ctx)`, computing in `sample`'s dtype.
+    /// context `(B, L, ctx)`, computing in `sample`'s dtype. SD 1.x / 2.x; SDXL needs
+    /// [`UNet::forward_added`].
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.forward_added(sample, timesteps, context, None)
+    }
+
+    /// Whether [`UNet::forward_added`] needs the added conditioning (SDXL).
+    pub fn needs_added_cond(&self) -> bool {
+        self.add_embedding.is_some()
+    }
+
+    /// [`UNet::forward`] with SDXL's added conditioning, which a `text_time` UNet requires and
+    /// any other refuses.
+    pub fn forward_added(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor, added: Option<&AddedCond>) -> Result<Tensor> {
         let dtype = sample.dtype();
         let c = &self.config;
         let t = timestep_embedding(timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)?.to_dtype(dtype)?;
-        let temb = self.time_linear_2.forward(&self.time_linear_1.forward(&t)?.silu()?)?;
+        let mut temb = self.time_linear_2.forward(&self.time_linear_1.forward(&t)?.silu()?)?;
+        match (&self.add_embedding, added) {
+            (Some((linear_1, linear_2, time_dim)), Some(added)) => {
+                // diffusers' get_aug_embed for "text_time": every time id embedded as a timestep,
+                // flattened per sample, after the pooled text embedding.
+                let b = added.time_ids.dim(0)?;
+                let ids = added.time_ids.to_dtype(DType::F32)?.flatten_all()?;
+                let time_embeds = timestep_embedding(&ids, *time_dim, c.flip_sin_to_cos, c.freq_shift)?.reshape((b, ()))?;
+                let add = Tensor::cat(&[&added.text_embeds.to_dtype(DType::F32)?, &time_embeds], 1)?.to_dtype(dtype)?;
+                temb = (temb + linear_2.forward(&linear_1.forward(&add)?.silu()?)?)?;
+            }
+            (Some(_), None) => candle_core::bail!("this UNet (addition_embed_type \"text_time\", SDXL) needs the pooled text embeds and time ids"),
+            (None, Some(_)) => candle_core::bail!("this UNet takes no added conditioning (it is not SDXL's)"),
+            (None, None) => {}
+        }
         let context = context.to_dtype(dtype)?;
         let mut x = self.conv_in.forward(sample)?;
         let mut skips = vec![x.clone()];
@@ -363,6 +472,89 @@ mod tests {
             "cross_attention_dim": 12, "attention_head_dim": 2, "norm_num_groups": 4, "use_linear_projection": linear
         }))
         .unwrap()
+    }
+
+    /// SDXL-shaped: no attention at the first level, two transformer blocks after it, text_time
+    /// conditioning (pooled width 5, time-id embeddings 4 wide).
+    pub(crate) fn tiny_sdxl() -> UNetConfig {
+        serde_json::from_value(serde_json::json!({
+            "in_channels": 4, "out_channels": 4, "block_out_channels": [8, 16], "layers_per_block": 1,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+            "cross_attention_dim": 12, "attention_head_dim": [1, 2], "norm_num_groups": 4, "use_linear_projection": true,
+            "transformer_layers_per_block": [1, 2], "addition_embed_type": "text_time", "addition_time_embed_dim": 4,
+            "projection_class_embeddings_input_dim": 5 + 6 * 4
+        }))
+        .unwrap()
+    }
+
+    fn sdxl_added(dtype: DType) -> AddedCond {
+        let dev = Device::Cpu;
+        let pooled: Vec<f64> = (0..10).map(|i| (i as f64 * 0.9).cos()).collect();
+        AddedCond {
+            text_embeds: Tensor::from_vec(pooled, (2, 5), &dev).unwrap().to_dtype(dtype).unwrap(),
+            time_ids: Tensor::new(&[[1024f32, 768., 12., 40., 1024., 1024.], [64., 64., 0., 0., 64., 64.]], &dev).unwrap(),
+        }
+    }
+
+    fn sdxl_loss(model: &UNet, dtype: DType) -> Result<Tensor> {
+        let (x, t, ctx) = inputs(dtype);
+        let out = model.forward_added(&x, &t, &ctx, Some(&sdxl_added(dtype)))?;
+        let w = Tensor::arange(0f32, out.elem_count() as f32, &Device::Cpu)?.reshape(out.shape())?.to_dtype(dtype)?;
+        (&out * (w * 0.013)?.cos()?)?.sum_all()? + out.sqr()?.sum_all()?
+    }
+
+    #[test]
+    fn sdxl_unet_builds_diffusers_names_and_trains_every_parameter() {
+        let varmap = VarMap::new();
+        let model = UNet::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &tiny_sdxl()).unwrap();
+        let names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
+        for key in [
+            "add_embedding.linear_1.weight",
+            "add_embedding.linear_2.bias",
+            "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k.weight",
+            "mid_block.attentions.0.transformer_blocks.1.ff.net.2.weight",
+            "up_blocks.0.attentions.1.transformer_blocks.1.norm3.weight",
+        ] {
+            assert!(names.iter().any(|n| n == key), "{key} missing");
+        }
+        assert!(!names.iter().any(|n| n.starts_with("down_blocks.0.attentions") || n.starts_with("up_blocks.1.attentions")));
+        assert!(!names.iter().any(|n| n.contains("transformer_blocks.2")));
+        let grads = sdxl_loss(&model, DType::F32).unwrap().backward().unwrap();
+        assert_eq!(assert_every_var_has_a_gradient(&varmap, &grads), names.len());
+        // The added conditioning is required, and other time ids change the output.
+        let (x, t, ctx) = inputs(DType::F32);
+        assert!(model.forward(&x, &t, &ctx).unwrap_err().to_string().contains("time ids"));
+        let a = model.forward_added(&x, &t, &ctx, Some(&sdxl_added(DType::F32))).unwrap();
+        let mut swapped = sdxl_added(DType::F32);
+        swapped.time_ids = Tensor::cat(&[swapped.time_ids.narrow(0, 1, 1).unwrap(), swapped.time_ids.narrow(0, 0, 1).unwrap()], 0).unwrap();
+        let b = model.forward_added(&x, &t, &ctx, Some(&swapped)).unwrap();
+        assert!((a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 1e-4);
+    }
+
+    #[test]
+    fn sdxl_gradients_match_finite_differences() {
+        let varmap = VarMap::new();
+        let model = UNet::new(VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu), &tiny_sdxl()).unwrap();
+        let names = [
+            "add_embedding.linear_1.weight",
+            "add_embedding.linear_2.bias",
+            "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_v.weight",
+            "up_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj.weight",
+        ];
+        finite_difference_check(&varmap, &names, || sdxl_loss(&model, DType::F64));
+    }
+
+    #[test]
+    fn added_conditioning_is_refused_by_an_sd1_unet_and_bad_configs_are_named() {
+        let varmap = VarMap::new();
+        let model = UNet::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &tiny(true)).unwrap();
+        let (x, t, _) = inputs(DType::F32);
+        let ctx = Tensor::zeros((2, 5, 12), DType::F32, &Device::Cpu).unwrap();
+        assert!(model.forward_added(&x, &t, &ctx, Some(&sdxl_added(DType::F32))).is_err());
+        let mut c = tiny_sdxl();
+        c.addition_embed_type = Some("image".into());
+        let err = UNet::new(VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu), &c).err().unwrap().to_string();
+        assert!(err.contains("addition_embed_type \"image\""), "{err}");
     }
 
     #[test]

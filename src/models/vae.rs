@@ -18,6 +18,14 @@ pub struct VaeConfig {
     pub norm_num_groups: usize,
     #[serde(default = "default_scaling")]
     pub scaling_factor: f64,
+    /// diffusers' `force_upcast` (default true): SDXL's pipelines decode in f32 when the rest
+    /// runs in f16 (SDXL's VAE overflows f16).
+    #[serde(default = "default_force_upcast")]
+    pub force_upcast: bool,
+}
+
+fn default_force_upcast() -> bool {
+    true
 }
 
 fn default_scaling() -> f64 {

@@ -5,9 +5,9 @@ pub mod adapters;
 pub mod prompt;
 pub mod schedule;
 
-use crate::diffusers::layout::{find_variant_weights, find_weights, Component};
+use crate::diffusers::layout::{find_variant_weights, find_weights, find_weights_of, Component};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
-use crate::models::unet::{UNet, UNetConfig};
+use crate::models::unet::{AddedCond, UNet, UNetConfig};
 use crate::models::vae::{Vae, VaeConfig};
 use crate::models::weights::load_into;
 use prompt::PromptTokenizer;
@@ -31,6 +31,48 @@ fn detached(vars: &VarMap, device: &Device) -> VarBuilder<'static> {
     VarBuilder::from_tensors(tensors, DType::F32, device)
 }
 
+/// SDXL's second text encoder: `text_encoder_2` (`CLIPTextModelWithProjection`, OpenCLIP-G) and
+/// `tokenizer_2`.
+pub struct TextEncoder2 {
+    pub model: ClipTextModel,
+    pub vars: VarMap,
+    /// Over detached views of `vars`, as [`InferenceModels`].
+    pub inference: ClipTextModel,
+    pub config: ClipTextConfig,
+    pub tokenizer: PromptTokenizer,
+}
+
+/// A prompt's embeddings as the UNet takes them: the context `(1, L, D)` and, for SDXL, the
+/// pooled embedding `(1, P)` of the second text encoder.
+#[derive(Clone, Debug)]
+pub struct PromptEmbeds {
+    pub context: Tensor,
+    pub pooled: Option<Tensor>,
+}
+
+impl PromptEmbeds {
+    fn zeros_like(&self) -> Result<PromptEmbeds> {
+        Ok(PromptEmbeds { context: self.context.zeros_like()?, pooled: self.pooled.as_ref().map(Tensor::zeros_like).transpose()? })
+    }
+}
+
+/// SDXL's time ids for square images of `size` pixels (diffusers' `_get_add_time_ids` with its
+/// defaults: original size = target size, crop at the top left): `(n, 6)`.
+pub fn time_ids(size: usize, n: usize, device: &Device) -> Result<Tensor> {
+    let s = size as f32;
+    let one = [s, s, 0.0, 0.0, s, s];
+    Ok(Tensor::new(&one, device)?.unsqueeze(0)?.repeat((n, 1))?)
+}
+
+/// SDXL's added conditioning for the UNet: the pooled embeddings of `embeds` (each repeated `n`
+/// times, in order) with the time ids of `size`; `None` when they carry no pooled embedding (SD 1/2).
+pub fn added_cond(embeds: &[&PromptEmbeds], n: usize, size: usize, device: &Device) -> Result<Option<AddedCond>> {
+    let pooled: Option<Vec<&Tensor>> = embeds.iter().map(|e| e.pooled.as_ref()).collect();
+    let Some(pooled) = pooled else { return Ok(None) };
+    let repeated: Vec<Tensor> = pooled.iter().map(|p| Tensor::cat(&vec![*p; n], 0)).collect::<candle_core::Result<_>>()?;
+    Ok(Some(AddedCond { text_embeds: Tensor::cat(&repeated, 0)?, time_ids: time_ids(size, n * embeds.len(), device)? }))
+}
+
 pub struct Pipeline {
     pub unet: UNet,
     pub unet_vars: VarMap,
@@ -50,6 +92,11 @@ pub struct Pipeline {
     pub lora: Option<adapters::PipelineLora>,
     /// Set by [`Pipeline::release_text_encoder`].
     pub text_released: bool,
+    /// SDXL's second text encoder; `None` for SD 1.x / 2.x.
+    pub text_2: Option<TextEncoder2>,
+    /// SDXL pipelines' `force_zeros_for_empty_prompt` (`model_index.json`, default true): an empty
+    /// negative prompt is all zeros, not the encoding of "".
+    pub force_zeros_for_empty_prompt: bool,
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
@@ -80,8 +127,11 @@ impl Pipeline {
             Some(_) => None,
             None => Some(UNet::new(as_stored(cast_for_compute(&self.unet_vars, dtype)?, dtype, &self.device), &self.unet_config)?),
         };
-        let vae = Vae::new(as_stored(cast_for_compute(&self.vae_vars, dtype)?, dtype, &self.device), &self.vae.config)?;
-        Ok(SamplingModels { unet, vae: Some(vae) })
+        let vae = match self.vae_dtype() {
+            DType::F32 => None,
+            _ => Some(Vae::new(as_stored(cast_for_compute(&self.vae_vars, dtype)?, dtype, &self.device), &self.vae.config)?),
+        };
+        Ok(SamplingModels { unet, vae })
     }
 
     /// Builds the three models from their configs, with random weights (benchmarks; `load` sets them).
@@ -112,7 +162,35 @@ impl Pipeline {
             text_config: text_cfg.clone(),
             lora: None,
             text_released: false,
+            text_2: None,
+            force_zeros_for_empty_prompt: false,
         })
+    }
+
+    /// Adds SDXL's second text encoder (random weights until loaded into `text_2.vars`).
+    pub fn attach_text_encoder_2(&mut self, config: &ClipTextConfig, tokenizer: PromptTokenizer) -> Result<()> {
+        let vars = VarMap::new();
+        let model = ClipTextModel::with_projection(VarBuilder::from_varmap(&vars, DType::F32, &self.device), config)?;
+        let inference = ClipTextModel::with_projection(detached(&vars, &self.device), config)?;
+        self.text_2 = Some(TextEncoder2 { model, vars, inference, config: config.clone(), tokenizer });
+        self.force_zeros_for_empty_prompt = true;
+        Ok(())
+    }
+
+    /// diffusers' default image size: the UNet's `sample_size` times the VAE's downscale factor
+    /// (512 when the config has no `sample_size`).
+    pub fn default_size(&self) -> usize {
+        self.unet_config.sample_size.map_or(512, |s| s * self.vae_scale_factor())
+    }
+
+    /// Pixels per latent along each side: 2 to the number of VAE levels minus one (8 for SD).
+    pub fn vae_scale_factor(&self) -> usize {
+        1 << self.vae.config.block_out_channels.len().saturating_sub(1)
+    }
+
+    /// Whether this is an SDXL pipeline (two text encoders, added conditioning).
+    pub fn is_sdxl(&self) -> bool {
+        self.text_2.is_some()
     }
 
     /// Loads unet, text_encoder, vae, the tokenizer and the scheduler config of a diffusers folder (f32 weights).
@@ -138,7 +216,33 @@ impl Pipeline {
         load_into(&pipe.text_vars, &weights(Component::TextEncoder)?, "text_model.")?;
         load_into(&pipe.vae_vars, &weights(Component::Vae)?, "")?;
         pipe.tokenizer = PromptTokenizer::for_pipeline(dir)?;
+        if dir.join("text_encoder_2").join("config.json").is_file() {
+            pipe.load_text_encoder_2(dir, variant)?;
+        }
+        if pipe.unet_config.is_text_time() {
+            anyhow::ensure!(pipe.text_2.is_some(), "{}: the UNet takes SDXL's added conditioning, but there is no text_encoder_2/config.json", dir.display());
+        }
         Ok(pipe)
+    }
+
+    /// SDXL: `text_encoder_2` and `tokenizer_2` of `dir`, and `force_zeros_for_empty_prompt`.
+    fn load_text_encoder_2(&mut self, dir: &Path, variant: Option<&str>) -> Result<()> {
+        let config: ClipTextConfig = read_json(&dir.join("text_encoder_2/config.json"))?;
+        let tokenizer_dir = dir.join("tokenizer_2");
+        let tokenizer = PromptTokenizer::load(&tokenizer_dir).with_context(|| format!("{}: SDXL's second tokenizer", tokenizer_dir.display()))?;
+        self.attach_text_encoder_2(&config, tokenizer)?;
+        let file = match variant {
+            None => find_weights_of(dir, "text_encoder_2", "model.safetensors")?,
+            Some(v) => {
+                let p = dir.join("text_encoder_2").join(format!("model.{v}.safetensors"));
+                anyhow::ensure!(p.is_file(), "{}: missing (--variant {v})", p.display());
+                p
+            }
+        };
+        load_into(&self.text_2.as_ref().expect("attached").vars, &file, "text_model.")?;
+        let index: serde_json::Value = read_json(&dir.join("model_index.json")).unwrap_or_default();
+        self.force_zeros_for_empty_prompt = index.get("force_zeros_for_empty_prompt").and_then(serde_json::Value::as_bool).unwrap_or(true);
+        Ok(())
     }
 
     /// Drops the text encoder's weights (`--pre_compute_text_embeddings`): its models become empty
@@ -152,7 +256,43 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Text embeddings `(1, 77, D)` of a prompt.
+    /// A prompt's embeddings for sampling: SD 1/2 the text encoder's output; SDXL the penultimate
+    /// hidden states of both encoders side by side and the second one's projected pooled output,
+    /// as diffusers' `StableDiffusionXLPipeline.encode_prompt`.
+    pub fn encode(&self, prompt: &str) -> Result<PromptEmbeds> {
+        let Some(t2) = &self.text_2 else {
+            return Ok(PromptEmbeds { context: self.embed(prompt)?, pooled: None });
+        };
+        anyhow::ensure!(!self.text_released, "the text encoders were freed; prompt `{prompt}` cannot be encoded");
+        let ids = |tok: &PromptTokenizer| -> Result<Tensor> { Ok(Tensor::new(tok.ids(prompt).as_slice(), &self.device)?.unsqueeze(0)?) };
+        let first = self.inference.text.forward_hidden(&ids(&self.tokenizer)?, self.compute_dtype)?;
+        let second = t2.inference.forward_hidden(&ids(&t2.tokenizer)?, self.compute_dtype)?;
+        let context = Tensor::cat(&[&first.penultimate, &second.penultimate], 2)?;
+        Ok(PromptEmbeds { context, pooled: Some(second.pooled) })
+    }
+
+    /// The negative side of guidance: [`Pipeline::encode`], except that SDXL with
+    /// `force_zeros_for_empty_prompt` makes an empty negative prompt all zeros, as diffusers does
+    /// when no negative prompt is given.
+    pub fn encode_negative(&self, negative: &str) -> Result<PromptEmbeds> {
+        let embeds = self.encode(negative)?;
+        if negative.is_empty() && self.is_sdxl() && self.force_zeros_for_empty_prompt {
+            return embeds.zeros_like();
+        }
+        Ok(embeds)
+    }
+
+    /// The dtype the VAE decodes in: the compute dtype, except f32 for SDXL in f16 when the VAE's
+    /// `force_upcast` is set (diffusers' `needs_upcasting`).
+    pub fn vae_dtype(&self) -> DType {
+        if self.is_sdxl() && self.compute_dtype == DType::F16 && self.vae.config.force_upcast {
+            DType::F32
+        } else {
+            self.compute_dtype
+        }
+    }
+
+    /// Text embeddings `(1, 77, D)` of a prompt (SD 1/2's text encoder).
     pub fn embed(&self, prompt: &str) -> Result<Tensor> {
         anyhow::ensure!(!self.text_released, "the text encoder was freed (--pre_compute_text_embeddings); prompt `{prompt}` cannot be encoded");
         let ids = Tensor::new(self.tokenizer.ids(prompt).as_slice(), &self.device)?.unsqueeze(0)?;
@@ -185,7 +325,8 @@ mod tests {
         let dev = Device::Cpu;
         let mut pipe = tiny(&dev);
         pipe.compute_dtype = DType::F16;
-        let (cond, uncond) = (Tensor::randn(0f32, 1.0, (1, 3, 12), &dev).unwrap(), Tensor::randn(0f32, 1.0, (1, 3, 12), &dev).unwrap());
+        let embeds = |t: Tensor| PromptEmbeds { context: t, pooled: None };
+        let (cond, uncond) = (embeds(Tensor::randn(0f32, 1.0, (1, 3, 12), &dev).unwrap()), embeds(Tensor::randn(0f32, 1.0, (1, 3, 12), &dev).unwrap()));
         let sample = |on: bool| {
             Switch::CastWeightsOnce.force(on);
             let cast = pipe.sampling_models().unwrap();

@@ -44,6 +44,11 @@ pub fn resolve_base_at(spec: &Path, revision: Option<&str>) -> Result<PathBuf> {
         return Ok(folder);
     }
     eprintln!("{}: converting the single file to a diffusers folder in {}", local.display(), folder.display());
+    if super::sdxl::is_sdxl_file(&local) {
+        let done = super::sdxl::single_file_to_diffusers(&local, &super::sdxl::SdxlToFolderOptions { base: None, out: folder, half: false, force: false })?;
+        eprintln!("SDXL base");
+        return Ok(done.out);
+    }
     let done = single_file_to_diffusers(&local, &ToFolderOptions { out: folder.clone(), ..Default::default() })?;
     eprintln!("SD {} base, prediction {}", done.sd_version, describe_prediction(&done.prediction));
     Ok(done.out)

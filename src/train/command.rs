@@ -18,7 +18,7 @@ use crate::diffusers::layout::Component;
 use crate::diffusers::st_write::{PendingTensor, StWriter};
 use crate::generate::scheduler::SchedulerKind;
 use crate::generate::text_to_image::{generate_batch, save_png};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, PromptEmbeds};
 use crate::hub::model_card::{model_card, CardInfo};
 use crate::tensor::{DType as RawDType, RawTensor};
 use anyhow::{bail, ensure, Context, Result};
@@ -324,7 +324,7 @@ pub fn train_checked(a: &TrainArgs, ready: super::preflight::Ready) -> Result<Tr
     };
     // The validation prompt's embeddings, when the text encoder stays as it is.
     let validation_embeds = match (&a.validation_prompt, a.train_text_encoder) {
-        (Some(p), false) => Some((pipe.embed(p)?, pipe.embed("")?)),
+        (Some(p), false) => Some((pipe.encode(p)?, pipe.encode_negative("")?)),
         _ => None,
     };
     if a.pre_compute_text_embeddings {
@@ -551,7 +551,7 @@ fn generate_class_images(pipe: &mut Pipeline, dir: &Path, prompt: &str, a: &Trai
     eprintln!("generating {} class images, {batch} at a time, in {dtype:?}", a.num_class_images - have);
     let kept = std::mem::replace(&mut pipe.compute_dtype, dtype);
     let result = (|| {
-        let (cond, uncond) = (pipe.embed(prompt)?, pipe.embed("")?);
+        let (cond, uncond) = (pipe.encode(prompt)?, pipe.encode_negative("")?);
         let bar = ProgressBar::new((a.num_class_images - have) as u64).with_message("class images");
         let mut next_name = have;
         for first in (have..a.num_class_images).step_by(batch) {
@@ -612,13 +612,13 @@ fn encode_images(pipe: &Pipeline, dir: &Path, prompt: &str, a: &TrainArgs, set: 
 
 /// The validation images of a round (`validation/step_<step>_<i>.png`), their paths returned: 25
 /// steps of `--validation_scheduler`, one seeded stream for the round, as diffusers' script.
-fn validate(pipe: &Pipeline, prompt: &str, embeds: Option<&(Tensor, Tensor)>, a: &TrainArgs, step: usize) -> Result<Vec<PathBuf>> {
+fn validate(pipe: &Pipeline, prompt: &str, embeds: Option<&(PromptEmbeds, PromptEmbeds)>, a: &TrainArgs, step: usize) -> Result<Vec<PathBuf>> {
     const VALIDATION_STEPS: usize = 25;
     let dir = a.output_dir.join("validation");
     std::fs::create_dir_all(&dir)?;
     let (cond, uncond) = match embeds {
         Some((c, u)) => (c.clone(), u.clone()),
-        None => (pipe.embed(prompt)?, pipe.embed("")?),
+        None => (pipe.encode(prompt)?, pipe.encode_negative("")?),
     };
     let mut rng = TrainRng::new(a.seed);
     let mut paths = Vec::new();
