@@ -423,6 +423,35 @@ fn the_cli_converts_and_inspect_says_sdxl() {
 }
 
 #[test]
+fn keras_conversions_refuse_sdxl_in_one_line_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, file) = (dir.path().join("sdxl"), dir.path().join("sdxl.safetensors"));
+    make_sdxl_folder(&folder);
+    export(&folder, &file, false).unwrap();
+    let refiner = dir.path().join("refiner.safetensors");
+    keys_file(&refiner, &["model.diffusion_model.label_emb.0.0.weight", "conditioner.embedders.0.model.transformer.resblocks.0.ln_1.weight"]);
+    let out = dir.path().join("out");
+    let (o, os) = (out.as_os_str(), out.with_extension("safetensors"));
+    let cases: Vec<(Vec<&std::ffi::OsStr>, &Path)> = vec![
+        (vec!["single-file-to-keras".as_ref(), "--checkpoint".as_ref(), file.as_ref(), "--out".as_ref(), o], &file),
+        (vec!["single-file-to-keras".as_ref(), "--checkpoint".as_ref(), refiner.as_ref(), "--out".as_ref(), o], &refiner),
+        (vec!["diffusers-to-keras".as_ref(), "--model".as_ref(), folder.as_ref(), "--out".as_ref(), o], &folder),
+        (vec!["keras-to-single-file".as_ref(), "--base".as_ref(), folder.as_ref(), "--out".as_ref(), os.as_ref()], &folder),
+        (vec!["keras-to-single-file".as_ref(), "--base".as_ref(), file.as_ref(), "--out".as_ref(), os.as_ref()], &file),
+        (vec!["keras-to-diffusers".as_ref(), "--base".as_ref(), folder.as_ref(), "--out".as_ref(), o], &folder),
+    ];
+    for (args, named) in cases {
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_dreambridge")).arg("convert").args(&args).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+        let what = if named.is_dir() { "an SDXL diffusers folder" } else { "an SDXL single file" };
+        assert!(!run.status.success(), "{args:?}: {text}");
+        assert!(text.trim().lines().count() == 1 && text.contains(&*named.display().to_string()) && text.contains(what), "{args:?}: {text}");
+        assert!(text.contains("SDXL has no KerasCV or KerasHub layout (KerasCV has Stable Diffusion 1.x/2.x, KerasHub has SD3)"), "{args:?}: {text}");
+        assert!(!out.exists() && !os.exists(), "{args:?}: wrote an output");
+    }
+}
+
+#[test]
 fn a_base_folder_gives_its_configs_where_they_agree_with_the_weights() {
     let dir = tempfile::tempdir().unwrap();
     let (folder, file) = (dir.path().join("sdxl"), dir.path().join("sdxl.safetensors"));
