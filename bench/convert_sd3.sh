@@ -77,73 +77,24 @@ with open(os.path.join(out, "model_index.json"), "w") as f:
 PY
     mv "$SRC.part" "$SRC"
 fi
-command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }
+RSS_OF=largest
+. bench/lib.sh
+need_time
 cargo build --release -q
 DB=${DREAMBRIDGE_BIN:-target/release/dreambridge}
 TMP=$(mktemp -d "$CACHE/run.XXXX")
 trap 'rm -rf "$TMP"' EXIT
 $DB convert diffusers-to-keras --model "$SRC" --out "$TMP/preset" > /dev/null
 
-measure() { # -> "seconds max_rss_kb" of the command; its stderr goes to $TMP/err
-    /usr/bin/time -f "%e %M" -o "$TMP/time" "$@" > /dev/null 2> "$TMP/err"
-    cat "$TMP/time"
-}
-durable_copy() {
-    mkdir -p "$TMP/copy"
-    for f in "$@"; do cp "$f" "$TMP/copy/$(echo "$f" | tr / _)"; done
-    sync "$TMP"/copy/*
-}
-CAN_DROP=1
-sync
-echo 3 > /proc/sys/vm/drop_caches 2> /dev/null || { CAN_DROP=0; echo "note: cannot drop the page cache here; runs start from whatever it holds"; }
-fresh_start() {
-    sync
-    if [ "$CAN_DROP" = 1 ]; then echo 3 > /proc/sys/vm/drop_caches; fi
-    cat "$@" > /dev/null
-}
-stats() { sort -g | awk '{ v[NR] = $1 } END { printf "%s %s %s\n", v[1], v[int((NR + 1) / 2)], v[NR] }'; }
-echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-
-ROWS=()
-run_case() { # label, output, "input files", dreambridge args...
-    local label=$1 out=$2 inputs=$3
-    shift 3
-    local bytes largest
-    bytes=$(stat -c %s $inputs | awk '{ s += $1 } END { print s }')
-    largest=$(stat -c %s $inputs | sort -g | tail -1)
-    : > "$TMP/cp.txt"
-    : > "$TMP/db.txt"
-    for i in $(seq "$PAIRS"); do
-        for who in $( [ $((i % 2)) = 1 ] && echo "cp db" || echo "db cp"); do
-            fresh_start $inputs
-            if [ "$who" = cp ]; then
-                export -f durable_copy
-                measure bash -c 'TMP=$0; durable_copy "$@"' "$TMP" $inputs >> "$TMP/cp.txt"
-                rm -rf "$TMP/copy"
-            else
-                measure $DB convert "$@" --out "$out" >> "$TMP/db.txt"
-                rm -rf "$out"
-            fi
-        done
-    done
-    local c d dk
-    read -r -a c < <(cut -d' ' -f1 "$TMP/cp.txt" | stats)
-    read -r -a d < <(cut -d' ' -f1 "$TMP/db.txt" | stats)
-    dk=$(cut -d' ' -f2 "$TMP/db.txt" | sort -g | tail -1)
-    ROWS+=("$(awk -v l="$label" -v b="$bytes" -v c0="${c[0]}" -v c1="${c[1]}" -v c2="${c[2]}" -v d0="${d[0]}" -v d1="${d[1]}" -v d2="${d[2]}" -v dk="$dk" -v lg="$largest" 'BEGIN {
-        printf "%-32s %6.2f %5.1f %6.1f %6.1f %7.1f %6.1f %6.1f %7.2f %7.2f %7.0f %5.1f%%", l, b / 1e9, c0, c1, c2, d0, d1, d2, d1 / c1, d0 / c0, dk / 1024, 100 * dk * 1024 / lg
-    }')")
-    ROWS+=("$(printf '%-32s cp: %s  dreambridge: %s' '' "$(cut -d' ' -f1 "$TMP/cp.txt" | tr '\n' ' ')" "$(cut -d' ' -f1 "$TMP/db.txt" | tr '\n' ' ')")")
-}
+can_drop_caches
+echo "load average before: $(load_average)"
 
 SRC_FILES=$(ls "$SRC"/*/*.safetensors | tr '\n' ' ')
 run_case "diffusers -> KerasHub preset" "$TMP/o" "$SRC_FILES" diffusers-to-keras --model "$SRC"
 run_case "KerasHub preset -> diffusers" "$TMP/o" "$TMP/preset/model.weights.h5" keras-to-diffusers --preset "$TMP/preset"
 run_case "KerasHub preset -> diffusers --half" "$TMP/o" "$TMP/preset/model.weights.h5" keras-to-diffusers --half --preset "$TMP/preset"
 
-echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
-printf "\n%-32s %6s %20s %22s %15s %7s %6s\n" "$PAIRS alternating pairs" "GB in" "cp + sync (s)" "dreambridge (s)" "ratio of" "peak" "of"
-printf "%-32s %6s %5s %6s %6s %7s %6s %6s %7s %7s %7s %6s\n" "" "" "min" "median" "max" "min" "median" "max" "medians" "minimums" "RSS MB" "largest"
-for r in "${ROWS[@]}"; do echo "$r"; done
+echo "load average after: $(load_average)"
+print_rows
 echo
 echo "peak RSS: the largest of the runs, against the case's largest input file (target: at most 10 %)."

@@ -34,16 +34,12 @@ pipe.save_pretrained(sys.argv[1])
 PY
     mv "$PIPE.part" "$PIPE"
 fi
-command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }
+. bench/lib.sh
+need_time
 TMP=$(mktemp -d "$CACHE/run.XXXX")
 trap 'rm -rf "$TMP"' EXIT
 WEIGHTS=("$PIPE/unet/diffusion_pytorch_model.safetensors" "$PIPE/text_encoder/model.safetensors" "$PIPE/vae/diffusion_pytorch_model.safetensors")
 cat "${WEIGHTS[@]}" > /dev/null # warm page cache for every run
-
-measure() { # command... -> "seconds max_rss_kb"
-    /usr/bin/time -f "%e %M" -o "$TMP/time" "$@" > /dev/null 2>&1
-    cat "$TMP/time"
-}
 # dreambridge fsyncs its output before the atomic rename; so does the copy.
 read -r cp_s cp_kb < <(measure sh -c 'cat "$@" > "$0" && sync "$0"' "$TMP/copy" "${WEIGHTS[@]}")
 rm -f "$TMP/copy"

@@ -52,7 +52,9 @@ for name, make in [("unet_sd1", lambda: DiffusionModel(512, 512, 77, download_we
     os.replace(part, path)
 PY
 fi
-command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }
+PROFILE=1
+. bench/lib.sh
+need_time
 # DREAMBRIDGE_BIN: another build to measure (an older commit's, for a before/after).
 cargo build --release -q
 DB=${DREAMBRIDGE_BIN:-target/release/dreambridge}
@@ -66,64 +68,8 @@ $DB convert keras-to-diffusers --unet "$C/unet_sd1.h5" --text-encoder "$C/text_e
     --vae-encoder "$C/image_encoder.h5" --vae-decoder "$C/decoder.h5" --out "$TMP/src_pipe" > /dev/null 2>&1
 PIPE_IN=(--unet "$C/unet_sd1.h5" --text-encoder "$C/text_encoder_sd1.h5" --vae-encoder "$C/image_encoder.h5" --vae-decoder "$C/decoder.h5")
 
-measure() { # -> "seconds max_rss_kb" of the command; its stderr goes to $TMP/err
-    /usr/bin/time -f "%e %M" -o "$TMP/time" "$@" > /dev/null 2> "$TMP/err"
-    cat "$TMP/time"
-}
-durable_copy() { # files... -> copies them into $TMP/copy and syncs each
-    mkdir -p "$TMP/copy"
-    for f in "$@"; do cp "$f" "$TMP/copy/"; done
-    sync "$TMP"/copy/*
-}
-
-# Every run starts alike (see the top); without the right to drop caches, say so.
-CAN_DROP=1
-sync
-echo 3 > /proc/sys/vm/drop_caches 2> /dev/null || { CAN_DROP=0; echo "note: cannot drop the page cache here; runs start from whatever it holds"; }
-fresh_start() { # input files...
-    sync
-    if [ "$CAN_DROP" = 1 ]; then echo 3 > /proc/sys/vm/drop_caches; fi
-    cat "$@" > /dev/null
-}
-stats() { # seconds on stdin -> "min median max"
-    sort -g | awk '{ v[NR] = $1 } END { printf "%s %s %s\n", v[1], v[int((NR + 1) / 2)], v[NR] }'
-}
-echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-
-ROWS=()
-run_case() { # label, output folder, "input files", dreambridge args...
-    local label=$1 out=$2 inputs=$3
-    shift 3
-    echo "$label" | grep -q -e "$CASES" || return 0
-    local bytes
-    bytes=$(stat -c %s $inputs | awk '{ s += $1 } END { print s }')
-    : > "$TMP/cp.txt"
-    : > "$TMP/db.txt"
-    for i in $(seq "$PAIRS"); do
-        for who in $( [ $((i % 2)) = 1 ] && echo "cp db" || echo "db cp"); do
-            fresh_start $inputs
-            if [ "$who" = cp ]; then
-                export -f durable_copy
-                measure bash -c 'TMP=$0; durable_copy "$@"' "$TMP" $inputs >> "$TMP/cp.txt"
-                rm -rf "$TMP/copy"
-            else
-                read -r s kb < <(DREAMBRIDGE_PROFILE=1 measure $DB convert "$@" --out "$out")
-                echo "$s $kb $(grep '^profile:' "$TMP/err" | sed 's/^profile: //')" >> "$TMP/db.txt"
-                rm -rf "$out"
-            fi
-        done
-    done
-    local c d dk prof
-    read -r -a c < <(cut -d' ' -f1 "$TMP/cp.txt" | stats)
-    read -r -a d < <(cut -d' ' -f1 "$TMP/db.txt" | stats)
-    dk=$(cut -d' ' -f2 "$TMP/db.txt" | sort -g | tail -1)
-    prof=$(awk -v m="${d[1]}" '$1 == m { $1 = ""; $2 = ""; print; exit }' "$TMP/db.txt")
-    ROWS+=("$(awk -v l="$label" -v b="$bytes" -v c0="${c[0]}" -v c1="${c[1]}" -v c2="${c[2]}" -v d0="${d[0]}" -v d1="${d[1]}" -v d2="${d[2]}" -v dk="$dk" 'BEGIN {
-        printf "%-34s %6.2f %5.2f %6.2f %6.2f %7.2f %6.2f %6.2f %7.2f %7.2f %7.0f %5.1f%%", l, b / 1e9, c0, c1, c2, d0, d1, d2, d1 / c1, d0 / c0, dk / 1024, 100 * dk * 1024 / b
-    }')")
-    ROWS+=("$(printf '%-34s cp: %s  dreambridge: %s' '' "$(cut -d' ' -f1 "$TMP/cp.txt" | tr '\n' ' ')" "$(cut -d' ' -f1 "$TMP/db.txt" | tr '\n' ' ')")")
-    ROWS+=("$(printf '%-34s profile:%s' '' "$prof")")
-}
+can_drop_caches
+echo "load average before: $(load_average)"
 
 run_case "keras -> diffusers, UNet" "$TMP/o" "$C/unet_sd1.h5" keras-to-diffusers --unet "$C/unet_sd1.h5"
 run_case "keras -> diffusers, UNet --half" "$TMP/o" "$C/unet_sd1.h5" keras-to-diffusers --half --unet "$C/unet_sd1.h5"
@@ -141,10 +87,8 @@ fi
 run_case "single file -> diffusers" "$TMP/o" "$TMP/src.safetensors" single-file-to-diffusers --checkpoint "$TMP/src.safetensors"
 run_case "single file -> keras" "$TMP/o" "$TMP/src.safetensors" single-file-to-keras --checkpoint "$TMP/src.safetensors"
 
-echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
-printf "\n%-34s %6s %20s %22s %15s %7s %6s\n" "$PAIRS alternating pairs" "GB in" "cp + sync (s)" "dreambridge (s)" "ratio of" "peak" "of"
-printf "%-34s %6s %5s %6s %6s %7s %6s %6s %7s %7s %7s %6s\n" "" "" "min" "median" "max" "min" "median" "max" "medians" "minimums" "RSS MB" "input"
-for r in "${ROWS[@]}"; do echo "$r"; done
+echo "load average after: $(load_average)"
+print_rows
 largest=$(stat -c %s "$C/unet_sd1.h5")
 echo
 echo "peak RSS is the largest of the runs; the target is at most 10 % of the largest tensor file ($(awk -v b="$largest" 'BEGIN { printf "%.0f MB", b / 1e6 / 10 }'))."

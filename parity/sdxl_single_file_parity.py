@@ -19,6 +19,14 @@ Two tiny pipelines: "sdxl-tiny" and "sdxl-depths" (SDXL base's own transformer d
    configs agree with the originals on every field the weights fix; the same tensors saved by
    `torch.save` as a `.ckpt` convert to the same models.
 4. `--half`: the fp16 file loads in diffusers to the original weights cast to fp16, bit for bit.
+5. Files written by diffusers' own `scripts/convert_diffusers_to_original_sdxl.py` (reproduced by
+   `diffusers_sdxl_to_original.py`; with `SDXL_ORIGINAL_SCRIPT=<a copy of that script>` the copy is run
+   too and must write the same tensors: safetensors files byte for byte): safetensors f32, `--half`,
+   and `.ckpt` (`{"state_dict": ...}`, f32 and `--half`), from the folder as transformers 5 saves it
+   (CLIP-L keys without `text_model.`) and from the same folder in transformers 4's form (`text_model.`
+   keys, a persistent int64 `position_ids` in both CLIPs, which the script passes through and `--half`
+   casts), import with `convert single-file-to-diffusers` and load with `from_pretrained` bit-identical
+   to the original models (`--half`: to their fp16 cast).
 
     parity/.venv-torch/bin/python parity/sdxl_single_file_parity.py DREAMBRIDGE
 
@@ -38,6 +46,7 @@ from safetensors.torch import load_file  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import run_checked, WORK, drop, record_fact  # noqa: E402
+import diffusers_sdxl_to_original as sdxl_script  # noqa: E402
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: E402
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
@@ -50,6 +59,9 @@ DB = None
 # depths (1/2/10 per level, 32 OpenCLIP-G blocks) at tiny widths, so every real key name is made.
 VARIANTS = {"sdxl-tiny": ((1, 2, 3), 10), "sdxl-depths": ((1, 2, 10), 32)}
 VARIANT = ""
+# A copy of diffusers' scripts/convert_diffusers_to_original_sdxl.py (not in the pip package): when
+# given, it is run beside our reproduction of it and must write the same tensors.
+ORIGINAL_SCRIPT = os.environ.get("SDXL_ORIGINAL_SCRIPT")
 
 
 def fact(check, component, ok, note=""):
@@ -204,6 +216,66 @@ def check_import(folder, path):
     drop(out, ckpt)
 
 
+def transformers4_folder(folder):
+    """The same pipeline as transformers 4 saved it: CLIP-L keys under `text_model.`, and both CLIPs
+    with the persistent int64 `text_model.embeddings.position_ids` buffer transformers < 4.31 wrote."""
+    from safetensors.torch import save_file
+
+    out = folder + "-tf4"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(folder, out)
+    for part in ["text_encoder", "text_encoder_2"]:
+        path = os.path.join(out, part, "model.safetensors")
+        sd = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in load_file(path).items()}
+        sd["text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
+        save_file(sd, path, metadata={"format": "pt"})
+    return out
+
+
+def script_file(folder, path, half, safetensors):
+    """Our reproduction of the script writes `path`; a given copy of the original is compared with it."""
+    sdxl_script.write(folder, path, half, safetensors)
+    if not ORIGINAL_SCRIPT:
+        return
+    theirs = path + ".original"
+    flags = (["--half"] if half else []) + (["--use_safetensors"] if safetensors else [])
+    run_checked([sys.executable, ORIGINAL_SCRIPT, "--model_path", folder, "--checkpoint_path", theirs, *flags])
+    if safetensors:
+        with open(path, "rb") as a, open(theirs, "rb") as b:
+            ok, note = a.read() == b.read(), "byte-identical files"
+    else:
+        x, y = torch.load(path, weights_only=True)["state_dict"], torch.load(theirs, weights_only=True)["state_dict"]
+        ok = x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and x[k].shape == y[k].shape and torch.equal(x[k], y[k]) for k in x)
+        note = f"{len(x)} tensors equal (state dicts)"
+    fact("the script's files", f"our reproduction = {os.path.basename(ORIGINAL_SCRIPT)} ({os.path.basename(path)})", ok, note)
+    drop(theirs)
+
+
+def check_script_files(folder):
+    """Files written by diffusers' convert_diffusers_to_original_sdxl.py import bit-identically."""
+    orig = load(folder)
+    tf4 = transformers4_folder(folder)
+    out = os.path.join(W, "script-back")
+    for source, form in [(folder, "transformers 5 folder"), (tf4, "transformers 4 folder")]:
+        for half, safetensors in [(False, True), (True, True), (False, False), (True, False)]:
+            label = f"{form}, {'--half ' if half else ''}{'safetensors' if safetensors else '.ckpt'}"
+            stem = f"{VARIANT}-script" + ("-fp16" if half else "")
+            if not safetensors:
+                # torch.save names the archive's folder after the file: 21 characters make data.pkl's
+                # central entry 76 bytes, the size of the zip64 records torch writes after the central
+                # directory (the layout the zip crate's offset detection misread; see ckpt.rs).
+                stem = (stem + "-" * 21)[:21]
+            path = os.path.join(W, stem + (".safetensors" if safetensors else ".ckpt"))
+            script_file(source, path, half, safetensors)
+            db("convert", "single-file-to-diffusers", "--checkpoint", path, "--out", out, "--force")
+            dtype = torch.float16 if half else None
+            back = load(out, torch_dtype=dtype) if half else load(out)
+            for name, m in models(back).items():
+                same("the script's files", f"{label}: from_pretrained {name}", getattr(orig, name), m, dtype)
+            drop(out, path)
+    drop(tf4)
+
+
 def _norm(v):
     return list(v) if isinstance(v, (list, tuple)) else v
 
@@ -234,6 +306,7 @@ def run_variant(sample):
         guarded("our single-file-to-diffusers", check_import, folder, path)
     if guarded("convert --half", db, "convert", "diffusers-to-single-file", "--model", folder, "--out", half, "--half", "--force") is not None:
         guarded("diffusers loads our file (fp16)", check_in_diffusers, folder, half, True)
+    guarded("the script's files", check_script_files, folder)
     drop(folder, path, half)
 
 

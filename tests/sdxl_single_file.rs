@@ -295,6 +295,37 @@ fn the_file_has_stability_names_the_transposed_projection_and_fused_qkv() {
     assert_eq!(read_json(&back.join("scheduler/scheduler_config.json"))["_class_name"], "EulerDiscreteScheduler");
 }
 
+/// diffusers' `scripts/convert_diffusers_to_original_sdxl.py` writes what our export writes but
+/// for the text encoders: CLIP-L's keys as the folder's file has them (transformers 5 saves
+/// `CLIPTextModel` without `text_model.`), and keys its renames do not know passed through, such
+/// as OpenCLIP-G's `text_model.embeddings.position_ids` from a folder transformers 4 saved (float16
+/// after its `--half`); no metadata. Both forms import bit for bit.
+#[test]
+fn files_of_diffusers_sdxl_conversion_script_import_bit_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, file) = (dir.path().join("sdxl"), dir.path().join("sdxl.safetensors"));
+    make_sdxl_folder(&folder);
+    export(&folder, &file, false).unwrap();
+    let f = StFile::open(&file).unwrap();
+    let ours: Tensors = f.keys().into_iter().map(|k| (k.clone(), f.read(&k).unwrap())).collect();
+    const L: &str = "conditioner.embedders.0.transformer.";
+    let bare: Tensors = ours.iter().map(|(k, t)| (k.replace(&format!("{L}text_model."), L), t.clone())).collect();
+    assert!(bare.contains_key(&format!("{L}encoder.layers.1.mlp.fc1.weight")) && !bare.keys().any(|k| k.starts_with(&format!("{L}text_model."))));
+    let mut half: Tensors = ours.iter().map(|(k, t)| (k.clone(), fp16(t))).collect();
+    let ids = RawTensor { dtype: DType::F32, shape: vec![1, 77], data: (0..77).flat_map(|i| (i as f32).to_le_bytes()).collect() };
+    for prefix in [L, "conditioner.embedders.1.model."] {
+        half.insert(format!("{prefix}text_model.embeddings.position_ids"), fp16(&ids));
+    }
+    for (name, tensors, is_half) in [("bare-clip-l", bare, false), ("half-position-ids", half, true)] {
+        let (path, back) = (dir.path().join(format!("{name}.safetensors")), dir.path().join(name));
+        write_st(&path, &tensors);
+        let done = import(&path, &back, false).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert_eq!(done.from_file, ["UNet", "CLIP-L", "OpenCLIP-G", "VAE"], "{name}");
+        let n: usize = PARTS.iter().map(|p| same_st(&back.join(format!("{p}.safetensors")), &folder.join(format!("{p}.safetensors")), is_half)).sum();
+        assert!(n > ours.len(), "{name}: {n} tensors");
+    }
+}
+
 /// A file of `keys` (tiny tensors).
 fn keys_file(path: &Path, keys: &[&str]) {
     let mut t = Tensors::new();
@@ -389,6 +420,35 @@ fn the_cli_converts_and_inspect_says_sdxl() {
     assert!(!ok && text.contains("already exists"), "{text}");
     let (ok, text) = run(&[p("convert"), p("single-file-to-diffusers"), p("--checkpoint"), &file, p("--out"), &dir.path().join("x"), p("--sd-version"), p("2")]);
     assert!(!ok && text.contains("sdxl.safetensors") && text.lines().count() == 1, "{text}");
+}
+
+#[test]
+fn keras_conversions_refuse_sdxl_in_one_line_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, file) = (dir.path().join("sdxl"), dir.path().join("sdxl.safetensors"));
+    make_sdxl_folder(&folder);
+    export(&folder, &file, false).unwrap();
+    let refiner = dir.path().join("refiner.safetensors");
+    keys_file(&refiner, &["model.diffusion_model.label_emb.0.0.weight", "conditioner.embedders.0.model.transformer.resblocks.0.ln_1.weight"]);
+    let out = dir.path().join("out");
+    let (o, os) = (out.as_os_str(), out.with_extension("safetensors"));
+    let cases: Vec<(Vec<&std::ffi::OsStr>, &Path)> = vec![
+        (vec!["single-file-to-keras".as_ref(), "--checkpoint".as_ref(), file.as_ref(), "--out".as_ref(), o], &file),
+        (vec!["single-file-to-keras".as_ref(), "--checkpoint".as_ref(), refiner.as_ref(), "--out".as_ref(), o], &refiner),
+        (vec!["diffusers-to-keras".as_ref(), "--model".as_ref(), folder.as_ref(), "--out".as_ref(), o], &folder),
+        (vec!["keras-to-single-file".as_ref(), "--base".as_ref(), folder.as_ref(), "--out".as_ref(), os.as_ref()], &folder),
+        (vec!["keras-to-single-file".as_ref(), "--base".as_ref(), file.as_ref(), "--out".as_ref(), os.as_ref()], &file),
+        (vec!["keras-to-diffusers".as_ref(), "--base".as_ref(), folder.as_ref(), "--out".as_ref(), o], &folder),
+    ];
+    for (args, named) in cases {
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_dreambridge")).arg("convert").args(&args).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+        let what = if named.is_dir() { "an SDXL diffusers folder" } else { "an SDXL single file" };
+        assert!(!run.status.success(), "{args:?}: {text}");
+        assert!(text.trim().lines().count() == 1 && text.contains(&*named.display().to_string()) && text.contains(what), "{args:?}: {text}");
+        assert!(text.contains("SDXL has no KerasCV or KerasHub layout (KerasCV has Stable Diffusion 1.x/2.x, KerasHub has SD3)"), "{args:?}: {text}");
+        assert!(!out.exists() && !os.exists(), "{args:?}: wrote an output");
+    }
 }
 
 #[test]

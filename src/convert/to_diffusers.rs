@@ -99,6 +99,7 @@ pub fn keras_to_diffusers(inputs: &KerasInputs, opts: &ToDiffusersOptions) -> Re
     ensure!(opts.learned_embeds.is_none() || !opts.placeholder_tokens.is_empty(), "--learned-embeds needs --placeholder-token (and a textual-inversion text encoder)");
     let base = opts.base.as_deref();
     if let Some(b) = base {
+        crate::single_file::sdxl::refuse_for_keras(b, "--base")?;
         ensure!(b.join("model_index.json").is_file(), "{}: not a diffusers pipeline folder (no model_index.json)", b.display());
     }
     let inputs_list: Vec<&Path> = [&inputs.unet, &inputs.text_encoder, &inputs.vae_encoder, &inputs.vae_decoder, &opts.base]

@@ -78,6 +78,7 @@ pub fn plan_diffusers_folder(model: &Path, sd_version: Option<u8>) -> Result<Vec
 }
 
 pub fn diffusers_to_keras(model: &Path, out: &Path, force: bool, sd_version: Option<u8>) -> Result<ToKerasResult> {
+    crate::single_file::sdxl::refuse_for_keras(model, "")?;
     let parts = plan_diffusers_folder(model, sd_version)?;
     let jobs: Vec<(&StFile, &Plan)> = parts.iter().flat_map(|p| p.plans.iter().map(move |plan| (&*p.file, plan))).collect();
     let staging = Staging::new(out, force, &[model])?;

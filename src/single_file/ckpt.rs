@@ -53,6 +53,26 @@ struct Entry {
     offset: usize,
 }
 
+/// Opens the zip archive of a `torch.save` file, which starts at the file's first byte.
+///
+/// torch (miniz) always writes a zip64 end record and its locator between the central directory
+/// and the classic end record, and fills the classic one with the real offset and size while they
+/// fit in 32 bits. The zip crate's default offset detection (`ArchiveOffset::Detect`) then first
+/// looks for a directory that ends right at the classic end record, 76 bytes (those two zip64
+/// records) past the real start; when the first central entry is itself 76 bytes long (`data.pkl`
+/// under a 21-character archive name, such as `sdxl-tiny-script-fp16`, the file's stem) a header
+/// is there, the whole directory is read 76 bytes late and the file is refused as "Invalid Central
+/// Directory header". So the offset is given as 0; detection stays as the fallback for an archive
+/// behind a prefix.
+fn open_archive(path: &Path) -> Result<zip::ZipArchive<std::io::BufReader<std::fs::File>>> {
+    let open = || -> Result<std::io::BufReader<std::fs::File>> { Ok(std::io::BufReader::new(std::fs::File::open(path).context("cannot open")?)) };
+    let at_start = zip::read::Config { archive_offset: zip::read::ArchiveOffset::Known(0) };
+    if let Ok(zip) = zip::ZipArchive::with_config(at_start, open()?) {
+        return Ok(zip);
+    }
+    zip::ZipArchive::new(open()?).map_err(|e| anyhow::anyhow!("not a readable torch checkpoint archive ({e}; truncated?)"))
+}
+
 /// A torch zip checkpoint's state dict.
 pub struct Checkpoint {
     path: PathBuf,
@@ -74,9 +94,7 @@ pub fn looks_like_legacy_pickle(head: &[u8]) -> bool {
 
 impl Checkpoint {
     pub fn open(path: &Path) -> Result<Checkpoint> {
-        let file = std::fs::File::open(path).context("cannot open")?;
-        let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
-            .map_err(|e| anyhow::anyhow!("not a readable torch checkpoint archive ({e}; truncated?)"))?;
+        let mut zip = open_archive(path)?;
         let pickle_name = (0..zip.len())
             .filter_map(|i| zip.name_for_index(i)?.ok().map(|n| n.to_string()))
             .find(|n| n.ends_with("data.pkl") && n.matches('/').count() <= 1)
@@ -245,6 +263,70 @@ mod tests {
         let lightning = class("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint");
         assert!(check_globals(&lightning, TENSOR_GLOBALS, METADATA_GLOBALS).is_ok());
         assert!(check_globals(&lightning, TENSOR_GLOBALS, &[]).is_err());
+    }
+
+    /// A zip laid out as `torch.save` writes it (stored entries; a zip64 end record and locator
+    /// before a classic end record holding the real 32-bit offset and size), the first central
+    /// entry being `name`.
+    fn torch_like_zip(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let (mut out, mut central) = (Vec::new(), Vec::new());
+        let le16 = |v: usize| (v as u16).to_le_bytes();
+        let le32 = |v: usize| (v as u32).to_le_bytes();
+        for (name, data) in entries {
+            let offset = out.len();
+            let crc = crc32(data);
+            for part in [&b"PK\x03\x04"[..], &le16(20), &le16(0), &le16(0), &le16(0), &le16(0), &crc.to_le_bytes(), &le32(data.len()), &le32(data.len()), &le16(name.len()), &le16(0), name.as_bytes(), data] {
+                out.extend_from_slice(part);
+            }
+            for part in [&b"PK\x01\x02"[..], &le16(20), &le16(20), &le16(0), &le16(0), &le16(0), &le16(0), &crc.to_le_bytes(), &le32(data.len()), &le32(data.len())] {
+                central.extend_from_slice(part);
+            }
+            for part in [&le16(name.len())[..], &le16(0), &le16(0), &le16(0), &le16(0), &le32(0), &le32(offset), name.as_bytes()] {
+                central.extend_from_slice(part);
+            }
+        }
+        let (cd_offset, cd_size, n) = (out.len(), central.len(), entries.len());
+        out.extend_from_slice(&central);
+        let end64 = out.len();
+        for part in [&b"PK\x06\x06"[..], &44u64.to_le_bytes(), &le16(45), &le16(45), &le32(0), &le32(0), &(n as u64).to_le_bytes(), &(n as u64).to_le_bytes(), &(cd_size as u64).to_le_bytes(), &(cd_offset as u64).to_le_bytes()] {
+            out.extend_from_slice(part);
+        }
+        for part in [&b"PK\x06\x07"[..], &le32(0), &(end64 as u64).to_le_bytes(), &le32(1)] {
+            out.extend_from_slice(part);
+        }
+        for part in [&b"PK\x05\x06"[..], &le16(0), &le16(0), &le16(n), &le16(n), &le32(cd_size), &le32(cd_offset), &le16(0)] {
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in data {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn torch_archives_whose_first_central_entry_is_as_long_as_the_zip64_records_open() {
+        let dir = tempfile::tempdir().unwrap();
+        // `<21 characters>/data.pkl`: its central entry is 46 + 30 = 76 bytes, the size of the
+        // zip64 end record (56) and locator (20).
+        for stem in ["sdxl-tiny-script-fp16", "archive"] {
+            let path = dir.path().join(format!("{stem}.ckpt"));
+            let names = [format!("{stem}/data.pkl"), format!("{stem}/byteorder"), format!("{stem}/data/0")];
+            let entries: Vec<(&str, &[u8])> = vec![(&names[0], b"\x80\x02}q\x00."), (&names[1], b"little"), (&names[2], &[7u8; 64])];
+            std::fs::write(&path, torch_like_zip(&entries)).unwrap();
+            let mut zip = open_archive(&path).unwrap_or_else(|e| panic!("{stem}: {e:#}"));
+            assert_eq!(zip.len(), 3, "{stem}");
+            let mut data = Vec::new();
+            zip.by_name(&names[2]).unwrap().read_to_end(&mut data).unwrap();
+            assert_eq!(data, [7u8; 64], "{stem}");
+        }
     }
 
     #[test]

@@ -234,6 +234,9 @@ pub fn keras_to_single_file(
 ) -> Result<Exported> {
     let mut given: Vec<&Path> =
         [&inputs.unet, &inputs.text_encoder, &inputs.vae_encoder, &inputs.vae_decoder].into_iter().filter_map(|p| p.as_deref()).collect();
+    if let Some(b) = base {
+        super::sdxl::refuse_for_keras(b, "--base")?;
+    }
     given.extend(base);
     check_destination(&opts.out, opts.force, &given)?;
     let unet = inputs.unet.as_deref().map(|p| open_keras(p, "unet", sd_version)).transpose()?;
@@ -523,6 +526,7 @@ fn copy_part_recoded(base: &Path, staging: &Staging, c: Component) -> Result<()>
 
 /// One single-file checkpoint -> KerasCV legacy `.h5` files (one per KerasCV sub-model).
 pub fn single_file_to_keras(checkpoint: &Path, read: &ReadOptions, out: &Path, force: bool) -> Result<ToKerasResult> {
+    super::sdxl::refuse_for_keras(checkpoint, "")?;
     let file = SingleFile::open(checkpoint, read)?;
     let staging = Staging::new(out, force, &[checkpoint])?;
     let fill = || -> Result<Vec<(String, String)>> {

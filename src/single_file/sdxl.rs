@@ -402,6 +402,25 @@ pub fn single_file_to_diffusers(checkpoint: &Path, opts: &SdxlToFolderOptions) -
     Ok(SdxlFolderWritten { out, from_file: model.present().into_iter().map(part_name).collect(), from_base })
 }
 
+/// SDXL has no Keras layout: KerasCV's `StableDiffusion` is SD 1.x / 2.x, KerasHub's
+/// `StableDiffusion3Backbone` is SD3. A Keras conversion given an SDXL single file (base or
+/// refiner) or an SDXL diffusers folder, as its input or as `--base`, stops here with one line
+/// naming it, before the SD1/SD2 tables fail on the first tensor they do not know.
+pub fn refuse_for_keras(path: &Path, role: &str) -> Result<()> {
+    let what = if is_sdxl_folder(path) {
+        "an SDXL diffusers folder"
+    } else if is_sdxl_file(path) {
+        "an SDXL single file"
+    } else {
+        return Ok(());
+    };
+    let role = if role.is_empty() { String::new() } else { format!(" ({role})") };
+    bail!(
+        "{}{role}: {what}; SDXL has no KerasCV or KerasHub layout (KerasCV has Stable Diffusion 1.x/2.x, KerasHub has SD3): convert SDXL between single file and diffusers only",
+        path.display()
+    )
+}
+
 /// The SDXL check of [`super::SingleFile::open`]: an SDXL file is refused there by name.
 pub fn refuse_in_sd_reader(source: &Arc<dyn TensorSource>) -> Result<()> {
     match family(&**source) {
