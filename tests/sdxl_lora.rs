@@ -347,7 +347,8 @@ fn a_base_decides_and_checks() {
 #[test]
 fn bad_sdxl_files_are_refused_naming_the_file_and_key() {
     let f = fixture();
-    let cases: Vec<(Vec<(&str, RawTensor)>, &str, &str)> = vec![
+    type Case = (Vec<(&'static str, RawTensor)>, &'static str, &'static str);
+    let cases: Vec<Case> = vec![
         // A block kohya's SDXL UNet has no slot 7 in.
         (vec![("lora_unet_input_blocks_4_7_proj_in.lora_down.weight", tensor(&[2, 4], 1)), ("lora_unet_input_blocks_4_7_proj_in.lora_up.weight", tensor(&[4, 2], 2))], "lora_unet_input_blocks_4_7_proj_in.lora_", "LDM numbering"),
         (vec![("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", tensor(&[2, 4], 1))], "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", "no matching up"),

@@ -181,6 +181,31 @@ fn rewrite(file: &StFile, dest: &Path, adds: &Additions) -> Result<()> {
     w.finish()
 }
 
+/// `generate --lora` / `forward --lora`: reads each file and folds it into the given models'
+/// Vars, `scales` as `lora merge --scale` takes them (none: 1; one: for all; else one per file).
+/// A part given as `None` is left out (its modules are skipped); every module of a given part
+/// must fit, or nothing changes.
+pub fn merge_files_into_vars(files: &[PathBuf], scales: &[f64], unet: Option<&VarMap>, text: Option<&VarMap>) -> Result<()> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let scales = super::cli::scales_for(files.len(), scales)?;
+    let mut sets = Vec::new();
+    for file in files {
+        let mut set = super::read::read(file)?;
+        // A second text encoder (SDXL) is never given here: its modules are left out with it.
+        set.modules.retain(|(part, _), _| match part {
+            Part::Unet => unet.is_some(),
+            Part::TextEncoder => text.is_some(),
+            Part::TextEncoder2 => false,
+        });
+        sets.push(set);
+    }
+    let loras: Vec<(&LoraSet, f64)> = sets.iter().zip(scales).collect();
+    let empty = VarMap::new();
+    merge_into_vars(&loras, unet.unwrap_or(&empty), text.unwrap_or(&empty)).with_context(|| files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,29 +370,4 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
         assert!(left.iter().all(|n| !n.starts_with('.')), "{left:?}");
     }
-}
-
-/// `generate --lora` / `forward --lora`: reads each file and folds it into the given models'
-/// Vars, `scales` as `lora merge --scale` takes them (none: 1; one: for all; else one per file).
-/// A part given as `None` is left out (its modules are skipped); every module of a given part
-/// must fit, or nothing changes.
-pub fn merge_files_into_vars(files: &[PathBuf], scales: &[f64], unet: Option<&VarMap>, text: Option<&VarMap>) -> Result<()> {
-    if files.is_empty() {
-        return Ok(());
-    }
-    let scales = super::cli::scales_for(files.len(), scales)?;
-    let mut sets = Vec::new();
-    for file in files {
-        let mut set = super::read::read(file)?;
-        // A second text encoder (SDXL) is never given here: its modules are left out with it.
-        set.modules.retain(|(part, _), _| match part {
-            Part::Unet => unet.is_some(),
-            Part::TextEncoder => text.is_some(),
-            Part::TextEncoder2 => false,
-        });
-        sets.push(set);
-    }
-    let loras: Vec<(&LoraSet, f64)> = sets.iter().zip(scales).collect();
-    let empty = VarMap::new();
-    merge_into_vars(&loras, unet.unwrap_or(&empty), text.unwrap_or(&empty)).with_context(|| files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "))
 }

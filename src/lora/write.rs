@@ -410,6 +410,28 @@ mod tests {
     }
 
     #[test]
+    fn lora_sdxl_metadata_is_declared_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        let mut set = sample(Some(1.0));
+        set.modules.insert((Part::TextEncoder2, "text_projection".into()), module(&[2, 6], &[4, 2], 2.0));
+        let info = KohyaInfo { resolution: Some(1024), ..KohyaInfo::default() };
+        write_kohya(&set, &path, &info).unwrap();
+        let back = read(&path).unwrap();
+        assert_eq!(back.modules, set.modules);
+        let m = &back.metadata;
+        assert_eq!((m["ss_base_model_version"].as_str(), m["ss_v2"].as_str(), m["modelspec.resolution"].as_str()), ("sdxl_base_v1-0", "False", "1024x1024"));
+        assert_eq!(declared_family(m), Some(Family::Sdxl));
+        // `ss_v2 = False` of an SDXL file declares no SD 1 version.
+        assert_eq!(KohyaInfo::from_metadata(m, "x").1, None);
+        let keys = crate::diffusers::st_read::StFile::open(&path).unwrap().keys();
+        assert!(keys.contains(&"lora_te2_text_projection.alpha".to_string()) && keys.iter().any(|k| k.starts_with("lora_te1_text_model_encoder_layers_0_mlp_fc1.")));
+        assert!(keys.contains(&"lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight".to_string()), "{keys:?}");
+        let sd = BTreeMap::from([("ss_v2".to_string(), "True".to_string())]);
+        assert_eq!((declared_family(&sd), declared_family(&BTreeMap::new())), (Some(Family::Sd), None));
+    }
+
+    #[test]
     fn lora_writes_are_atomic_and_name_the_target() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("missing").join("k.safetensors");
