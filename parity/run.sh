@@ -52,7 +52,7 @@ quiet() { grep -v "^WARNING\|absl\|Using TensorFlow\|warn" || true; } # TF start
 #   sd2          nothing (sd2/*.h5, sd2/pipe deleted)
 #   models, train-output, train-flags, adam8bit, torchrun, lora: nothing (their tmp*/ and adam8bit/ deleted)
 #   sd3          nothing (sd3/, sd3_back/, sd3_lora/ deleted; tiny models, ~0.5 GB at most)
-#   single-file  nothing (single_file/ deleted; the script drops its tiny files before the full-size SD1.5 check)
+#   single-file  nothing (single_file/, sdxl_single_file/, sdxl_lora/ deleted; the script drops its tiny files before the full-size SD1.5 check)
 #   tf-formats   nothing (tf_formats/ deleted; the script drops each form once compared); sample/ deleted
 #   schedulers, eval, hub: nothing (schedulers/, eval/, tmp*/ deleted)
 drop() { # paths under $W (globs allowed) that no later stage reads
@@ -183,11 +183,12 @@ step lora "LoRA files: dreambridge's in diffusers (load_lora_weights, fuse_lora)
 "$P/.venv-torch/bin/python" "$P/lora_parity.py" "$DB"
 drop "tmp*"
 
-step single-file "Single-file checkpoints (original SD layout): dreambridge's in diffusers' from_single_file, torch-written ones in dreambridge"
+step single-file "Single-file checkpoints (original SD layout): dreambridge's in diffusers' from_single_file, torch-written ones in dreambridge; SDXL LoRA files (kohya LDM numbering, PEFT) in diffusers' load_lora_weights and fuse_lora"
 # Exits 1 when a check failed (the table shows which); the suite goes on to the report either way.
 "$P/.venv-torch/bin/python" "$P/single_file_parity.py" "$DB" || single_file_rc=$?
 "$P/.venv-torch/bin/python" "$P/sdxl_single_file_parity.py" "$DB" || single_file_rc=$?
-drop single_file sdxl_single_file
+"$P/.venv-torch/bin/python" "$P/sdxl_lora_parity.py" "$DB" || single_file_rc=$?
+drop single_file sdxl_single_file sdxl_lora
 
 step sd3 "Stable Diffusion 3: KerasHub (keras-hub 0.32, jax) presets, backbones and MMDiT-only files -> diffusers, the way back in keras-hub itself (bf16, shards), LoRA both ways; Stability's single file in diffusers' from_single_file"
 KERAS_BACKEND=jax "$P/.venv-kerashub/bin/python" "$P/sd3_parity.py" make 2>&1 | quiet || sd3_rc=$?

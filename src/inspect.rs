@@ -178,7 +178,12 @@ fn inspect_safetensors(path: &Path, sd_version: Option<u8>) -> Result<String> {
     writeln!(out, "format: safetensors, {} tensors", file.keys().len())?;
     if crate::lora::read::is_lora(&file.keys()) {
         match crate::lora::read::read(path) {
-            Ok(set) => out.push_str(&crate::lora::describe::describe(&set)),
+            Ok(set) => {
+                out.push_str(&crate::lora::describe::describe(&set));
+                if let Some(numbering) = crate::lora::describe::kohya_numbering(&file.keys()) {
+                    writeln!(out, "kohya UNet names: {numbering}")?;
+                }
+            }
             Err(e) => writeln!(out, "LoRA: unreadable ({})", crate::output::one_line(&e))?,
         }
         tensor_table(&mut out, &file)?;

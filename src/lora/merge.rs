@@ -2,12 +2,11 @@
 //! Vars or into a diffusers pipeline folder written anew.
 
 use super::{LoraModule, LoraSet, Part};
-use crate::diffusers::layout::find_weights;
 use crate::diffusers::st_read::StFile;
 use crate::diffusers::st_write::{PendingTensor, StWriter};
 use crate::output::{copy_tree, one_line, Staging};
 use crate::tensor::RawTensor;
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use std::collections::BTreeMap;
@@ -54,6 +53,7 @@ pub fn merge_into_vars(loras: &[(&LoraSet, f64)], unet: &VarMap, text: &VarMap) 
             let vars = match part {
                 Part::Unet => unet,
                 Part::TextEncoder => text,
+                Part::TextEncoder2 => return Err(module_error(*part, module, anyhow!("this model has no second text encoder loaded"))),
             };
             let key = format!("{module}.weight");
             let var = vars.data().lock().expect("VarMap lock").get(&key).cloned();
@@ -76,32 +76,64 @@ pub fn merge_into_vars(loras: &[(&LoraSet, f64)], unet: &VarMap, text: &VarMap) 
 /// The deltas to add to one weights file: by tensor key, each module with its multiplier.
 type Additions<'a> = BTreeMap<String, Vec<(&'a LoraModule, f64)>>;
 
-/// Writes the diffusers pipeline `base` with `loras` fused into its UNet and text encoder to `out`
-/// (atomically; an existing `out` only with `force`). Every module is checked against the base
-/// weights before anything is written; merged tensors keep their stored dtype.
-pub fn merge_pipeline(base: &Path, loras: &[(LoraSet, f64)], out: &Path, force: bool) -> Result<PathBuf> {
+/// The safetensors weights of `part` in the pipeline folder `base` (the plain file, else its
+/// `fp16` variant).
+fn part_weights(base: &Path, part: Part) -> Result<PathBuf> {
+    let dir = base.join(part.dir());
+    let name = part.weights_name();
+    let stem = name.trim_end_matches(".safetensors");
+    if let Some(p) = [name.to_string(), format!("{stem}.fp16.safetensors")].into_iter().map(|n| dir.join(n)).find(|p| p.is_file()) {
+        return Ok(p);
+    }
+    ensure!(!dir.join(format!("{name}.index.json")).is_file(), "{}: sharded weights are not supported yet", dir.join(format!("{name}.index.json")).display());
+    if part == Part::TextEncoder2 && !dir.is_dir() {
+        bail!("{}: the LoRA adapts `text_encoder_2` (an SDXL LoRA) but the base has no second text encoder", base.display());
+    }
+    bail!("{}: no {name} (safetensors weights are needed; .bin files are not read)", dir.display())
+}
+
+/// Every module of `loras` placed on its weight in the pipeline folder `base` (checked to exist and
+/// fit), by part.
+fn plan<'a>(base: &Path, loras: &[(&'a LoraSet, f64)]) -> Result<BTreeMap<Part, (StFile, Additions<'a>)>> {
     ensure!(base.join("model_index.json").is_file(), "{}: not a diffusers pipeline folder (no model_index.json)", base.display());
     let mut parts: BTreeMap<Part, (StFile, Additions)> = BTreeMap::new();
     for (set, multiplier) in loras {
         for ((part, module), m) in &set.modules {
             if !parts.contains_key(part) {
-                let path = find_weights(base, part.component())?;
+                let path = part_weights(base, *part)?;
                 let file = StFile::open(&path).with_context(|| path.display().to_string())?;
                 parts.insert(*part, (file, BTreeMap::new()));
             }
             let (file, adds) = parts.get_mut(part).expect("inserted above");
             let key = format!("{module}.weight");
-            let shape = match file.contains(&key) {
-                true => file.info(&key).with_context(|| file.path.display().to_string())?.shape,
-                false => return Err(module_error(*part, module, anyhow!("{} has no tensor `{key}`", file.path.display()))),
+            // transformers 5 saves `CLIPTextModel` without its `text_model.` level.
+            let bare = module.strip_prefix("text_model.").filter(|_| *part != Part::Unet).map(|m| format!("{m}.weight"));
+            let Some(key) = [Some(key.clone()), bare].into_iter().flatten().find(|k| file.contains(k)) else {
+                return Err(module_error(*part, module, anyhow!("{} has no tensor `{key}`", file.path.display())));
             };
+            let shape = file.info(&key).with_context(|| file.path.display().to_string())?.shape;
             check_fit(m, &shape).map_err(|e| module_error(*part, module, e))?;
             adds.entry(key).or_default().push((m, *multiplier));
         }
     }
+    Ok(parts)
+}
+
+/// Checks that every module of `set` has a weight it fits in the pipeline folder `base`.
+pub fn check_against(base: &Path, set: &LoraSet) -> Result<()> {
+    plan(base, &[(set, 1.0)]).map(|_| ())
+}
+
+/// Writes the diffusers pipeline `base` with `loras` fused into its UNet and text encoders
+/// (`text_encoder`, SDXL's `text_encoder_2`) to `out` (atomically; an existing `out` only with
+/// `force`). Every module is checked against the base weights before anything is written; merged
+/// tensors keep their stored dtype.
+pub fn merge_pipeline(base: &Path, loras: &[(LoraSet, f64)], out: &Path, force: bool) -> Result<PathBuf> {
+    let refs: Vec<(&LoraSet, f64)> = loras.iter().map(|(s, m)| (s, *m)).collect();
+    let parts = plan(base, &refs)?;
     let staging = Staging::new(out, force, &[base])?;
     let work = || -> Result<()> {
-        let rewritten: Vec<(String, String)> = parts.keys().map(|p| (p.component().dir().to_owned(), p.component().weights_name(false))).collect();
+        let rewritten: Vec<(&str, &str)> = parts.keys().map(|p| (p.dir(), p.weights_name())).collect();
         // The rewritten components' other weight files (fp16 variants, .bin) would be stale.
         let skip = |rel: &str| {
             rel.split('/').any(|s| s.starts_with('.'))
@@ -113,7 +145,7 @@ pub fn merge_pipeline(base: &Path, loras: &[(LoraSet, f64)], out: &Path, force: 
         copy_tree(base, &staging.path("")?, &skip)?;
         for (part, (file, adds)) in &parts {
             let name = file.path.file_name().expect("a weights file has a name").to_string_lossy();
-            let dest = staging.path(&format!("{}/{name}", part.component().dir()))?;
+            let dest = staging.path(&format!("{}/{name}", part.dir()))?;
             rewrite(file, &dest, adds)?;
         }
         Ok(())
@@ -147,6 +179,31 @@ fn rewrite(file: &StFile, dest: &Path, adds: &Additions) -> Result<()> {
         w.write_next(k, &t)?;
     }
     w.finish()
+}
+
+/// `generate --lora` / `forward --lora`: reads each file and folds it into the given models'
+/// Vars, `scales` as `lora merge --scale` takes them (none: 1; one: for all; else one per file).
+/// A part given as `None` is left out (its modules are skipped); every module of a given part
+/// must fit, or nothing changes.
+pub fn merge_files_into_vars(files: &[PathBuf], scales: &[f64], unet: Option<&VarMap>, text: Option<&VarMap>) -> Result<()> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let scales = super::cli::scales_for(files.len(), scales)?;
+    let mut sets = Vec::new();
+    for file in files {
+        let mut set = super::read::read(file)?;
+        // A second text encoder (SDXL) is never given here: its modules are left out with it.
+        set.modules.retain(|(part, _), _| match part {
+            Part::Unet => unet.is_some(),
+            Part::TextEncoder => text.is_some(),
+            Part::TextEncoder2 => false,
+        });
+        sets.push(set);
+    }
+    let loras: Vec<(&LoraSet, f64)> = sets.iter().zip(scales).collect();
+    let empty = VarMap::new();
+    merge_into_vars(&loras, unet.unwrap_or(&empty), text.unwrap_or(&empty)).with_context(|| files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "))
 }
 
 #[cfg(test)]
@@ -313,27 +370,4 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
         assert!(left.iter().all(|n| !n.starts_with('.')), "{left:?}");
     }
-}
-
-/// `generate --lora` / `forward --lora`: reads each file and folds it into the given models'
-/// Vars, `scales` as `lora merge --scale` takes them (none: 1; one: for all; else one per file).
-/// A part given as `None` is left out (its modules are skipped); every module of a given part
-/// must fit, or nothing changes.
-pub fn merge_files_into_vars(files: &[PathBuf], scales: &[f64], unet: Option<&VarMap>, text: Option<&VarMap>) -> Result<()> {
-    if files.is_empty() {
-        return Ok(());
-    }
-    let scales = super::cli::scales_for(files.len(), scales)?;
-    let mut sets = Vec::new();
-    for file in files {
-        let mut set = super::read::read(file)?;
-        set.modules.retain(|(part, _), _| match part {
-            Part::Unet => unet.is_some(),
-            Part::TextEncoder => text.is_some(),
-        });
-        sets.push(set);
-    }
-    let loras: Vec<(&LoraSet, f64)> = sets.iter().zip(scales).collect();
-    let empty = VarMap::new();
-    merge_into_vars(&loras, unet.unwrap_or(&empty), text.unwrap_or(&empty)).with_context(|| files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "))
 }

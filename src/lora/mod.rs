@@ -1,7 +1,8 @@
 //! LoRA files: diffusers' (`pytorch_lora_weights.safetensors`, old `lora.down` and PEFT
 //! `lora_A`/`lora_B` naming) and kohya sd-scripts' (`lora_unet_*`/`lora_te_*`, the format
-//! AUTOMATIC1111 and ComfyUI load), read into one in-memory form keyed by the diffusers module
-//! path; written in either format; folded into base weights.
+//! AUTOMATIC1111 and ComfyUI load), for SD 1.x/2.x and SDXL (`text_encoder_2.`, `lora_te1_`/
+//! `lora_te2_`, kohya's LDM-numbered `lora_unet_input_blocks_*`), read into one in-memory form
+//! keyed by the diffusers module path; written in either format; folded into base weights.
 
 pub mod cli;
 pub mod describe;
@@ -23,6 +24,10 @@ pub enum Part {
     Unet,
     /// CLIP text encoder; module paths start with `text_model.`.
     TextEncoder,
+    /// SDXL's second text encoder (OpenCLIP-G, diffusers' `text_encoder_2`,
+    /// `CLIPTextModelWithProjection`); module paths start with `text_model.` or are
+    /// `text_projection`.
+    TextEncoder2,
 }
 
 impl Part {
@@ -31,22 +36,55 @@ impl Part {
         match self {
             Part::Unet => "UNet",
             Part::TextEncoder => "text encoder",
+            Part::TextEncoder2 => "text encoder 2",
         }
     }
 
-    /// The pipeline component holding the adapted weights.
-    pub fn component(self) -> crate::diffusers::layout::Component {
+    /// The pipeline sub-folder holding the adapted weights, which is also the key prefix of
+    /// diffusers' LoRA files (`unet.`, `text_encoder.`, `text_encoder_2.`).
+    pub fn dir(self) -> &'static str {
         match self {
-            Part::Unet => crate::diffusers::layout::Component::Unet,
-            Part::TextEncoder => crate::diffusers::layout::Component::TextEncoder,
+            Part::Unet => "unet",
+            Part::TextEncoder => "text_encoder",
+            Part::TextEncoder2 => "text_encoder_2",
         }
     }
 
-    /// `module` as this part's path: text-encoder paths get `text_model.` when they lack it.
+    /// The weights file name in [`Part::dir`].
+    pub fn weights_name(self) -> &'static str {
+        match self {
+            Part::Unet => "diffusion_pytorch_model.safetensors",
+            Part::TextEncoder | Part::TextEncoder2 => "model.safetensors",
+        }
+    }
+
+    /// `module` as this part's path: text-encoder paths get `text_model.` when they lack it
+    /// (except the projection of `CLIPTextModelWithProjection`, which sits beside `text_model`).
     pub fn normalize(self, module: &str) -> String {
         match self {
-            Part::TextEncoder if !module.starts_with("text_model.") => format!("text_model.{module}"),
+            Part::TextEncoder2 if module == "text_projection" => module.to_owned(),
+            Part::TextEncoder | Part::TextEncoder2 if !module.starts_with("text_model.") => format!("text_model.{module}"),
             _ => module.to_owned(),
+        }
+    }
+}
+
+/// The model family a LoRA file adapts: it decides the kohya names written (`lora_te_` or
+/// `lora_te1_`/`lora_te2_`, diffusers or LDM numbering of the UNet), diffusers' key style and the
+/// metadata.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    /// Stable Diffusion 1.x / 2.x (one text encoder, four UNet levels).
+    Sd,
+    /// Stable Diffusion XL (two text encoders, three UNet levels).
+    Sdxl,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Sd => "SD 1.x/2.x",
+            Family::Sdxl => "SDXL",
         }
     }
 }

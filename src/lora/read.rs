@@ -22,10 +22,14 @@ pub enum Kind {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Slot {
     pub part: Part,
+    /// The diffusers module path (for a kohya UNet name in LDM numbering, as SDXL's table reads
+    /// it; [`read`] rereads such names as the whole file's names say, see [`names::ldm_family`]).
     pub module: String,
     pub kind: Kind,
     /// The naming the key is in (`None` for an alpha outside kohya files, which any naming has).
     pub format: Option<Format>,
+    /// A kohya UNet name in LDM numbering, as named (`input_blocks.4.1....`).
+    pub ldm: Option<names::KohyaName>,
 }
 
 /// Places one key; the error says why it is no LoRA tensor this reader takes.
@@ -50,8 +54,9 @@ fn classify_kohya(key: &str) -> Result<Slot> {
         "alpha" => Kind::Alpha,
         other => bail!("{}", unsupported_factor(other).unwrap_or_else(|| format!("unknown kohya LoRA tensor `.{other}`"))),
     };
-    let (part, module) = names::from_kohya(name)?;
-    Ok(Slot { part, module, kind, format: Some(Format::Kohya) })
+    let parsed = names::parse(name)?;
+    let module = names::resolve(&parsed, names::ldm_family([parsed.path.as_str()].into_iter().filter(|_| parsed.ldm)))?;
+    Ok(Slot { part: parsed.part, module, kind, format: Some(Format::Kohya), ldm: parsed.ldm.then_some(parsed) })
 }
 
 /// The reason for refusing a LyCORIS / DoRA factor named by `text`, if it is one.
@@ -79,6 +84,8 @@ fn classify_diffusers(key: &str) -> Result<Slot> {
         (Part::Unet, r)
     } else if let Some(r) = key.strip_prefix("text_encoder.") {
         (Part::TextEncoder, r)
+    } else if let Some(r) = key.strip_prefix("text_encoder_2.") {
+        (Part::TextEncoder2, r)
     } else {
         let r = key.strip_prefix("base_model.model.").unwrap_or(key);
         if r.starts_with("text_model.") {
@@ -86,7 +93,7 @@ fn classify_diffusers(key: &str) -> Result<Slot> {
         } else if UNET_ROOTS.iter().any(|root| r.starts_with(&format!("{root}."))) || r.len() < key.len() {
             (Part::Unet, r)
         } else {
-            bail!("{}", unsupported_factor(key).unwrap_or_else(|| "not a LoRA tensor (no unet./text_encoder. prefix, no UNet module path)".into()));
+            bail!("{}", unsupported_factor(key).unwrap_or_else(|| "not a LoRA tensor (no unet./text_encoder./text_encoder_2. prefix, no UNet module path)".into()));
         }
     };
     let suffixes = [
@@ -105,7 +112,7 @@ fn classify_diffusers(key: &str) -> Result<Slot> {
     // `.processor` is where old diffusers hung its LoRA layers; the module is the layer itself.
     let module: Vec<&str> = module.split('.').filter(|s| *s != "processor").collect();
     ensure!(!module.is_empty() && module.iter().all(|s| !s.is_empty()), "empty module path");
-    Ok(Slot { part, module: part.normalize(&module.join(".")), kind, format })
+    Ok(Slot { part, module: part.normalize(&module.join(".")), kind, format, ldm: None })
 }
 
 /// `<module>.processor.to_q_lora.down.weight` (the attention-processor LoRA of diffusers < 0.17).
@@ -120,10 +127,10 @@ fn old_attention_key(part: Part, rest: &str) -> Option<(String, Kind, Option<For
         (Part::Unet, "to_k_lora") => "to_k",
         (Part::Unet, "to_v_lora") => "to_v",
         (Part::Unet, "to_out_lora") => "to_out.0",
-        (Part::TextEncoder, "to_q_lora") => "q_proj",
-        (Part::TextEncoder, "to_k_lora") => "k_proj",
-        (Part::TextEncoder, "to_v_lora") => "v_proj",
-        (Part::TextEncoder, "to_out_lora") => "out_proj",
+        (Part::TextEncoder | Part::TextEncoder2, "to_q_lora") => "q_proj",
+        (Part::TextEncoder | Part::TextEncoder2, "to_k_lora") => "k_proj",
+        (Part::TextEncoder | Part::TextEncoder2, "to_v_lora") => "v_proj",
+        (Part::TextEncoder | Part::TextEncoder2, "to_out_lora") => "out_proj",
         _ => return None,
     };
     Some((format!("{module}.{layer}"), kind, Some(Format::Diffusers)))
@@ -146,10 +153,17 @@ pub fn read(path: &Path) -> Result<LoraSet> {
     let kohya = keys.iter().any(|k| names::has_kohya_prefix(k));
     if kohya {
         if let Some(k) = keys.iter().find(|k| !names::has_kohya_prefix(k)) {
-            return Err(at(k, anyhow!("not a kohya key in a kohya file (lora_unet_/lora_te_ keys)")));
+            return Err(at(k, anyhow!("not a kohya key in a kohya file (lora_unet_/lora_te_/lora_te1_/lora_te2_ keys)")));
         }
     }
-    let slots: Vec<(String, Slot)> = keys.into_iter().map(|k| classify(&k).map(|s| (k.clone(), s)).map_err(|e| at(&k, e))).collect::<Result<_>>()?;
+    let mut slots: Vec<(String, Slot)> = keys.into_iter().map(|k| classify(&k).map(|s| (k.clone(), s)).map_err(|e| at(&k, e))).collect::<Result<_>>()?;
+    // LDM-numbered UNet names are read by one family's table, as all of them say.
+    let family = names::ldm_family(slots.iter().filter_map(|(_, s)| s.ldm.as_ref()).map(|n| n.path.as_str()));
+    for (key, slot) in &mut slots {
+        if let Some(name) = &slot.ldm {
+            slot.module = names::resolve(name, family).map_err(|e| at(key, e))?;
+        }
+    }
     let format = if kohya {
         Format::Kohya
     } else if slots.iter().any(|(_, s)| s.format == Some(Format::Peft)) {
@@ -236,7 +250,7 @@ impl AdapterMetadata {
         let value: Value = serde_json::from_str(text).context("not JSON")?;
         let map = value.as_object().context("not a JSON object")?;
         let mut parts = BTreeMap::new();
-        for (part, prefix) in [(Part::Unet, "unet."), (Part::TextEncoder, "text_encoder.")] {
+        for (part, prefix) in [(Part::Unet, "unet."), (Part::TextEncoder, "text_encoder."), (Part::TextEncoder2, "text_encoder_2.")] {
             let field = |name: &str| map.get(&format!("{prefix}{name}")).filter(|v| !v.is_null());
             let mut config = PartConfig::default();
             if let Some(v) = field("lora_alpha") {
@@ -428,7 +442,9 @@ pub(crate) mod tests {
         let cases: Vec<Case> = vec![
             (vec![(format!("{k}.lora_down.weight"), ramp(&[2, 4, 3, 3], 0.0)), (format!("{k}.lora_mid.weight"), ramp(&[2, 2, 3, 3], 0.0))], "lora_mid.weight`", "lora_mid"),
             (vec![(format!("{k}.hada_w1_a"), ramp(&[2, 4], 0.0))], "hada_w1_a`", "LoHa"),
-            (vec![("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight".into(), ramp(&[2, 4], 0.0))], "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight`", "SDXL"),
+            (vec![("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight".into(), ramp(&[2, 4], 0.0))], "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight`", "no matching up"),
+            (vec![("lora_unet_input_blocks_4_7_proj_in.lora_down.weight".into(), ramp(&[2, 4], 0.0))], "lora_unet_input_blocks_4_7_proj_in.lora_down.weight`", "LDM numbering"),
+            (vec![("lora_te3_text_model_encoder_layers_0_mlp_fc1.lora_down.weight".into(), ramp(&[2, 4], 0.0))], "key `lora_te3_", "not a LoRA tensor"),
             (vec![(format!("unet.{Q}.lora.down.weight"), ramp(&[2, 8], 0.0))], "lora.down.weight`", "no matching up"),
             (vec![(format!("unet.{Q}.lora.down.weight"), ramp(&[2, 8], 0.0)), (format!("unet.{Q}.lora.up.weight"), ramp(&[8, 3], 0.0))], "lora.up.weight`", "rank 3 differs"),
             (vec![(format!("unet.{Q}.lora.down.weight"), ramp(&[2, 8], 0.0)), (format!("unet.{Q}.lora.up.weight"), ramp(&[8, 2], 0.0)), ("vae.encoder.conv_in.weight".into(), ramp(&[2], 0.0))], "key `vae.encoder.conv_in.weight`", "not a LoRA tensor"),

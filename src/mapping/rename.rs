@@ -391,6 +391,18 @@ fn render(pattern: &[Seg], index: Option<usize>) -> Vec<String> {
 }
 
 impl RenameTable {
+    /// The first segment of every module's layout name (`input_blocks`, `middle_block`, ...):
+    /// a name under the prefix starting with none of them is no name of this layout.
+    pub fn layout_roots(&self) -> std::collections::BTreeSet<String> {
+        self.modules
+            .iter()
+            .filter_map(|m| match m.layout.first() {
+                Some(Seg::Lit(l)) => Some(l.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The layout name of a diffusers tensor, or `None` if no module of the table holds it.
     pub fn export(&self, diffusers_key: &str) -> Option<Renamed> {
         self.export_in(diffusers_key, None)

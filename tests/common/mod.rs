@@ -7,6 +7,7 @@ use dreambridge::tensor::RawTensor;
 use std::path::{Path, PathBuf};
 
 pub mod hub;
+pub mod sdxl;
 pub mod tiny;
 
 pub fn fixture(name: &str) -> PathBuf {
